@@ -1,0 +1,1320 @@
+"""R-CONV: recover a CNN's training image analytically from one step of its gradients.
+
+R-CONV (Eltaras et al., WISE 2024, arXiv 2406.04227) inverts a convolutional network
+layer by layer, from the fully connected layer down to the image. Every step is a
+linear system: the fully connected layer gives its input as a ratio of gradients, and
+each convolution layer gives its input from the gradient constraints
+dL/dW = sum dL/dO * X (one matrix shared by every input channel) and, where the
+pre-activation output is known, from the weight constraints O = conv(X, W) + b.
+
+The module reads top to bottom: models, data, client gradients, constraints and
+solvers, the attack, metrics and reports, plotting, command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# Models
+# -----------------------------------------------------------------------------
+
+LEAKY_SLOPE = 0.2  # the paper's LeakyReLU slope
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")
+
+_L, _R = "leaky_relu", "relu"
+MODELS = {
+    # The paper's settings: 5x5 kernels, padding 2, weights and biases U(-0.5, 0.5).
+    "lenet": dict(channels=(12, 16, 12, 12), strides=(2, 2, 1, 1), activations=(_L, _L, _R, _R)),
+    "lenet_c10": dict(channels=(12, 16, 12, 3), strides=(2, 2, 1, 1), activations=(_L, _L, _R, _R)),
+    "lenet_o": dict(channels=(12, 16, 3, 3), strides=(2, 2, 1, 1), activations=(_L, _L, _R, _R)),
+    "o_cnn6": dict(channels=(12, 16, 3, 3, 3, 3), strides=(2, 2, 1, 1, 1, 1),
+                   activations=(_L, _L, _R, _R, _R, _R)),
+    "lenet_4_relu": dict(channels=(12, 22, 3, 3), strides=(2, 2, 1, 1), activations=(_L, _R, _R, _R)),
+    "lenet_all_relu": dict(channels=(77, 22, 3, 3), strides=(2, 2, 1, 1), activations=(_R, _R, _R, _R)),
+    # DLG's network (Zhu et al. 2019): three 5x5 conv layers of 12 filters with sigmoid.
+    "dlg_net": dict(channels=(12, 12, 12), strides=(2, 2, 1), activations=("sigmoid",) * 3),
+}
+for _preset in MODELS.values():
+    _preset.update(kernel_size=5, padding=2)
+
+
+def activation_name(name):
+    """Normalise an activation name ("ReLU", "LeakyReLU", "leaky", ...) to one of ACTIVATIONS."""
+    key = str(name).lower().replace("_", "").replace("-", "")
+    aliases = {"relu": "relu", "leakyrelu": "leaky_relu", "leaky": "leaky_relu", "lrelu": "leaky_relu",
+               "sigmoid": "sigmoid", "tanh": "tanh", "identity": "identity", "linear": "identity",
+               "none": "identity"}
+    if key not in aliases:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return aliases[key]
+
+
+def _activation_module(name):
+    name = activation_name(name)
+    return {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(LEAKY_SLOPE), "sigmoid": nn.Sigmoid,
+            "tanh": nn.Tanh, "identity": nn.Identity}[name]()
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def _conv_output_size(size, kernel_size, stride, padding):
+    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in
+                 zip(size, _pair(kernel_size), _pair(stride), _pair(padding)))
+
+
+class ConvNet(nn.Sequential):
+    """A stack of Conv2d + activation blocks, then Flatten and one Linear layer with a bias.
+
+    Args:
+        channels: filters of each conv layer; strides and activations give one entry per layer.
+        activations: names from ACTIVATIONS (case and underscores are ignored).
+        padding: per-layer zero padding; None means kernel_size // 2.
+        input_size: side of the square input image, used to size the Linear layer.
+    """
+
+    def __init__(self, channels, strides, activations, in_channels, num_classes, kernel_size=5,
+                 padding=None, input_size=32, dtype=None):
+        channels, strides, activations = list(channels), list(strides), list(activations)
+        if not (len(channels) == len(strides) == len(activations)):
+            raise ValueError(f"channels, strides and activations need one entry per conv layer; got "
+                             f"{len(channels)}, {len(strides)} and {len(activations)}")
+        padding = kernel_size // 2 if padding is None else padding
+        layers, size, previous = [], (input_size, input_size), in_channels
+        for i, (out, stride, act) in enumerate(zip(channels, strides, activations)):
+            layers += [nn.Conv2d(previous, out, kernel_size, stride=stride, padding=padding, dtype=dtype),
+                       _activation_module(act)]
+            size = _conv_output_size(size, kernel_size, stride, padding)
+            if min(size) < 1:
+                raise ValueError(f"conv layer {i + 1} leaves no output pixels for a {input_size}x"
+                                 f"{input_size} input (kernel {kernel_size}, stride {stride}, padding {padding})")
+            previous = out
+        layers += [nn.Flatten(), nn.Linear(previous * size[0] * size[1], num_classes, dtype=dtype)]
+        super().__init__(*layers)
+        self.config = dict(channels=tuple(channels), strides=tuple(strides),
+                           activations=tuple(activation_name(a) for a in activations),
+                           in_channels=in_channels, num_classes=num_classes, kernel_size=kernel_size,
+                           padding=padding, input_size=input_size)
+
+
+def _preset(name):
+    key = str(name).lower()
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available presets: {', '.join(MODELS)}")
+    return key
+
+
+def build_model(name, in_channels=3, num_classes=10, seed=50, **overrides):
+    """A preset from MODELS with the paper's initialisation U(-0.5, 0.5), deterministic for a seed.
+
+    Any ConvNet argument can be overridden, e.g. activations=("leaky_relu",) * 4.
+    """
+    settings = {**MODELS[_preset(name)], **overrides}
+    # The published code seeds PyTorch, builds the network in float64 (PyTorch's default
+    # initialisation draws first), then redraws every weight and bias from U(-0.5, 0.5).
+    # Following the same random stream gives the paper's networks for seed 50. The
+    # result is rounded to float32, the precision a federated server sends to clients,
+    # so that float32 and float64 gradients come from the very same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ConvNet(in_channels=in_channels, num_classes=num_classes, dtype=torch.float64, **settings)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.uniform_(-0.5, 0.5)
+    return model.float()
+
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+
+DATASETS = {
+    "mnist": dict(torchvision="MNIST", channels=1, num_classes=10),
+    "cifar10": dict(torchvision="CIFAR10", channels=3, num_classes=10),
+    "cifar100": dict(torchvision="CIFAR100", channels=3, num_classes=100),
+    "samples": dict(torchvision=None, channels=3, num_classes=10),
+}
+# Photos bundled with scikit-image (no download): colour ones first, then greyscale ones.
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field",
+                 "immunohistochemistry", "retina", "colorwheel", "camera", "coins", "moon",
+                 "brick", "grass", "gravel", "clock")
+
+
+def _default_data_root():
+    # torchvision downloads land in data/ of the checkout, or of the working directory
+    # when the module is installed elsewhere (as in Colab).
+    return REPO_ROOT / "data" if (REPO_ROOT / "run_all.py").exists() else Path("data")
+
+
+def _data_place(path):
+    # RCONV_DATA is documented relative to the project's root; accept the working directory too.
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
+def dataset_info(dataset):
+    """Channels and number of classes of a dataset name (case-insensitive)."""
+    key = str(dataset).lower()
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of MNIST, CIFAR10, CIFAR100, samples")
+    return dict(DATASETS[key], name=key)
+
+
+def _indices(indices):
+    values = [int(indices)] if np.ndim(indices) == 0 else [int(i) for i in indices]
+    if any(i < 0 for i in values):
+        raise ValueError(f"image indices must be non-negative; got {values}")
+    return values
+
+
+def _preprocess(picture, size):
+    # The paper's pipeline: Resize(32), CenterCrop(32), ToTensor; MNIST becomes 32x32.
+    from torchvision import transforms
+    steps = [transforms.Resize(size), transforms.CenterCrop(size)] if size is not None else []
+    return transforms.Compose(steps + [transforms.ToTensor()])(picture)
+
+
+def _sample_photo(name):
+    from PIL import Image
+    import skimage.data
+    picture = np.asarray(getattr(skimage.data, name)())
+    if picture.ndim == 2:
+        picture = np.repeat(picture[..., None], 3, axis=2)
+    return Image.fromarray(picture[..., :3].astype(np.uint8))
+
+
+def _from_pack(path, indices):
+    with np.load(path) as pack:
+        images, labels = pack["images"], pack["labels"]
+    if max(indices) >= len(images):
+        return None
+    from PIL import Image
+    pictures = [Image.fromarray(images[i].squeeze(-1) if images.shape[-1] == 1 else images[i])
+                for i in indices]
+    return pictures, [int(labels[i]) for i in indices]
+
+
+def _from_torchvision(name, root, indices, download):
+    import torchvision
+    try:
+        data = getattr(torchvision.datasets, name)(str(root), train=True, download=download)
+    except Exception:  # torchvision raises RuntimeError, URLError, ... when files are missing
+        return None
+    if max(indices) >= len(data):
+        raise ValueError(f"{name} has {len(data)} training images; index {max(indices)} is out of range")
+    items = [data[i] for i in indices]
+    return [picture for picture, _ in items], [int(label) for _, label in items]
+
+
+def load_images(dataset, indices, root=None, download=True, size=32):
+    """Training images of MNIST, CIFAR10, CIFAR100 or "samples" as float32 (N, C, size, size) in [0, 1].
+
+    Looks in `root`, then $RCONV_DATA, then data/ in the repository (downloading through
+    torchvision there when `download`). Each place may hold torchvision's own dataset
+    folders or sample packs named `<dataset>_train_first100.npz`. "samples" are photos
+    bundled with scikit-image and need no data. An unknown label (-1 in a pack, and every
+    sample photo) becomes index % num_classes, so the client's gradients stay deterministic.
+    size=None keeps the dataset's own size (28 for MNIST). Returns (images, labels int64 (N,)).
+    """
+    info = dataset_info(dataset)
+    indices = _indices(indices)
+    if not indices:
+        raise ValueError("no image indices given")
+    if info["name"] == "samples":
+        if size is None:
+            raise ValueError("sample photos have no native size; pass size=32 (or another side)")
+        if max(indices) >= len(SAMPLE_PHOTOS):
+            raise ValueError(f"there are {len(SAMPLE_PHOTOS)} sample photos; index {max(indices)} is out of range")
+        found = [_sample_photo(SAMPLE_PHOTOS[i]) for i in indices], [-1] * len(indices)
+    else:
+        places = [_data_place(p) for p in (root, os.environ.get("RCONV_DATA")) if p]
+        found, looked = None, []
+        for place in places:
+            pack = place / f"{info['name']}_train_first100.npz"
+            looked.append(str(pack))
+            if pack.exists():
+                found = _from_pack(pack, indices)
+            if found is None:
+                looked.append(f"{place} (torchvision {info['torchvision']} folder)")
+                found = _from_torchvision(info["torchvision"], place, indices, download=False)
+            if found is not None:
+                break
+        if found is None:
+            default = _default_data_root()
+            looked.append(f"{default} (torchvision, download={download})")
+            found = _from_torchvision(info["torchvision"], default, indices, download=download)
+        if found is None:
+            raise ValueError(
+                f"could not load {info['torchvision']} images {indices[:5]}{'...' if len(indices) > 5 else ''}; "
+                f"looked in: {'; '.join(looked)}. Offline, point RCONV_DATA (or root=) at a folder holding "
+                f"torchvision's dataset folders or {info['name']}_train_first100.npz, e.g. "
+                f"RCONV_DATA=../shared/datasets")
+    pictures, labels = found
+    images = torch.stack([_preprocess(p, size) for p in pictures]).float()
+    if images.shape[1] != info["channels"]:
+        images = images[:, :1] if info["channels"] == 1 else images.expand(-1, info["channels"], -1, -1)
+    labels = torch.tensor([lab if lab >= 0 else i % info["num_classes"] for lab, i in zip(labels, indices)],
+                          dtype=torch.int64)
+    return images.contiguous(), labels
+
+
+# -----------------------------------------------------------------------------
+# Client gradients
+# -----------------------------------------------------------------------------
+
+def client_gradients(model, image, label, dtype=torch.float32):
+    """The gradients a federated-learning client shares for one image: cross-entropy, computed in `dtype`.
+
+    Returns a list of tensors in the order of model.parameters().
+    """
+    image = torch.as_tensor(image)
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"client_gradients takes one image of shape (C, H, W) or (1, C, H, W); "
+                         f"got shape {tuple(image.shape)}")
+    label = torch.as_tensor(label, dtype=torch.int64).reshape(-1)
+    if label.numel() != 1:
+        raise ValueError(f"client_gradients takes one label; got {label.numel()}")
+    client = copy.deepcopy(model).to(dtype)
+    client.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(client(image.to(dtype)), label.to(image.device))
+    return [g.detach() for g in torch.autograd.grad(loss, list(client.parameters()))]
+
+
+# -----------------------------------------------------------------------------
+# Constraints and solvers
+# -----------------------------------------------------------------------------
+
+def grad_constraints(output_grad, input_size, kernel_size, stride=1, padding=0):
+    """The matrix A of a conv layer's gradient constraints, shared by every input channel c.
+
+    A @ x[c].flatten() == weight_grad[:, c].flatten(), because
+    dL/dW[f, c, i, j] = sum_pq output_grad[f, p, q] * x_padded[c, s*p + i, s*q + j].
+
+    Args:
+        output_grad: dL/dO of the layer's pre-activation output, shape (F, P, Q).
+        input_size: (H, W) of the layer's input.
+    Returns a (F*kh*kw, H*W) tensor; rows are ordered (f, i, j) like weight_grad[:, c].
+    """
+    filters, out_h, out_w = output_grad.shape
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = _pair(input_size), _pair(kernel_size), _pair(stride), _pair(padding)
+    padded = output_grad.new_zeros(filters, kh, kw, h + 2 * ph + kh, w + 2 * pw + kw)
+    for i in range(kh):
+        for j in range(kw):
+            padded[:, i, j, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw] = output_grad
+    return padded[..., ph:ph + h, pw:pw + w].reshape(filters * kh * kw, h * w)
+
+
+def weight_constraints(weight, input_size, stride=1, padding=0):
+    """The matrix M of a conv layer's weight constraints: M @ x.flatten() + bias == O.flatten().
+
+    O is the layer's pre-activation output (F, P, Q); x its input (C, H, W).
+    Returns a (F*P*Q, C*H*W) tensor.
+    """
+    filters, channels, kh, kw = weight.shape
+    (h, w), (sh, sw), (ph, pw) = _pair(input_size), _pair(stride), _pair(padding)
+    out_h, out_w = _conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw))
+    matrix = weight.new_zeros(filters, out_h * out_w, channels, h * w)
+    rows_p, rows_q = torch.arange(out_h), torch.arange(out_w)
+    for i in range(kh):
+        y = sh * rows_p + i - ph
+        inside_y = (y >= 0) & (y < h)
+        for j in range(kw):
+            x = sw * rows_q + j - pw
+            inside_x = (x >= 0) & (x < w)
+            rows = (rows_p[inside_y, None] * out_w + rows_q[None, inside_x]).flatten()
+            cols = (y[inside_y, None] * w + x[None, inside_x]).flatten()
+            matrix[:, rows, :, cols] = weight[:, :, i, j]
+    return matrix.reshape(filters * out_h * out_w, channels * h * w)
+
+
+def min_filters(input_size, kernel_size, stride=1, padding=0):
+    """The fewest filters whose gradient constraints can determine a layer's input (a counting bound).
+
+    With stride s, pixel (y, x) meets only kernel offsets i = y + padding (mod s), so the
+    gradient constraints split into s*s independent groups, one per residue class; each
+    group needs filters * (its offsets) >= (its pixels). Returns math.inf when some pixel
+    meets no kernel position at all. ReLU zeros in the output gradient raise the real need.
+    """
+    need = 0
+    counts = []
+    for size, kernel, step, pad in zip(_pair(input_size), _pair(kernel_size), _pair(stride), _pair(padding)):
+        out = (size + 2 * pad - kernel) // step + 1
+        offsets, pixels = [0] * step, [0] * step
+        for i in range(kernel):
+            offsets[i % step] += 1
+        for y in range(size):
+            if any(0 <= (y + pad - i) // step < out and (y + pad - i) % step == 0 for i in range(kernel)):
+                pixels[(y + pad) % step] += 1
+            else:
+                return math.inf
+        counts.append((offsets, pixels))
+    (offsets_y, pixels_y), (offsets_x, pixels_x) = counts
+    for ry in range(len(offsets_y)):
+        for rx in range(len(offsets_x)):
+            pixels = pixels_y[ry] * pixels_x[rx]
+            if pixels:
+                need = max(need, math.ceil(pixels / (offsets_y[ry] * offsets_x[rx])))
+    return need
+
+
+def _eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+def default_relu_tol(dtype):
+    """The ReLU test's threshold, relative to the layer's largest output, for gradients in `dtype`."""
+    # Noise on the recovered output of a dead unit sits near eps of the layer's scale
+    # (1e-7 for float32); 100 eps clears it while keeping tiny true activations.
+    return min(1e-2, max(1e-12, 100 * _eps(dtype)))
+
+
+def _rank_rtol(dtype, shape):
+    # numpy's matrix_rank rule, max(m, n) * eps, at the precision of the gradients; capped
+    # so that half-precision gradients still get a best-effort solution.
+    return min(1e-2, max(shape) * _eps(dtype))
+
+
+# The smallest singular-value ratio a Gram matrix K^T K resolves in float64 (its
+# eigenvalues are then 1e-12 apart from the largest, well above rounding).
+_GRAM_RESOLVES = 1e-6
+# Gram matrices up to this size are diagonalised (exact rank and condition number);
+# larger ones are Cholesky-factorised and their condition number is estimated.
+_EIGH_MAX = 1100
+_REFINE_STEPS = 3
+# Systems that couple all channels (weight constraints) are solved densely; beyond this many
+# unknowns (a 64x64 greyscale image) a rank-deficient one would take minutes to analyse.
+_JOINT_MAX_UNKNOWNS = 4096
+
+
+@dataclass
+class _Spectrum:
+    rank: int
+    cond: float  # condition number of K: largest over smallest singular value
+
+
+def _spectrum(sigma, rtol):
+    """Rank and condition number from singular values sorted in any order."""
+    top = float(sigma.max()) if sigma.numel() else 0.0
+    if top <= 0.0:
+        return _Spectrum(0, math.inf)
+    low = float(sigma.min())
+    return _Spectrum(int((sigma > rtol * top).sum()), top / low if low > 0 else math.inf)
+
+
+class _System:
+    """Least squares K x = b, with K given by its action on x of shape (n, r).
+
+    r right-hand sides share K (the input channels of a gradient-constraint system).
+    gram (K^T K) and matrix (K itself) are built on demand unless given.
+    """
+
+    def __init__(self, shape, apply, apply_t, rhs, gram=None, matrix=None):
+        self.shape, self.apply, self.apply_t, self.rhs = shape, apply, apply_t, rhs
+        self._gram, self._matrix = gram, matrix
+
+    @property
+    def gram(self):
+        if self._gram is None:
+            k = self.matrix
+            self._gram = k.T @ k
+        elif callable(self._gram):
+            self._gram = self._gram()
+        return self._gram
+
+    @property
+    def matrix(self):
+        if callable(self._matrix):
+            self._matrix = self._matrix()
+        return self._matrix
+
+    def residual(self, x):
+        return float(torch.linalg.norm(self.apply(x) - self.rhs) / torch.linalg.norm(self.rhs).clamp_min(1e-300))
+
+    def refine(self, x, solve_normal):
+        """Corrected semi-normal equations: correct x with residuals of K itself, not of K^T K."""
+        for _ in range(_REFINE_STEPS):
+            step = solve_normal(self.apply_t(self.rhs - self.apply(x)))
+            x = x + step
+            if float(torch.linalg.norm(step)) <= 1e-15 * float(torch.linalg.norm(x)) + 1e-300:
+                break
+        return x
+
+
+def _power_estimates(n, like, apply_gram, solve_gram, iterations=12):
+    """Largest and smallest eigenvalue of K^T K by power and inverse iteration."""
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    start = torch.randn(n, 1, dtype=like.dtype, device=like.device, generator=generator)
+    largest, inverse_largest = 0.0, 0.0
+    v, u = start, start.clone()
+    for _ in range(iterations):
+        v = apply_gram(v)
+        largest = float(torch.linalg.norm(v))
+        u = solve_gram(u)
+        inverse_largest = float(torch.linalg.norm(u))
+        if not (math.isfinite(largest) and math.isfinite(inverse_largest)) or largest == 0 or inverse_largest == 0:
+            return None
+        v, u = v / largest, u / inverse_largest
+    return largest, 1.0 / inverse_largest
+
+
+class _Factor:
+    """A factorisation of a dense K for least squares that resolves singular values K^T K cannot.
+
+    LU when K is square, QR when it is tall; when K is rank-deficient at the tolerance, a
+    truncated pseudo-inverse (SVD of K, or the eigenvectors of K^T K for large K, whose
+    rank is then counted no finer than the Gram matrix resolves). Reused across images
+    when K depends only on the weights.
+    """
+
+    def __init__(self, matrix, rtol):
+        self.matrix, self.kind = matrix, None
+        m, n = matrix.shape
+        if m >= n:
+            if m == n:
+                self.lu, self.pivots, _ = torch.linalg.lu_factor_ex(matrix)
+                diagonal = self.lu.diagonal()
+            else:
+                self.q, self.r = torch.linalg.qr(matrix)
+                diagonal = self.r.diagonal()
+            if bool(torch.isfinite(diagonal).all()) and bool((diagonal != 0).all()):
+                self.kind = "lu" if m == n else "qr"
+                estimates = _power_estimates(n, matrix, lambda v: matrix.T @ (matrix @ v), self._solve_gram)
+                cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
+                if cond < 1.0 / rtol:
+                    self.spectrum = _Spectrum(n, cond)
+                else:
+                    self.kind = None
+        if self.kind is None:
+            self._pseudo_inverse(rtol)
+
+    def _pseudo_inverse(self, rtol):
+        matrix = self.matrix
+        if matrix.shape[1] <= _EIGH_MAX:
+            self.kind = "svd"
+            self.u, sigma, self.vh = torch.linalg.svd(matrix, full_matrices=False)
+            cut = rtol
+        else:
+            self.kind = "eigh"
+            eigenvalues, self.vectors = torch.linalg.eigh(matrix.T @ matrix)
+            sigma = eigenvalues.clamp_min(0).sqrt()
+            cut = max(rtol, _GRAM_RESOLVES)
+        keep = sigma > cut * float(sigma.max().clamp_min(1e-300))
+        self.spectrum = _spectrum(sigma, rtol)
+        self.spectrum.rank = int(keep.sum())
+        power = 1 if self.kind == "svd" else 2
+        self.inverse = torch.where(keep, sigma.clamp_min(1e-300) ** -power, torch.zeros_like(sigma))
+
+    def _solve_gram(self, y):
+        if self.kind == "lu":
+            return torch.linalg.lu_solve(self.lu, self.pivots, torch.linalg.lu_solve(
+                self.lu, self.pivots, y, adjoint=True))
+        step = torch.linalg.solve_triangular(self.r.T, y, upper=False)
+        return torch.linalg.solve_triangular(self.r, step, upper=True)
+
+    def _least_squares(self, b):
+        if self.kind == "lu":
+            return torch.linalg.lu_solve(self.lu, self.pivots, b)
+        if self.kind == "qr":
+            return torch.linalg.solve_triangular(self.r, self.q.T @ b, upper=True)
+        if self.kind == "svd":
+            return self.vh.T @ (self.inverse[:, None] * (self.u.T @ b))
+        return self.vectors @ (self.inverse[:, None] * (self.vectors.T @ (self.matrix.T @ b)))
+
+    def solve(self, system):
+        x = self._least_squares(system.rhs)
+        for _ in range(_REFINE_STEPS - 1):
+            x = x + self._least_squares(system.rhs - system.apply(x))
+        return x
+
+
+def _solve_eigh(system, rtol):
+    eigenvalues, vectors = torch.linalg.eigh(system.gram)
+    sigma = eigenvalues.clamp_min(0).sqrt()
+    spectrum = _spectrum(sigma, rtol)
+    if rtol < _GRAM_RESOLVES and spectrum.cond > 1.0 / _GRAM_RESOLVES:
+        return None  # below what K^T K resolves: decide on K itself
+    keep = sigma > rtol * float(sigma.max().clamp_min(1e-300))
+    inverse = torch.where(keep, 1.0 / eigenvalues.clamp_min(1e-300), torch.zeros_like(eigenvalues))
+
+    def solve_normal(y):
+        return vectors @ (inverse[:, None] * (vectors.T @ y))
+
+    return system.refine(solve_normal(system.apply_t(system.rhs)), solve_normal), spectrum
+
+
+def _solve_cholesky(system, rtol):
+    factor, info = torch.linalg.cholesky_ex(system.gram)
+    if int(info) != 0:
+        return None
+
+    def solve_normal(y):
+        # two triangular solves: much faster than cholesky_solve for a few right-hand sides
+        return torch.linalg.solve_triangular(factor.T, torch.linalg.solve_triangular(factor, y, upper=False),
+                                             upper=True)
+
+    n = system.shape[1]
+    estimates = _power_estimates(n, system.gram, lambda v: system.gram @ v, solve_normal)
+    if estimates is None:
+        return None
+    spectrum = _spectrum(torch.tensor(estimates, dtype=torch.float64).clamp_min(0).sqrt(), rtol)
+    if spectrum.cond > 1.0 / max(rtol, _GRAM_RESOLVES):
+        return None
+    spectrum.rank = n
+    return system.refine(solve_normal(system.apply_t(system.rhs)), solve_normal), spectrum
+
+
+def _solve(system, rtol, factor=None):
+    """Least-squares solution of a _System with its numerical rank and condition number.
+
+    Fast paths work on K^T K; when that cannot decide the rank at the gradients'
+    precision, K itself is factorised (LU, QR or, if rank-deficient, SVD).
+    """
+    if factor is None:
+        solved = (_solve_eigh if system.shape[1] <= _EIGH_MAX else _solve_cholesky)(system, rtol)
+        if solved is not None:
+            return solved
+        factor = _Factor(system.matrix, rtol)
+    return factor.solve(system), factor.spectrum
+
+
+# -----------------------------------------------------------------------------
+# The attack
+# -----------------------------------------------------------------------------
+
+FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
+_INVERTIBLE = (nn.Conv2d, nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Flatten, nn.Linear)
+_ACTIVATION_TYPES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+
+
+@dataclass
+class _ConvStep:
+    number: int  # 1 for the first conv layer
+    position: int  # index among the model's layers, for error messages
+    conv: nn.Conv2d
+    activation: str = "identity"
+    slope: float = 0.0
+    padding: tuple = (0, 0)
+
+
+@dataclass
+class _Network:
+    steps: list
+    linear: nn.Linear
+    parameter_names: list
+
+
+def _flat_layers(model):
+    for child in model.children():
+        if isinstance(child, nn.Sequential):
+            yield from _flat_layers(child)
+        else:
+            yield child
+
+
+def _conv_padding(conv, position):
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        if all(k % 2 == 1 for k in conv.kernel_size):
+            return tuple(k // 2 for k in conv.kernel_size)
+        raise ValueError(f"layer {position} (Conv2d): padding='same' with an even kernel pads unevenly; "
+                         f"use an explicit padding")
+    return tuple(conv.padding)
+
+
+def _parse_network(model):
+    """Check that R-CONV can invert `model` and list its conv steps and final Linear layer."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"reconstruct needs an nn.Sequential (or ConvNet) of Conv2d, activations, Flatten "
+                         f"and one final Linear; got {type(model).__name__}")
+    steps, linear = [], None
+    layers = list(_flat_layers(model))
+    for position, layer in enumerate(layers):
+        kind = type(layer).__name__
+        if not isinstance(layer, _INVERTIBLE):
+            raise ValueError(f"layer {position} ({kind}) cannot be inverted by R-CONV; supported layers are "
+                             f"Conv2d, ReLU, LeakyReLU, Sigmoid, Tanh, Identity, Flatten and one final Linear")
+        if linear is not None:
+            raise ValueError(f"layer {position} ({kind}) follows the Linear layer; R-CONV needs the Linear "
+                             f"layer to be the last one")
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or any(d != 1 for d in layer.dilation) or layer.padding_mode != "zeros":
+                raise ValueError(f"layer {position} (Conv2d): only groups=1, dilation=1 and zero padding are "
+                                 f"supported; got groups={layer.groups}, dilation={layer.dilation}, "
+                                 f"padding_mode={layer.padding_mode!r}")
+            steps.append(_ConvStep(len(steps) + 1, position, layer, padding=_conv_padding(layer, position)))
+        elif type(layer) in _ACTIVATION_TYPES:
+            if not steps or steps[-1].activation != "identity":
+                raise ValueError(f"layer {position} ({kind}) must directly follow a Conv2d layer")
+            if isinstance(layer, nn.LeakyReLU) and layer.negative_slope <= 0:
+                raise ValueError(f"layer {position} (LeakyReLU): negative_slope must be positive to be "
+                                 f"invertible; got {layer.negative_slope}")
+            steps[-1].activation = _ACTIVATION_TYPES[type(layer)]
+            steps[-1].slope = float(getattr(layer, "negative_slope", 0.0))
+        elif isinstance(layer, nn.Linear):
+            if layer.bias is None:
+                raise ValueError(f"layer {position} (Linear) has no bias; R-CONV recovers the Linear layer's "
+                                 f"input as dL/dW / dL/db and needs the bias gradient")
+            linear = layer
+    if linear is None:
+        raise ValueError("the model has no final Linear layer; R-CONV starts from the Linear layer's gradients")
+    names = [name for name, _ in model.named_parameters()]
+    return _Network(steps, linear, names)
+
+
+def _check_gradients(model, network, grads):
+    parameters = list(model.parameters())
+    if isinstance(grads, dict):
+        grads = [grads[name] for name in network.parameter_names]
+    grads = list(grads)
+    if len(grads) != len(parameters):
+        raise ValueError(f"expected {len(parameters)} gradient tensors (one per parameter of the model, in "
+                         f"model.parameters() order); got {len(grads)}")
+    for name, parameter, grad in zip(network.parameter_names, parameters, grads):
+        if not isinstance(grad, torch.Tensor):
+            raise ValueError(f"gradient of {name} is a {type(grad).__name__}, not a tensor")
+        if tuple(grad.shape) != tuple(parameter.shape):
+            raise ValueError(f"gradient of {name} has shape {tuple(grad.shape)}; the parameter has shape "
+                             f"{tuple(parameter.shape)}")
+        if not torch.isfinite(grad).all():
+            raise ValueError(f"gradient of {name} holds NaN or infinite values")
+    by_id = {id(p): g for p, g in zip(parameters, grads)}
+    return by_id
+
+
+def _check_input_shape(network, input_shape):
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W) or (1, C, H, W); got {tuple(input_shape)}")
+    sizes = [shape]
+    for step in network.steps:
+        channels, height, width = sizes[-1]
+        if channels != step.conv.in_channels:
+            raise ValueError(f"layer {step.position} (Conv2d) expects {step.conv.in_channels} input channels; "
+                             f"input_shape {shape} gives {channels}")
+        out = _conv_output_size((height, width), step.conv.kernel_size, step.conv.stride, step.padding)
+        if min(out) < 1:
+            raise ValueError(f"layer {step.position} (Conv2d) leaves no output for an input of {height}x{width}")
+        sizes.append((step.conv.out_channels, *out))
+    features = math.prod(sizes[-1])
+    if features != network.linear.in_features:
+        raise ValueError(f"input_shape {shape} gives {features} features at the Linear layer, which expects "
+                         f"{network.linear.in_features}")
+    return sizes
+
+
+def _activation_grad(activation, slope, output, relu_threshold):
+    """d(activation)/d(input) written through the activation's output, which R-CONV knows."""
+    if activation == "relu":
+        return (output > relu_threshold).to(output.dtype)
+    if activation == "leaky_relu":
+        return torch.where(output > 0, torch.ones_like(output), torch.full_like(output, slope))
+    if activation == "sigmoid":
+        return output * (1 - output)
+    if activation == "tanh":
+        return 1 - output * output
+    return torch.ones_like(output)
+
+
+def _preactivation(activation, slope, output, relu_threshold, saturation):
+    """The pre-activation O where the activation's output reveals it, and a mask of where it does."""
+    if activation == "relu":
+        return output, output > relu_threshold
+    if activation == "leaky_relu":
+        return torch.where(output > 0, output, output / slope), torch.ones_like(output, dtype=torch.bool)
+    if activation == "sigmoid":
+        known = (output > saturation) & (output < 1 - saturation)
+        clipped = output.clamp(saturation, 1 - saturation)
+        return torch.log(clipped) - torch.log1p(-clipped), known
+    if activation == "tanh":
+        known = output.abs() < 1 - saturation
+        return torch.atanh(output.clamp(-1 + saturation, 1 - saturation)), known
+    return output, torch.ones_like(output, dtype=torch.bool)
+
+
+@dataclass
+class LayerReport:
+    """How one conv layer's input was recovered."""
+
+    layer: int  # conv layer number, 1 = the first
+    method: str  # "gradients", "weights", "hybrid" or "gradients+weights"
+    equations: int
+    unknowns: int
+    rank: int  # numerical rank at the gradients' precision
+    cond: float
+    residual: float  # relative residual of the solved system
+    bias_residual: float  # |sum dL/dO - dL/db| / |dL/db|: checks the recovered output gradient
+    known_outputs: float  # fraction of pre-activation outputs the activation reveals
+    seconds: float = 0.0
+
+    @property
+    def full_rank(self):
+        return self.rank == self.unknowns
+
+
+@dataclass
+class Reconstruction:
+    """A recovered image with the per-layer diagnostics that justify (or not) trusting it."""
+
+    image: torch.Tensor  # (1, C, H, W) float64
+    layers: list = field(default_factory=list)  # LayerReport per conv layer, first to last
+    exact: bool = False  # every layer full rank with small residuals
+    seconds: float = 0.0
+    method: str = "rconv"
+    features: torch.Tensor | None = None  # the recovered input of the Linear layer
+    inputs: list = field(default_factory=list)  # recovered input of each conv layer, first to last
+
+    def report(self):
+        """The per-layer diagnostics as a pandas DataFrame, in solving order (last layer first)."""
+        import pandas as pd
+        rows = [vars(r) | {"full_rank": r.full_rank} for r in reversed(self.layers)]
+        return pd.DataFrame(rows)
+
+
+def _tolerances(dtype, relu_tol):
+    eps = _eps(dtype)
+    return dict(dtype=dtype, residual=math.sqrt(eps),
+                relu=default_relu_tol(dtype) if relu_tol is None else float(relu_tol),
+                saturation=max(1e-12, 10 * eps))
+
+
+def _weights_key(step, weight, bias, input_size):
+    # Keyed on the weights' bytes, so a cache entry can never outlive a change of weights.
+    digest = hashlib.sha1(weight.detach().cpu().numpy().tobytes())
+    if bias is not None:
+        digest.update(bias.detach().cpu().numpy().tobytes())
+    return ("weights", digest.hexdigest(), tuple(step.conv.stride), step.padding, tuple(input_size),
+            str(weight.device))
+
+
+@dataclass
+class _WeightRows:
+    """A conv layer's weight-constraint matrix M and what depends only on the weights."""
+
+    matrix: torch.Tensor
+    row_norms: torch.Tensor  # squared norm of each row
+    gram: torch.Tensor | None = None  # M^T M, built on first use
+    factors: dict = field(default_factory=dict)  # rank tolerance -> _Factor of M
+
+
+def _weight_rows(step, weight, input_size, cache):
+    key = _weights_key(step, weight, step.conv.bias, input_size)
+    if cache is not None and key in cache:
+        return cache[key]
+    matrix = weight_constraints(weight, input_size, step.conv.stride, step.padding)
+    rows = _WeightRows(matrix, (matrix * matrix).sum(1))
+    if cache is not None:
+        cache[key] = rows
+    return rows
+
+
+def _gradient_system(output_grad, weight_grad, input_size, step):
+    matrix = grad_constraints(output_grad, input_size, step.conv.kernel_size, step.conv.stride, step.padding)
+    rhs = weight_grad.permute(0, 2, 3, 1).reshape(matrix.shape[0], -1)
+    return matrix, rhs
+
+
+def _joint_system(grad_part, weight_part, channels, unknowns):
+    """Gradient constraints (per channel) and/or weight constraints (all channels) on x (C*H*W, 1).
+
+    When both are used, each kind is scaled to unit Frobenius norm so that neither
+    dominates the least squares.
+    """
+    parts = []  # (scale, apply, apply_t, rhs, gram, matrix) of each kind
+    if grad_part is not None:
+        matrix, b = grad_part
+        pixels = matrix.shape[1]
+        scale = 1.0 / (math.sqrt(channels) * float(torch.linalg.norm(matrix).clamp_min(1e-300)))
+        parts.append((scale,
+                      lambda x, m=matrix: (m @ x.view(channels, pixels).T).T.reshape(-1, 1),
+                      lambda y, m=matrix: (m.T @ y.view(channels, -1).T).T.reshape(-1, 1),
+                      b.T.reshape(-1, 1),
+                      lambda m=matrix: torch.block_diag(*[m.T @ m] * channels),
+                      lambda m=matrix: torch.block_diag(*[m] * channels)))
+    if weight_part is not None:
+        rows, known, b = weight_part
+        matrix = rows.matrix
+        scale = 1.0 / float(rows.row_norms[known].sum().sqrt().clamp_min(1e-300))
+        if bool(known.all()):
+            if rows.gram is None:
+                rows.gram = matrix.T @ matrix
+            parts.append((scale, lambda x: matrix @ x, lambda y: matrix.T @ y, b.reshape(-1, 1),
+                          lambda: rows.gram, lambda: matrix))
+        else:
+            def scatter(y):
+                full = y.new_zeros(matrix.shape[0], y.shape[1])
+                full[known] = y
+                return matrix.T @ full
+
+            def gram():
+                selected = matrix[known]
+                return selected.T @ selected
+
+            parts.append((scale, lambda x: (matrix @ x)[known], scatter, b.reshape(-1, 1), gram,
+                          lambda: matrix[known]))
+    if len(parts) == 1:
+        parts = [(1.0,) + parts[0][1:]]
+    sizes = [len(part[3]) for part in parts]
+
+    def apply(x):
+        return torch.cat([s * f(x) for s, f, *_ in parts])
+
+    def apply_t(y):
+        return sum(s * f(piece) for (s, _, f, *_), piece in zip(parts, torch.split(y, sizes)))
+
+    return _System((sum(sizes), unknowns), apply, apply_t, torch.cat([s * b for s, _, _, b, *_ in parts]),
+                   gram=lambda: sum(s * s * g() for s, _, _, _, g, _ in parts),
+                   matrix=lambda: torch.cat([s * m() for s, *_, m in parts]))
+
+
+def _fc_features(weight_grad, bias_grad):
+    """The Linear layer's input from x_n = dL/dW[m, n] / dL/db[m], all outputs m in least squares."""
+    energy = float(bias_grad @ bias_grad)
+    if energy == 0.0:
+        raise ValueError("the Linear layer's bias gradient is zero (the loss is saturated), so its input "
+                         "cannot be recovered")
+    features = bias_grad @ weight_grad / energy
+    misfit = float(torch.linalg.norm(weight_grad - torch.outer(bias_grad, features)) /
+                   torch.linalg.norm(weight_grad).clamp_min(1e-300))
+    return features, misfit
+
+
+def _batch_tolerance(dtype):
+    return min(0.05, 1e3 * _eps(dtype))
+
+
+def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=None, device=None,
+                check_batch=True, cache=None):
+    """Recover the training image behind one client's gradients with R-CONV.
+
+    Args:
+        model: the network the client trained (nn.Sequential of Conv2d, activations, Flatten, Linear).
+        grads: gradients in model.parameters() order (list) or by parameter name (dict).
+        input_shape: (C, H, W) of the image.
+        first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),
+            "gradients" (gradient constraints only) or "hybrid" (both, each scaled to unit norm).
+        relu_tol: ReLU outputs at or below relu_tol * (the layer's largest output) count as inactive;
+            None picks default_relu_tol for the gradients' dtype.
+        device: where to solve ("cpu", "cuda"); None means the gradients' device.
+        check_batch: refuse gradients whose Linear layer is not rank one (a batch of several images).
+        cache: a dict shared between calls on the same model, holding what depends only on the weights.
+    Returns a Reconstruction.
+    """
+    start = time.perf_counter()
+    if first_layer not in FIRST_LAYER_METHODS:
+        raise ValueError(f"first_layer must be one of {', '.join(FIRST_LAYER_METHODS)}; got {first_layer!r}")
+    network = _parse_network(model)
+    by_id = _check_gradients(model, network, grads)
+    sizes = _check_input_shape(network, input_shape)
+    grad_dtype = next(iter(by_id.values())).dtype
+    if not grad_dtype.is_floating_point:
+        raise ValueError(f"gradients must be floating point; got {grad_dtype}")
+    tol = _tolerances(grad_dtype, relu_tol)
+    device = torch.device(device) if device is not None else next(iter(by_id.values())).device
+    wide = dict(device=device, dtype=torch.float64)
+
+    def grad_of(parameter):
+        return by_id[id(parameter)].to(**wide)
+
+    linear = network.linear
+    features, misfit = _fc_features(grad_of(linear.weight), grad_of(linear.bias))
+    if check_batch and misfit > _batch_tolerance(grad_dtype):
+        raise ValueError(f"the Linear layer's weight gradient is not rank one (relative misfit {misfit:.2g}); "
+                         f"these look like the gradients of a batch of more than one image, and R-CONV "
+                         f"recovers a single image (pass check_batch=False to try anyway)")
+    output = features.view(sizes[-1])
+    output_grad = (linear.weight.detach().to(**wide).T @ grad_of(linear.bias)).view(sizes[-1])
+    inputs, reports = [None] * len(network.steps), [None] * len(network.steps)
+    for step in reversed(network.steps):
+        layer_start = time.perf_counter()
+        channels, height, width = sizes[step.number - 1]
+        weight = step.conv.weight.detach().to(**wide)
+        bias = step.conv.bias.detach().to(**wide) if step.conv.bias is not None else None
+        scale = float(output.abs().max()) if output.numel() else 0.0
+        threshold = tol["relu"] * scale
+        pre_grad = output_grad * _activation_grad(step.activation, step.slope, output, threshold)
+        preact, known = _preactivation(step.activation, step.slope, output, threshold, tol["saturation"])
+        weight_grad = grad_of(step.conv.weight)
+        grad_part = _gradient_system(pre_grad, weight_grad, (height, width), step)
+
+        def weight_part():
+            rows = _weight_rows(step, weight, (height, width), cache)
+            shifted = preact - (bias.view(-1, 1, 1) if bias is not None else 0.0)
+            mask = known.reshape(-1)
+            return rows, mask, shifted.reshape(-1)[mask]
+
+        method = first_layer if step.number == 1 else "gradients"
+        x, spectrum, residual = _solve_layer(method, grad_part, weight_part, channels, tol["dtype"])
+        unknowns = channels * height * width
+        if spectrum.rank < unknowns and step.number > 1 and bool(known.any()) and \
+                unknowns <= _JOINT_MAX_UNKNOWNS:
+            method = "gradients+weights"
+            x, spectrum, residual = _solve_layer("hybrid", grad_part, weight_part, channels, tol["dtype"])
+        x = x.reshape(channels, height, width)
+        bias_residual = 0.0
+        if step.conv.bias is not None:
+            bias_grad = grad_of(step.conv.bias)
+            bias_residual = float(torch.linalg.norm(pre_grad.sum((1, 2)) - bias_grad) /
+                                  torch.linalg.norm(bias_grad).clamp_min(1e-300))
+        equations = (grad_part[0].shape[0] * channels if method != "weights" else 0) + \
+            (int(known.sum()) if method != "gradients" else 0)
+        reports[step.number - 1] = LayerReport(
+            layer=step.number, method=method, equations=equations, unknowns=unknowns, rank=spectrum.rank,
+            cond=spectrum.cond, residual=residual, bias_residual=bias_residual,
+            known_outputs=float(known.double().mean()), seconds=time.perf_counter() - layer_start)
+        inputs[step.number - 1] = x
+        output_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, pre_grad[None],
+                                                 stride=step.conv.stride, padding=step.padding)[0]
+        output = x
+    exact = all(r.full_rank and r.residual <= tol["residual"] and r.bias_residual <= tol["residual"]
+                for r in reports)
+    image = output.detach().cpu()[None]
+    return Reconstruction(image=image, layers=reports, exact=exact, seconds=time.perf_counter() - start,
+                          features=features.cpu(), inputs=[t.cpu() for t in inputs])
+
+
+def _solve_layer(method, grad_part, weight_part, channels, dtype):
+    """Solve one conv layer for its input, returned as (C, H*W), with its spectrum and residual."""
+    matrix, rhs = grad_part
+    pixels = matrix.shape[1]
+    if method == "gradients":
+        system = _System(matrix.shape, lambda x: matrix @ x, lambda y: matrix.T @ y, rhs, matrix=matrix)
+        x, spectrum = _solve(system, _rank_rtol(dtype, matrix.shape))
+        return x.T, _Spectrum(spectrum.rank * channels, spectrum.cond), system.residual(x)
+    if channels * pixels > _JOINT_MAX_UNKNOWNS:
+        raise ValueError(f"first_layer={method!r} couples all {channels * pixels} input values of the first conv "
+                         f"layer in one dense system (at most {_JOINT_MAX_UNKNOWNS}); use first_layer='gradients' "
+                         f"with enough filters (see min_filters) for inputs this large")
+    rows, known, shifted = weight_part()
+    system = _joint_system(grad_part if method == "hybrid" else None, (rows, known, shifted), channels,
+                           channels * pixels)
+    rtol = _rank_rtol(dtype, system.shape)
+    factor = None
+    if method == "weights" and bool(known.all()):
+        # M depends only on the weights: factorise it once per model
+        factor = rows.factors.get(rtol) or rows.factors.setdefault(rtol, _Factor(rows.matrix, rtol))
+    x, spectrum = _solve(system, rtol, factor)
+    return x.view(channels, pixels), spectrum, system.residual(x)
+
+
+def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **options):
+    """reconstruct() for many clients' gradients on one model, sharing what depends only on the weights.
+
+    Returns one Reconstruction per entry of grads_list; options are reconstruct()'s keywords.
+    """
+    cache = options.pop("cache", None)
+    cache = {} if cache is None else cache
+    items = grads_list
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(grads_list, desc="R-CONV", unit="image")
+    return [reconstruct(model, grads, input_shape, cache=cache, **options) for grads in items]
+
+
+# -----------------------------------------------------------------------------
+# Metrics and reports
+# -----------------------------------------------------------------------------
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def as_dtype(dtype):
+    """A torch floating dtype from a name in DTYPES ("float32", ...) or a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def _dtype_name(dtype):
+    return str(as_dtype(dtype)).replace("torch.", "")
+
+
+def _as_image(image, name):
+    array = torch.as_tensor(image).detach().cpu().double()
+    if array.dim() == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"{name} must be one image; got a batch of shape {tuple(array.shape)}")
+        array = array[0]
+    if array.dim() != 3:
+        raise ValueError(f"{name} must have shape (C, H, W) or (1, C, H, W); got {tuple(array.shape)}")
+    return array
+
+
+def image_metrics(original, reconstructed):
+    """mse, psnr (dB, data range 1), ssim (scikit-image, data range 1) and max_abs_err of two images in [0, 1]."""
+    from skimage.metrics import structural_similarity
+    a, b = _as_image(original, "original"), _as_image(reconstructed, "reconstructed")
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: original {tuple(a.shape)}, reconstructed {tuple(b.shape)}")
+    difference = (a - b).numpy()
+    mse = float(np.mean(difference ** 2))
+    finite = np.isfinite(difference).all()
+    psnr = math.inf if mse == 0 else (10 * math.log10(1.0 / mse) if finite else -math.inf)
+    # SSIM compares what a viewer sees, so the reconstruction is clipped to the image range.
+    ssim = float(structural_similarity(a.permute(1, 2, 0).numpy(), np.clip(np.nan_to_num(b.permute(1, 2, 0).numpy()), 0, 1),
+                                       channel_axis=2, data_range=1.0)) if min(a.shape[1:]) >= 7 else math.nan
+    return dict(mse=mse, psnr=psnr, ssim=ssim, max_abs_err=float(np.abs(difference).max()))
+
+
+def constraint_report(model, input_shape):
+    """What each conv layer offers R-CONV: unknowns against gradient and weight constraints.
+
+    One row per conv layer. gradient_constraints counts dL/dW entries (F*k*k per input
+    channel, all channels); weight_constraints counts pre-activation outputs (F*P*Q).
+    min_filters is the counting bound of min_filters(); gradients_suffice / weights_suffice
+    say whether the counts alone could determine the input (a necessary condition; ReLU
+    reveals the pre-activation only where active, so weights_need_active gives the
+    fraction of outputs that must be active).
+    """
+    import pandas as pd
+    network = _parse_network(model)
+    sizes = _check_input_shape(network, input_shape)
+    rows = []
+    for step in network.steps:
+        channels, height, width = sizes[step.number - 1]
+        filters, out_h, out_w = sizes[step.number]
+        kh, kw = step.conv.kernel_size
+        unknowns = channels * height * width
+        covered = torch.zeros(height + 2 * step.padding[0] + kh, width + 2 * step.padding[1] + kw, dtype=torch.bool)
+        for i in range(kh):
+            for j in range(kw):
+                covered[i:i + step.conv.stride[0] * (out_h - 1) + 1:step.conv.stride[0],
+                        j:j + step.conv.stride[1] * (out_w - 1) + 1:step.conv.stride[1]] = True
+        uncovered = int((~covered[step.padding[0]:step.padding[0] + height,
+                                  step.padding[1]:step.padding[1] + width]).sum())
+        needed = min_filters((height, width), (kh, kw), step.conv.stride, step.padding)
+        gradient_constraints = filters * kh * kw * channels
+        weight_constraints_count = filters * out_h * out_w
+        rows.append(dict(
+            layer=step.number, input=f"{channels}x{height}x{width}", filters=filters, kernel=f"{kh}x{kw}",
+            stride=step.conv.stride[0], padding=step.padding[0], activation=step.activation,
+            unknowns=unknowns, gradient_constraints=gradient_constraints,
+            weight_constraints=weight_constraints_count, uncovered_pixels=uncovered * channels,
+            min_filters=needed, gradients_suffice=filters >= needed,
+            weights_suffice=weight_constraints_count >= unknowns and uncovered == 0 and step.activation != "relu",
+            weights_need_active=min(1.0, unknowns / weight_constraints_count)))
+    return pd.DataFrame(rows)
+
+
+def attack_images(dataset, model_name, indices, *, dtypes=("float64", "float32"), first_layer="hybrid", seed=50,
+                  data_root=None, relu_tol=None, progress=True, **model_overrides):
+    """Run R-CONV on dataset images as a client of a preset would leak them; the suite's tidy results.
+
+    Returns (table, reconstructions): a pandas DataFrame with one row per image and dtype
+    (dataset, model, activations, seed, dtype, first_layer, index, label, mse, psnr, ssim,
+    max_abs_err, exact, rank_deficient, seconds) and a dict dtype name -> list of
+    Reconstruction in the order of indices. The first image of each dtype pays the
+    one-time factorisations (see seconds).
+    """
+    import pandas as pd
+    info = dataset_info(dataset)
+    images, labels = load_images(dataset, indices, root=data_root)
+    model = build_model(model_name, info["channels"], info["num_classes"], seed=seed, **model_overrides)
+    activations = "-".join(model.config["activations"])
+    rows, reconstructions = [], {}
+    for dtype in dtypes:
+        name = _dtype_name(dtype)
+        cache, results = {}, []
+        iterator = list(zip(_indices(indices), images, labels))
+        if progress:
+            from tqdm.auto import tqdm
+            iterator = tqdm(iterator, desc=f"{info['name']} {model_name} {name}", unit="image")
+        for index, image, label in iterator:
+            grads = client_gradients(model, image, label, dtype=as_dtype(dtype))
+            result = reconstruct(model, grads, image.shape, first_layer=first_layer, relu_tol=relu_tol, cache=cache)
+            results.append(result)
+            rows.append(dict(dataset=info["name"], model=model_name, activations=activations, seed=seed,
+                             dtype=name, first_layer=first_layer, index=index, label=int(label),
+                             **image_metrics(image, result.image), exact=result.exact,
+                             rank_deficient=not all(r.full_rank for r in result.layers),
+                             seconds=result.seconds))
+        reconstructions[name] = results
+    return pd.DataFrame(rows), reconstructions
+
+
+def summarize(table, by=("dataset", "model", "dtype", "first_layer")):
+    """Per setting: images, exact count, rank-deficient count, median PSNR and SSIM, median seconds."""
+    by = [column for column in by if column in table.columns]
+    grouped = table.groupby(by, sort=False)
+    summary = grouped.agg(images=("psnr", "size"), exact=("exact", "sum"),
+                          median_psnr=("psnr", "median"), median_ssim=("ssim", "median"),
+                          median_seconds=("seconds", "median"))
+    if "rank_deficient" in table.columns:
+        summary.insert(2, "rank_deficient", grouped["rank_deficient"].sum())
+    return summary.reset_index()
+
+
+# -----------------------------------------------------------------------------
+# Plotting
+# -----------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    if matplotlib.get_backend().lower() in ("", "agg") or not os.environ.get("DISPLAY"):
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _show_image(axis, image):
+    array = _as_image(image, "image").clamp(0, 1).permute(1, 2, 0).numpy()
+    axis.imshow(array[..., 0] if array.shape[2] == 1 else array, cmap="gray" if array.shape[2] == 1 else None,
+                vmin=0, vmax=1, interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def plot_reconstruction(original, reconstructed, path=None, title=None):
+    """Original beside reconstructed and their absolute difference, with the metrics; saved to path if given."""
+    plt = _pyplot()
+    metrics = image_metrics(original, reconstructed)
+    difference = (_as_image(original, "original") - _as_image(reconstructed, "reconstructed")).abs()
+    figure, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    _show_image(axes[0], original)
+    axes[0].set_title("original\n", fontsize=9)
+    _show_image(axes[1], reconstructed)
+    axes[1].set_title(f"reconstructed\nPSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.4f}", fontsize=9)
+    shown = axes[2].imshow(difference.max(0).values.numpy(), cmap="magma", interpolation="nearest")
+    axes[2].set_title(f"|difference|\nmax {metrics['max_abs_err']:.1e}", fontsize=9)
+    axes[2].set_xticks([])
+    axes[2].set_yticks([])
+    figure.colorbar(shown, ax=axes[2], fraction=0.046)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout(rect=(0, 0, 1, 0.93 if title else 1))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_grid(originals, reconstructions, path=None, columns=10, title=None):
+    """Originals (odd rows) above their reconstructions (even rows); saved to path if given."""
+    plt = _pyplot()
+    count = len(originals)
+    columns = min(columns, count)
+    blocks = math.ceil(count / columns)
+    figure, axes = plt.subplots(2 * blocks, columns, figsize=(columns * 0.9, blocks * 1.9), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for k, (original, reconstructed) in enumerate(zip(originals, reconstructions)):
+        row, column = 2 * (k // columns), k % columns
+        for offset, image in ((0, original), (1, reconstructed)):
+            axis = axes[row + offset, column]
+            axis.axis("on")
+            _show_image(axis, image)
+        if column == 0:
+            axes[row, 0].set_ylabel("orig.", fontsize=7)
+            axes[row + 1, 0].set_ylabel("recon.", fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def plot_psnr(table, path=None, by="dtype", title=None):
+    """PSNR of every image (dots) per group of `by` (e.g. dtype), from a results table or CSV path."""
+    import pandas as pd
+    plt = _pyplot()
+    table = pd.read_csv(table) if isinstance(table, (str, Path)) else table
+    groups = list(dict.fromkeys(table[by]))
+    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 3.6))
+    generator = np.random.default_rng(0)
+    for k, group in enumerate(groups):
+        values = table.loc[table[by] == group, "psnr"].to_numpy(dtype=float)
+        values = np.where(np.isfinite(values), values, np.nan)
+        exact = table.loc[table[by] == group, "exact"].to_numpy(dtype=bool) if "exact" in table else None
+        jitter = k + generator.uniform(-0.18, 0.18, len(values))
+        colours = np.where(exact, "tab:green", "tab:red") if exact is not None else "tab:blue"
+        axis.scatter(jitter, values, s=9, c=colours, alpha=0.7, linewidths=0)
+        if np.isfinite(values).any():
+            axis.hlines(np.nanmedian(values), k - 0.3, k + 0.3, colors="black", linewidth=1.5)
+    axis.set_xticks(range(len(groups)), [str(g) for g in groups])
+    axis.set_ylabel("PSNR (dB, data range 1)")
+    axis.axhline(20, color="grey", linestyle=":", linewidth=1)
+    axis.set_title(title or "PSNR per image (green: exact, red: not; bar: median)", fontsize=9)
+    figure.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    """python -m rconv_core -d CIFAR100 -i 92 -a ReLU: recover one image and save reconstruction.png."""
+    parser = argparse.ArgumentParser(prog="python -m rconv_core", description=main.__doc__.split(":")[1].strip())
+    parser.add_argument("-d", "--dataset", default="CIFAR100", help="MNIST, CIFAR10, CIFAR100 or samples")
+    parser.add_argument("-i", "--index", type=int, default=25, help="index of the training image")
+    parser.add_argument("-a", "--activation", default=None,
+                        help="activation of the last two conv layers (ReLU, LeakyReLU, Sigmoid, Tanh); "
+                             "default: the model's own")
+    parser.add_argument("--model", default="lenet_c10", help=f"preset: {', '.join(MODELS)}")
+    parser.add_argument("--dtype", default="float32", help="precision of the client's gradients")
+    parser.add_argument("--first-layer", default="hybrid", choices=FIRST_LAYER_METHODS)
+    parser.add_argument("--seed", type=int, default=50, help="seed of the model's initialisation")
+    parser.add_argument("--data-root", default=None, help="folder with datasets or sample packs "
+                                                           "(default: $RCONV_DATA, then data/)")
+    parser.add_argument("--out", default="reconstruction.png", help="where to save the figure")
+    args = parser.parse_args(argv)
+    try:
+        info = dataset_info(args.dataset)
+        overrides = {}
+        if args.activation is not None:
+            activations = list(MODELS[_preset(args.model)]["activations"])
+            activations[-2:] = [activation_name(args.activation)] * 2
+            overrides["activations"] = tuple(activations)
+        model = build_model(args.model, info["channels"], info["num_classes"], seed=args.seed, **overrides)
+        images, labels = load_images(args.dataset, [args.index], root=args.data_root)
+        grads = client_gradients(model, images[0], labels[0], dtype=as_dtype(args.dtype))
+        result = reconstruct(model, grads, images.shape[1:], first_layer=args.first_layer)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    metrics = image_metrics(images[0], result.image)
+    import pandas as pd
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(result.report().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\n{info['name']} image {args.index} (label {int(labels[0])}), model {args.model} "
+          f"({'-'.join(model.config['activations'])}), {args.dtype} gradients, first layer {args.first_layer}")
+    print(f"MSE {metrics['mse']:.3e}  PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.6f}  "
+          f"max |error| {metrics['max_abs_err']:.3e}  exact: {result.exact}  time {result.seconds:.2f} s")
+    plot_reconstruction(images[0], result.image, path=args.out,
+                        title=f"R-CONV on {info['name']} #{args.index} ({args.model}, {args.dtype})")
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The two constraint matrices against PyTorch's own convolution and its weight gradient."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rconv_core as rc
+
+GEOMETRIES = [(k, s, p) for k in (3, 5, 7) for s in (1, 2) for p in range(k // 2 + 1)]
+
+
+@pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES)
+def test_grad_constraints_reproduce_the_weight_gradient(kernel, stride, padding):
+    generator = torch.Generator().manual_seed(kernel * 100 + stride * 10 + padding)
+    x = torch.rand(1, 3, 11, 9, dtype=torch.float64, generator=generator)
+    weight = torch.randn(4, 3, kernel, kernel, dtype=torch.float64, generator=generator)
+    out = F.conv2d(x, weight, stride=stride, padding=padding)
+    output_grad = torch.randn(out.shape, dtype=torch.float64, generator=generator)
+    weight_grad = torch.nn.grad.conv2d_weight(x, weight.shape, output_grad, stride=stride, padding=padding)
+    matrix = rc.grad_constraints(output_grad[0], (11, 9), kernel, stride, padding)
+    assert matrix.shape == (4 * kernel * kernel, 11 * 9)
+    for c in range(3):
+        torch.testing.assert_close(matrix @ x[0, c].flatten(), weight_grad[:, c].flatten(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES)
+def test_weight_constraints_reproduce_the_convolution(kernel, stride, padding):
+    generator = torch.Generator().manual_seed(kernel * 100 + stride * 10 + padding)
+    x = torch.rand(1, 2, 10, 12, dtype=torch.float64, generator=generator)
+    weight = torch.randn(5, 2, kernel, kernel, dtype=torch.float64, generator=generator)
+    bias = torch.randn(5, dtype=torch.float64, generator=generator)
+    out = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    matrix = rc.weight_constraints(weight, (10, 12), stride, padding)
+    assert matrix.shape == (out[0].numel(), x[0].numel())
+    rows = matrix @ x[0].flatten() + bias.repeat_interleave(out.shape[2] * out.shape[3])
+    torch.testing.assert_close(rows, out[0].flatten(), rtol=1e-12, atol=1e-12)
+
+
+def test_rectangular_kernels_and_strides():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 1, 9, 13, dtype=torch.float64, generator=generator)
+    weight = torch.randn(3, 1, 3, 5, dtype=torch.float64, generator=generator)
+    out = F.conv2d(x, weight, stride=(1, 2), padding=(1, 2))
+    output_grad = torch.randn(out.shape, dtype=torch.float64, generator=generator)
+    weight_grad = torch.nn.grad.conv2d_weight(x, weight.shape, output_grad, stride=(1, 2), padding=(1, 2))
+    matrix = rc.grad_constraints(output_grad[0], (9, 13), (3, 5), (1, 2), (1, 2))
+    torch.testing.assert_close(matrix @ x[0, 0].flatten(), weight_grad[:, 0].flatten())
+    torch.testing.assert_close(rc.weight_constraints(weight, (9, 13), (1, 2), (1, 2)) @ x.flatten(), out.flatten())

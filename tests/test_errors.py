@@ -1,0 +1,131 @@
+"""Bad input gets a ValueError that names the problem, never a LinAlgError or a silent wrong image."""
+import pytest
+import torch
+import torch.nn as nn
+
+import rconv_core as rc
+from conftest import uniform_init
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return rc.build_model("lenet", 3, 10)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def grads(lenet, image):
+    return rc.client_gradients(lenet, image, 2, dtype=torch.float64)
+
+
+def small(*middle):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), *middle, nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    return uniform_init(model)
+
+
+@pytest.mark.parametrize("layer,name", [(nn.MaxPool2d(1), "MaxPool2d"), (nn.BatchNorm2d(4), "BatchNorm2d"),
+                                        (nn.Dropout(0.1), "Dropout"), (nn.AvgPool2d(1), "AvgPool2d")])
+def test_layers_it_cannot_invert(layer, name):
+    model = small(nn.ReLU(), layer)
+    grads = [torch.zeros_like(p) for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"layer 2 \({name}\) cannot be inverted"):
+        rc.reconstruct(model, grads, (1, 8, 8))
+
+
+def test_linear_without_bias():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3, bias=False))
+    grads = [torch.zeros_like(p) for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"layer 3 \(Linear\) has no bias"):
+        rc.reconstruct(model, grads, (1, 8, 8))
+
+
+def test_layers_after_the_linear_layer_and_two_activations():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 3), nn.Softmax(dim=1))
+    with pytest.raises(ValueError, match=r"layer 3 \(Softmax\)"):
+        rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
+    model = small(nn.ReLU(), nn.Tanh())
+    with pytest.raises(ValueError, match=r"layer 2 \(Tanh\) must directly follow a Conv2d"):
+        rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
+
+
+def test_not_a_sequential():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        rc.reconstruct(Net(), [], (1, 2, 2))
+
+
+def test_unsupported_conv_options():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Flatten(), nn.Linear(256, 3))
+    with pytest.raises(ValueError, match=r"layer 0 \(Conv2d\): only groups=1"):
+        rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (2, 8, 8))
+
+
+def test_batch_gradients(lenet):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    model = lenet.double()
+    loss = nn.functional.cross_entropy(model(images.double()), torch.tensor([1, 7]))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with pytest.raises(ValueError, match="batch of more than one image"):
+        rc.reconstruct(model, grads, (3, 32, 32))
+    with pytest.raises(ValueError, match="one image"):
+        rc.client_gradients(model, images, 1)
+
+
+def test_gradient_shapes(lenet, grads):
+    bad = list(grads)
+    bad[2] = bad[2][:, :, :3]
+    with pytest.raises(ValueError, match=r"gradient of 2.weight has shape \(16, 12, 3, 5\); the parameter has "
+                                         r"shape \(16, 12, 5, 5\)"):
+        rc.reconstruct(lenet, bad, (3, 32, 32))
+    with pytest.raises(ValueError, match="expected 10 gradient tensors"):
+        rc.reconstruct(lenet, grads[:-1], (3, 32, 32))
+    nan = list(grads)
+    nan[0] = nan[0].clone()
+    nan[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        rc.reconstruct(lenet, nan, (3, 32, 32))
+
+
+def test_input_shapes(lenet, grads):
+    with pytest.raises(ValueError, match=r"layer 0 \(Conv2d\) expects 3 input channels; input_shape \(1, 32, 32\)"):
+        rc.reconstruct(lenet, grads, (1, 32, 32))
+    with pytest.raises(ValueError, match=r"input_shape \(3, 28, 28\) gives 588 features at the Linear layer, "
+                                         r"which expects 768"):
+        rc.reconstruct(lenet, grads, (3, 28, 28))
+    with pytest.raises(ValueError, match="input_shape must be"):
+        rc.reconstruct(lenet, grads, (32, 32))
+
+
+def test_zero_bias_gradient_is_not_a_linalg_error(lenet):
+    grads = [torch.zeros_like(p) for p in lenet.parameters()]
+    with pytest.raises(ValueError, match="bias gradient is zero"):
+        rc.reconstruct(lenet, grads, (3, 32, 32))
+
+
+def test_options(lenet, grads):
+    with pytest.raises(ValueError, match="first_layer must be one of weights, gradients, hybrid; got 'paper'"):
+        rc.reconstruct(lenet, grads, (3, 32, 32), first_layer="paper")
+    with pytest.raises(ValueError, match="unknown model 'resnet'; available presets: lenet, lenet_c10"):
+        rc.build_model("resnet")
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        rc.build_model("lenet", activations=("gelu",) * 4)
+    with pytest.raises(ValueError, match="need one entry per conv layer"):
+        rc.ConvNet((4, 4), (1,), ("relu", "relu"), 3, 10)
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        rc.as_dtype("float8")
+    with pytest.raises(ValueError, match="shape"):
+        rc.image_metrics(torch.zeros(3, 8, 8), torch.zeros(1, 8, 8))
+    negative = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.LeakyReLU(-0.1), nn.Flatten(), nn.Linear(32, 2))
+    with pytest.raises(ValueError, match="negative_slope must be positive"):
+        rc.reconstruct(negative, [torch.zeros_like(p) for p in negative.parameters()], (1, 4, 4))

@@ -1,0 +1,227 @@
+"""Exact recovery in float64 across activations, geometries, channels and sizes; float32 robustness."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import rconv_core as rc
+from conftest import attack, max_error, uniform_init
+
+EXACT = 1e-8
+
+
+def conv_block(c_in, c_out, kernel, stride, padding, activation):
+    return [nn.Conv2d(c_in, c_out, kernel, stride, padding), rc._activation_module(activation)]
+
+
+def network(input_shape, blocks, classes=10, seed=0):
+    """nn.Sequential of conv blocks (c_out, kernel, stride, padding, activation), Flatten, Linear."""
+    channels, height, width = input_shape
+    layers = []
+    for c_out, kernel, stride, padding, activation in blocks:
+        layers += conv_block(channels, c_out, kernel, stride, padding, activation)
+        height, width = rc._conv_output_size((height, width), kernel, stride, padding)
+        channels = c_out
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * height * width, classes))
+    return uniform_init(model, seed)
+
+
+def covered(size, kernel, stride, padding):
+    out = (size + 2 * padding - kernel) // stride + 1
+    return stride * (out - 1) + kernel >= size + padding
+
+
+@pytest.mark.parametrize("activation", rc.ACTIVATIONS)
+@pytest.mark.parametrize("source", ["random", "real"])
+def test_every_activation_is_recovered_exactly(activation, source, samples):
+    image = samples[0][1] if source == "real" else torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(7))
+    if activation == "relu":
+        # ReLU everywhere: 77 first-layer filters (as LeNet_All_ReLU) and 12 in the narrow layers
+        model = rc.build_model("lenet_all_relu", 3, 10, channels=(77, 22, 12, 12))
+        result = attack(model, image, label=3, first_layer="gradients")
+    else:
+        model = rc.build_model("lenet", 3, 10, activations=(activation,) * 4)
+        result = attack(model, image, label=3)
+    assert result.exact, result.report()
+    assert max_error(result, image) <= EXACT
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(k, s, p) for k in (3, 5, 7) for s in (1, 2)
+                                                   for p in range(k // 2 + 1)])
+def test_first_layer_geometry(kernel, stride, padding):
+    """The image itself, behind one conv layer of any kernel, stride and padding."""
+    size = 10
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(kernel + 10 * stride + 100 * padding))
+    filters = 3 * stride * stride + 3
+    model = network((3, size, size), [(filters, kernel, stride, padding, "leaky_relu")])
+    result = attack(model, image)
+    if covered(size, kernel, stride, padding):
+        assert result.exact, result.report()
+        assert max_error(result, image) <= EXACT
+    else:  # the last row and column of pixels meet no kernel position: honestly underdetermined
+        assert not result.exact
+        assert result.layers[0].rank < result.layers[0].unknowns
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(k, s, p) for k in (3, 5, 7) for s in (1, 2)
+                                                   for p in range(k // 2 + 1)])
+def test_gradient_constraints_geometry(kernel, stride, padding):
+    """A hidden layer recovered from gradient constraints, for any kernel, stride and padding."""
+    size = 8
+    image = torch.rand(1, size, size, generator=torch.Generator().manual_seed(kernel + 10 * stride + 100 * padding))
+    needed = rc.min_filters(size, kernel, stride, padding)
+    filters = math.ceil(1.5 * needed) + 2 if math.isfinite(needed) else 12
+    model = network((1, size, size), [(4, 3, 1, 1, "tanh"), (filters, kernel, stride, padding, "leaky_relu")])
+    result = attack(model, image, first_layer="weights")
+    if covered(size, kernel, stride, padding):
+        assert result.exact, result.report()
+        assert result.layers[1].method == "gradients"
+        assert max_error(result, image) <= EXACT
+    else:
+        assert not result.exact
+        assert result.layers[1].rank < result.layers[1].unknowns
+
+
+def test_mnist_native_28(packs):
+    images, labels = rc.load_images("mnist", [0, 1], root=packs, size=None)
+    assert images.shape == (2, 1, 28, 28)
+    model = rc.build_model("lenet", 1, 10, input_size=28)
+    for image, label in zip(images, labels):
+        result = attack(model, image, label)
+        assert result.exact and max_error(result, image) <= EXACT
+
+
+def test_input_64_one_channel(samples):
+    image = torch.nn.functional.interpolate(samples[0][2:3], size=64, mode="bilinear").mean(1)[0:1]
+    # stride-2 5x5 layers need 64 filters on 32x32 inputs and 16 on 16x16 ones (min_filters)
+    model = network((1, 64, 64), [(8, 5, 2, 2, "leaky_relu"), (72, 5, 2, 2, "leaky_relu"),
+                                  (24, 5, 2, 2, "relu")])
+    result = attack(model, image, label=1)
+    assert result.exact, result.report()
+    assert max_error(result, image) <= EXACT
+
+
+def test_input_64_three_channels_from_gradients_alone(samples):
+    image = torch.nn.functional.interpolate(samples[0][0:1], size=64, mode="bilinear").clamp(0, 1)[0]
+    filters = rc.min_filters(64, 7, 2, 3) + 8  # the counting bound is 114 filters of 7x7, stride 2
+    model = network((3, 64, 64), [(filters, 7, 2, 3, "leaky_relu"), (72, 5, 2, 2, "leaky_relu"),
+                                  (24, 5, 2, 2, "relu")])
+    result = attack(model, image, label=2, first_layer="gradients")
+    assert result.layers[0].method == "gradients"
+    assert result.exact, result.report()
+    assert max_error(result, image) <= EXACT
+
+
+@pytest.mark.parametrize("preset,dataset", [("lenet", "cifar100"), ("lenet_c10", "cifar10"), ("lenet", "mnist"),
+                                            ("lenet_o", "cifar100"), ("o_cnn6", "cifar10"),
+                                            ("lenet_4_relu", "cifar100"), ("lenet_all_relu", "cifar100")])
+def test_presets_float64_exact(preset, dataset, packs):
+    info = rc.dataset_info(dataset)
+    images, labels = rc.load_images(dataset, [0, 1], root=packs)
+    model = rc.build_model(preset, info["channels"], info["num_classes"])
+    for image, label in zip(images, labels):
+        result = attack(model, image, label)
+        assert result.exact, result.report()
+        assert max_error(result, image) <= EXACT
+
+
+@pytest.mark.parametrize("first_layer", ["weights", "hybrid"])
+def test_paper_first_layer_methods_agree_in_float64(first_layer, packs):
+    images, labels = rc.load_images("cifar10", [3], root=packs)
+    model = rc.build_model("lenet_c10", 3, 10)
+    result = attack(model, images[0], labels[0], first_layer=first_layer)
+    assert result.layers[0].method == first_layer
+    assert result.exact and max_error(result, images[0]) <= EXACT
+
+
+@pytest.mark.parametrize("preset,dataset", [("lenet", "cifar100"), ("lenet_c10", "cifar10"), ("lenet", "mnist")])
+def test_float32_gradients_testing_presets(preset, dataset, packs):
+    info = rc.dataset_info(dataset)
+    images, labels = rc.load_images(dataset, [0, 1, 2], root=packs)
+    model = rc.build_model(preset, info["channels"], info["num_classes"])
+    for image, label in zip(images, labels):
+        result = attack(model, image, label, dtype=torch.float32)
+        assert rc.image_metrics(image, result.image)["psnr"] >= 60
+
+
+def test_float32_with_the_papers_first_layer_is_reported_not_exact(packs):
+    """The weight-constraint system alone is too ill-conditioned for float32 data: say so."""
+    images, labels = rc.load_images("cifar10", [0], root=packs)
+    model = rc.build_model("lenet_c10", 3, 10)
+    result = attack(model, images[0], labels[0], dtype=torch.float32, first_layer="weights")
+    assert not result.exact
+    assert result.layers[0].cond > 1e4 and result.layers[0].rank < result.layers[0].unknowns
+
+
+def test_rank_deficient_layer_is_reported(samples):
+    """A dead filter in a 3-filter ReLU layer leaves its gradient constraints rank-deficient."""
+    model = rc.build_model("lenet_c10", 3, 10)
+    with torch.no_grad():
+        model[6].bias[1] = -1e3  # filter 2 of conv 4 never fires
+    image, label = samples[0][0], samples[1][0]
+    result = attack(model, image, label)
+    last = result.layers[-1]
+    assert last.rank < last.unknowns and not last.full_rank
+    assert not result.exact
+
+
+def test_too_few_filters_for_gradients_alone(samples):
+    model = rc.build_model("lenet", 3, 10)
+    result = attack(model, samples[0][0], first_layer="gradients")
+    assert result.layers[0].rank <= 12 * 25 * 3 < result.layers[0].unknowns
+    assert not result.exact
+
+
+def test_report_and_features(samples):
+    model = rc.build_model("lenet", 3, 10)
+    image = samples[0][3]
+    result = attack(model, image, label=4)
+    table = result.report()
+    assert list(table["layer"]) == [4, 3, 2, 1]
+    assert {"method", "equations", "unknowns", "rank", "cond", "residual", "full_rank"} <= set(table.columns)
+    assert result.features.shape == (model[-1].in_features,)
+    assert [tuple(x.shape) for x in result.inputs] == [(3, 32, 32), (12, 16, 16), (16, 8, 8), (12, 8, 8)]
+    assert result.image.dtype == torch.float64 and result.image.shape == (1, 3, 32, 32)
+    assert result.seconds > 0
+
+
+def test_reconstruct_batch_shares_the_cache_and_agrees(samples):
+    model = rc.build_model("lenet_c10", 3, 10)
+    images, labels = samples
+    grads = [rc.client_gradients(model, image, label, dtype=torch.float64) for image, label in zip(images, labels)]
+    batch = rc.reconstruct_batch(model, grads, (3, 32, 32), first_layer="weights")
+    for image, result, g in zip(images, batch, grads):
+        single = rc.reconstruct(model, g, (3, 32, 32), first_layer="weights")
+        assert max_error(result, image) <= EXACT
+        torch.testing.assert_close(result.image, single.image, rtol=0, atol=1e-10)
+
+
+def test_cache_follows_weight_changes(samples):
+    """A cache keyed on the weights must not serve a factorisation of old weights."""
+    model = rc.build_model("lenet_c10", 3, 10)
+    image, label = samples[0][1], samples[1][1]
+    cache = {}
+    assert attack(model, image, label, first_layer="weights", cache=cache).exact
+    with torch.no_grad():
+        model[0].weight.mul_(1.1)
+    result = attack(model, image, label, first_layer="weights", cache=cache)
+    assert result.exact and max_error(result, image) <= EXACT
+
+
+def test_dict_gradients_and_cuda_absent_fallback(samples):
+    model = rc.build_model("lenet", 3, 10)
+    image = samples[0][0]
+    grads = rc.client_gradients(model, image, 1, dtype=torch.float64)
+    named = {name: g for (name, _), g in zip(model.named_parameters(), grads)}
+    result = rc.reconstruct(model, named, (1, 3, 32, 32), device="cpu")
+    assert max_error(result, image) <= EXACT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_device(samples):
+    model = rc.build_model("lenet", 3, 10)
+    image = samples[0][0]
+    grads = rc.client_gradients(model, image, 1, dtype=torch.float64)
+    result = rc.reconstruct(model, grads, (3, 32, 32), device="cuda")
+    assert max_error(result, image) <= EXACT
