@@ -324,27 +324,41 @@ def grad_constraints(output_grad, input_size, kernel_size, stride=1, padding=0):
     return padded[..., ph:ph + h, pw:pw + w].reshape(filters * kh * kw, h * w)
 
 
+def _weight_entries(weight, input_size, stride, padding):
+    """Nonzeros of the weight-constraint matrix: rows (f, p, q), columns (c, y, x), values W[f, c, i, j]."""
+    filters, channels, kh, kw = weight.shape
+    (h, w), (sh, sw), (ph, pw) = _pair(input_size), _pair(stride), _pair(padding)
+    out_h, out_w = _conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw))
+    device = weight.device
+    p, q = torch.arange(out_h, device=device), torch.arange(out_w, device=device)
+    f_offset = torch.arange(filters, device=device)[:, None, None] * (out_h * out_w)
+    c_offset = torch.arange(channels, device=device)[None, :, None] * (h * w)
+    rows, cols, values = [], [], []
+    for i in range(kh):
+        y = sh * p + i - ph
+        inside_y = (y >= 0) & (y < h)
+        for j in range(kw):
+            x = sw * q + j - pw
+            inside_x = (x >= 0) & (x < w)
+            outputs = (p[inside_y, None] * out_w + q[None, inside_x]).flatten()
+            pixels = (y[inside_y, None] * w + x[None, inside_x]).flatten()
+            shape = (filters, channels, len(outputs))
+            rows.append((f_offset + outputs).expand(shape).flatten())
+            cols.append((c_offset + pixels).expand(shape).flatten())
+            values.append(weight[:, :, i, j, None].expand(shape).flatten())
+    return torch.cat(rows), torch.cat(cols), torch.cat(values), (filters * out_h * out_w, channels * h * w)
+
+
 def weight_constraints(weight, input_size, stride=1, padding=0):
     """The matrix M of a conv layer's weight constraints: M @ x.flatten() + bias == O.flatten().
 
     O is the layer's pre-activation output (F, P, Q); x its input (C, H, W).
-    Returns a (F*P*Q, C*H*W) tensor.
+    Returns a dense (F*P*Q, C*H*W) tensor.
     """
-    filters, channels, kh, kw = weight.shape
-    (h, w), (sh, sw), (ph, pw) = _pair(input_size), _pair(stride), _pair(padding)
-    out_h, out_w = _conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw))
-    matrix = weight.new_zeros(filters, out_h * out_w, channels, h * w)
-    rows_p, rows_q = torch.arange(out_h), torch.arange(out_w)
-    for i in range(kh):
-        y = sh * rows_p + i - ph
-        inside_y = (y >= 0) & (y < h)
-        for j in range(kw):
-            x = sw * rows_q + j - pw
-            inside_x = (x >= 0) & (x < w)
-            rows = (rows_p[inside_y, None] * out_w + rows_q[None, inside_x]).flatten()
-            cols = (y[inside_y, None] * w + x[None, inside_x]).flatten()
-            matrix[:, rows, :, cols] = weight[:, :, i, j]
-    return matrix.reshape(filters * out_h * out_w, channels * h * w)
+    rows, cols, values, shape = _weight_entries(weight, input_size, stride, padding)
+    matrix = weight.new_zeros(shape)
+    matrix[rows, cols] = values
+    return matrix
 
 
 def min_filters(input_size, kernel_size, stride=1, padding=0):
@@ -404,6 +418,10 @@ _REFINE_STEPS = 3
 # Systems that couple all channels (weight constraints) are solved densely; beyond this many
 # unknowns (a 64x64 greyscale image) a rank-deficient one would take minutes to analyse.
 _JOINT_MAX_UNKNOWNS = 4096
+# The hybrid first layer corrects the weight-constraint solution within the span of this many
+# of M's smallest singular directions (see _deflated_hybrid).
+_DEFLATION_SIZE = 128
+_SUBSPACE_ITERATIONS = 1
 
 
 @dataclass
@@ -460,6 +478,19 @@ class _System:
         return x
 
 
+def _norm_2(matrix, iterations=6):
+    """The largest singular value of a small dense matrix, by power iteration."""
+    v = matrix.new_ones(matrix.shape[1], 1)
+    norm = 0.0
+    for _ in range(iterations):
+        v = matrix.T @ (matrix @ v)
+        norm = float(torch.linalg.norm(v))
+        if norm == 0:
+            return 0.0
+        v = v / norm
+    return math.sqrt(norm)
+
+
 def _power_estimates(n, like, apply_gram, solve_gram, iterations=12):
     """Largest and smallest eigenvalue of K^T K by power and inverse iteration."""
     generator = torch.Generator(device=like.device).manual_seed(0)
@@ -478,34 +509,60 @@ def _power_estimates(n, like, apply_gram, solve_gram, iterations=12):
 
 
 class _Factor:
-    """A factorisation of a dense K for least squares that resolves singular values K^T K cannot.
+    """A factorisation of K for least squares that resolves singular values K^T K cannot.
 
-    LU when K is square, QR when it is tall; when K is rank-deficient at the tolerance, a
-    truncated pseudo-inverse (SVD of K, or the eigenvectors of K^T K for large K, whose
-    rank is then counted no finer than the Gram matrix resolves). Reused across images
-    when K depends only on the weights.
+    Sparse LU (SuperLU, CPU) or dense LU when K is square, dense QR when it is tall; when
+    K is rank-deficient at the tolerance, a truncated pseudo-inverse instead (SVD of K, or
+    the eigenvectors of K^T K for large K, whose rank is then counted no finer than the
+    Gram matrix resolves). Reused across images when K depends only on the weights.
+
+    Args:
+        matrix: dense K, or a function building it (called only when needed).
+        apply, apply_t: K @ v and K^T @ v, when cheaper than the dense products.
+        sparse: K as a scipy sparse matrix, for the sparse LU.
     """
 
-    def __init__(self, matrix, rtol):
-        self.matrix, self.kind = matrix, None
-        m, n = matrix.shape
-        if m >= n:
+    def __init__(self, shape, rtol, matrix, apply=None, apply_t=None, sparse=None):
+        self.shape, self._matrix, self.kind = shape, matrix, None
+        self.apply = apply or (lambda v: self.matrix @ v)
+        self.apply_t = apply_t or (lambda v: self.matrix.T @ v)
+        self._subspace = None
+        m, n = shape
+        if m == n and sparse is not None:
+            from scipy.sparse.linalg import splu
+            try:
+                self.splu = splu(sparse.tocsc(), permc_spec="COLAMD")
+                self.kind = "splu"
+            except RuntimeError:  # exactly singular
+                self.kind = None
+        elif m >= n:
             if m == n:
-                self.lu, self.pivots, _ = torch.linalg.lu_factor_ex(matrix)
+                self.lu, self.pivots, _ = torch.linalg.lu_factor_ex(self.matrix)
                 diagonal = self.lu.diagonal()
             else:
-                self.q, self.r = torch.linalg.qr(matrix)
+                self.q, self.r = torch.linalg.qr(self.matrix)
                 diagonal = self.r.diagonal()
             if bool(torch.isfinite(diagonal).all()) and bool((diagonal != 0).all()):
                 self.kind = "lu" if m == n else "qr"
-                estimates = _power_estimates(n, matrix, lambda v: matrix.T @ (matrix @ v), self._solve_gram)
-                cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
-                if cond < 1.0 / rtol:
-                    self.spectrum = _Spectrum(n, cond)
-                else:
-                    self.kind = None
+        if self.kind is not None:
+            like = torch.empty(0, dtype=torch.float64, device=self._device())
+            estimates = _power_estimates(n, like, lambda v: self.apply_t(self.apply(v)), self._solve_gram)
+            cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
+            if cond < 1.0 / rtol:
+                self.spectrum, self.sigma_max = _Spectrum(n, cond), math.sqrt(estimates[0])
+            else:
+                self.kind = None
         if self.kind is None:
             self._pseudo_inverse(rtol)
+
+    @property
+    def matrix(self):
+        if callable(self._matrix):
+            self._matrix = self._matrix()
+        return self._matrix
+
+    def _device(self):
+        return self._matrix.device if isinstance(self._matrix, torch.Tensor) else torch.device("cpu")
 
     def _pseudo_inverse(self, rtol):
         matrix = self.matrix
@@ -519,32 +576,67 @@ class _Factor:
             sigma = eigenvalues.clamp_min(0).sqrt()
             cut = max(rtol, _GRAM_RESOLVES)
         keep = sigma > cut * float(sigma.max().clamp_min(1e-300))
-        self.spectrum = _spectrum(sigma, rtol)
+        self.sigma = sigma
+        self.spectrum, self.sigma_max = _spectrum(sigma, rtol), float(sigma.max())
         self.spectrum.rank = int(keep.sum())
         power = 1 if self.kind == "svd" else 2
         self.inverse = torch.where(keep, sigma.clamp_min(1e-300) ** -power, torch.zeros_like(sigma))
 
+    def _splu_solve(self, y, trans="N"):
+        array = np.ascontiguousarray(y.detach().cpu().numpy())
+        return torch.from_numpy(self.splu.solve(array, trans=trans)).to(y.device)
+
     def _solve_gram(self, y):
+        """(K^T K)^-1 y."""
+        if self.kind == "splu":
+            return self._splu_solve(self._splu_solve(y, "T"))
         if self.kind == "lu":
             return torch.linalg.lu_solve(self.lu, self.pivots, torch.linalg.lu_solve(
                 self.lu, self.pivots, y, adjoint=True))
-        step = torch.linalg.solve_triangular(self.r.T, y, upper=False)
-        return torch.linalg.solve_triangular(self.r, step, upper=True)
+        if self.kind == "qr":
+            step = torch.linalg.solve_triangular(self.r.T, y, upper=False)
+            return torch.linalg.solve_triangular(self.r, step, upper=True)
+        if self.kind == "svd":
+            return self.vh.T @ (self.inverse[:, None] ** 2 * (self.vh @ y))
+        return self.vectors @ (self.inverse[:, None] * (self.vectors.T @ y))
 
-    def _least_squares(self, b):
+    def least_squares(self, b):
+        """The least-squares (minimum-norm when truncated) solution of K x = b."""
+        if self.kind == "splu":
+            return self._splu_solve(b)
         if self.kind == "lu":
             return torch.linalg.lu_solve(self.lu, self.pivots, b)
         if self.kind == "qr":
             return torch.linalg.solve_triangular(self.r, self.q.T @ b, upper=True)
         if self.kind == "svd":
             return self.vh.T @ (self.inverse[:, None] * (self.u.T @ b))
-        return self.vectors @ (self.inverse[:, None] * (self.vectors.T @ (self.matrix.T @ b)))
+        return self.vectors @ (self.inverse[:, None] * (self.vectors.T @ self.apply_t(b)))
 
     def solve(self, system):
-        x = self._least_squares(system.rhs)
-        for _ in range(_REFINE_STEPS - 1):
-            x = x + self._least_squares(system.rhs - system.apply(x))
+        x = self.least_squares(system.rhs)
+        if self.kind in ("svd", "eigh"):  # LU and QR are backward stable already
+            for _ in range(_REFINE_STEPS - 1):
+                x = x + self.least_squares(system.rhs - system.apply(x))
         return x
+
+    def small_subspace(self, k):
+        """An orthonormal basis S (n, k) of K's k smallest right singular directions, with K S and
+        their singular values (ascending), by block inverse iteration through the factorisation."""
+        if self._subspace is None or self._subspace[0].shape[1] < k:
+            if self.kind in ("svd", "eigh"):  # the decomposition holds them already
+                directions = self.vh.T if self.kind == "svd" else self.vectors
+                basis = directions[:, torch.argsort(self.sigma)[:k]]
+            else:
+                generator = torch.Generator().manual_seed(1)
+                basis = torch.randn(self.shape[1], k, dtype=torch.float64, generator=generator).to(self._device())
+                for _ in range(_SUBSPACE_ITERATIONS):
+                    basis, _ = torch.linalg.qr(self._solve_gram(basis))
+            images = self.apply(basis)
+            left, sigma, right = torch.linalg.svd(images, full_matrices=False)
+            order = torch.argsort(sigma)
+            rotation = right.T[:, order]
+            self._subspace = (basis @ rotation, left[:, order] * sigma[order], sigma[order])
+        return self._subspace
 
 
 def _solve_eigh(system, rtol):
@@ -593,7 +685,7 @@ def _solve(system, rtol, factor=None):
         solved = (_solve_eigh if system.shape[1] <= _EIGH_MAX else _solve_cholesky)(system, rtol)
         if solved is not None:
             return solved
-        factor = _Factor(system.matrix, rtol)
+        factor = _Factor(system.shape, rtol, lambda: system.matrix, system.apply, system.apply_t)
     return factor.solve(system), factor.spectrum
 
 
@@ -809,25 +901,74 @@ def _weights_key(step, weight, bias, input_size):
             str(weight.device))
 
 
-@dataclass
-class _WeightRows:
-    """A conv layer's weight-constraint matrix M and what depends only on the weights."""
+class _WeightSystem:
+    """A conv layer's weight constraints M x + b = O, and what depends only on its weights.
 
-    matrix: torch.Tensor
-    row_norms: torch.Tensor  # squared norm of each row
-    gram: torch.Tensor | None = None  # M^T M, built on first use
-    factors: dict = field(default_factory=dict)  # rank tolerance -> _Factor of M
+    M is applied as a convolution and stored by its nonzeros; dense and sparse copies,
+    factorisations and the deflation subspace are built when first needed and then reused.
+    """
+
+    def __init__(self, weight, input_shape, stride, padding):
+        self.weight, self.input_shape, self.stride, self.padding = weight, tuple(input_shape), stride, padding
+        self.rows, self.cols, self.values, self.shape = _weight_entries(weight, input_shape[1:], stride, padding)
+        self.output_shape = (weight.shape[0], *_conv_output_size(input_shape[1:], weight.shape[2:], stride, padding))
+        self.row_norms = torch.zeros(self.shape[0], dtype=weight.dtype, device=weight.device).index_add_(
+            0, self.rows, self.values * self.values)
+        self.factors, self._gram = {}, None
+
+    def apply(self, x):
+        images = x.T.reshape(x.shape[1], *self.input_shape)
+        return F.conv2d(images, self.weight, stride=self.stride, padding=self.padding).reshape(x.shape[1], -1).T
+
+    def apply_t(self, y):
+        outputs = y.T.reshape(y.shape[1], *self.output_shape)
+        inputs = torch.nn.grad.conv2d_input((y.shape[1], *self.input_shape), self.weight, outputs,
+                                            stride=self.stride, padding=self.padding)
+        return inputs.reshape(y.shape[1], -1).T
+
+    def dense(self):
+        matrix = self.weight.new_zeros(self.shape)
+        matrix[self.rows, self.cols] = self.values
+        return matrix
+
+    def sparse(self, known=None):
+        import scipy.sparse
+        matrix = scipy.sparse.csr_matrix((self.values.cpu().numpy(), (self.rows.cpu().numpy(),
+                                          self.cols.cpu().numpy())), shape=self.shape)
+        return matrix if known is None else matrix[known.cpu().numpy()]
+
+    def gram(self, known):
+        """M^T M over the rows in `known`, through sparse products on the CPU."""
+        everything = bool(known.all())
+        if everything and self._gram is not None:
+            return self._gram
+        if self.weight.device.type == "cpu":
+            selected = self.sparse(None if everything else known)
+            gram = torch.from_numpy((selected.T @ selected).toarray())
+        else:
+            selected = self.dense() if everything else self.dense()[known]
+            gram = selected.T @ selected
+        if everything:
+            self._gram = gram
+        return gram
+
+    def factor(self, rtol):
+        """A cached _Factor of M with all rows (M does not depend on the image)."""
+        if rtol not in self.factors:
+            square_on_cpu = self.shape[0] == self.shape[1] and self.weight.device.type == "cpu"
+            self.factors[rtol] = _Factor(self.shape, rtol, self.dense, self.apply, self.apply_t,
+                                         sparse=self.sparse() if square_on_cpu else None)
+        return self.factors[rtol]
 
 
-def _weight_rows(step, weight, input_size, cache):
-    key = _weights_key(step, weight, step.conv.bias, input_size)
+def _weight_system(step, weight, input_shape, cache):
+    key = _weights_key(step, weight, step.conv.bias, input_shape)
     if cache is not None and key in cache:
         return cache[key]
-    matrix = weight_constraints(weight, input_size, step.conv.stride, step.padding)
-    rows = _WeightRows(matrix, (matrix * matrix).sum(1))
+    system = _WeightSystem(weight, input_shape, tuple(step.conv.stride), step.padding)
     if cache is not None:
-        cache[key] = rows
-    return rows
+        cache[key] = system
+    return system
 
 
 def _gradient_system(output_grad, weight_grad, input_size, step):
@@ -836,46 +977,34 @@ def _gradient_system(output_grad, weight_grad, input_size, step):
     return matrix, rhs
 
 
-def _joint_system(grad_part, weight_part, channels, unknowns):
-    """Gradient constraints (per channel) and/or weight constraints (all channels) on x (C*H*W, 1).
+def _hybrid_scales(grad_matrix, weights, known, channels):
+    # Each kind of constraint is scaled to unit Frobenius norm so that neither dominates.
+    grad_norm = math.sqrt(channels) * float(torch.linalg.norm(grad_matrix))
+    weight_norm = float(weights.row_norms[known].sum().sqrt())
+    return 1.0 / max(grad_norm, 1e-300), 1.0 / max(weight_norm, 1e-300)
 
-    When both are used, each kind is scaled to unit Frobenius norm so that neither
-    dominates the least squares.
-    """
-    parts = []  # (scale, apply, apply_t, rhs, gram, matrix) of each kind
+
+def _joint_system(grad_part, weights, known, weight_rhs, channels):
+    """Gradient constraints (per channel, optional) stacked on weight constraints, on x (C*H*W, 1)."""
+    parts = []  # (scale, apply, apply_t, rhs, gram, matrix)
+    grad_scale, weight_scale = _hybrid_scales(grad_part[0], weights, known, channels) if grad_part else (1.0, 1.0)
     if grad_part is not None:
         matrix, b = grad_part
         pixels = matrix.shape[1]
-        scale = 1.0 / (math.sqrt(channels) * float(torch.linalg.norm(matrix).clamp_min(1e-300)))
-        parts.append((scale,
-                      lambda x, m=matrix: (m @ x.view(channels, pixels).T).T.reshape(-1, 1),
-                      lambda y, m=matrix: (m.T @ y.view(channels, -1).T).T.reshape(-1, 1),
+        parts.append((grad_scale,
+                      lambda x: (matrix @ x.view(channels, pixels).T).T.reshape(-1, 1),
+                      lambda y: (matrix.T @ y.view(channels, -1).T).T.reshape(-1, 1),
                       b.T.reshape(-1, 1),
-                      lambda m=matrix: torch.block_diag(*[m.T @ m] * channels),
-                      lambda m=matrix: torch.block_diag(*[m] * channels)))
-    if weight_part is not None:
-        rows, known, b = weight_part
-        matrix = rows.matrix
-        scale = 1.0 / float(rows.row_norms[known].sum().sqrt().clamp_min(1e-300))
-        if bool(known.all()):
-            if rows.gram is None:
-                rows.gram = matrix.T @ matrix
-            parts.append((scale, lambda x: matrix @ x, lambda y: matrix.T @ y, b.reshape(-1, 1),
-                          lambda: rows.gram, lambda: matrix))
-        else:
-            def scatter(y):
-                full = y.new_zeros(matrix.shape[0], y.shape[1])
-                full[known] = y
-                return matrix.T @ full
+                      lambda: torch.block_diag(*[matrix.T @ matrix] * channels),
+                      lambda: torch.block_diag(*[matrix] * channels)))
 
-            def gram():
-                selected = matrix[known]
-                return selected.T @ selected
+    def scatter(y):
+        full = y.new_zeros(weights.shape[0], y.shape[1])
+        full[known] = y
+        return weights.apply_t(full)
 
-            parts.append((scale, lambda x: (matrix @ x)[known], scatter, b.reshape(-1, 1), gram,
-                          lambda: matrix[known]))
-    if len(parts) == 1:
-        parts = [(1.0,) + parts[0][1:]]
+    parts.append((weight_scale, lambda x: weights.apply(x)[known], scatter, weight_rhs.reshape(-1, 1),
+                  lambda: weights.gram(known), lambda: weights.dense()[known]))
     sizes = [len(part[3]) for part in parts]
 
     def apply(x):
@@ -884,9 +1013,40 @@ def _joint_system(grad_part, weight_part, channels, unknowns):
     def apply_t(y):
         return sum(s * f(piece) for (s, _, f, *_), piece in zip(parts, torch.split(y, sizes)))
 
-    return _System((sum(sizes), unknowns), apply, apply_t, torch.cat([s * b for s, _, _, b, *_ in parts]),
+    return _System((sum(sizes), weights.shape[1]), apply, apply_t, torch.cat([s * b for s, _, _, b, *_ in parts]),
                    gram=lambda: sum(s * s * g() for s, _, _, _, g, _ in parts),
                    matrix=lambda: torch.cat([s * m() for s, *_, m in parts]))
+
+
+def _deflated_hybrid(grad_part, weights, weight_rhs, channels, dtype):
+    """The hybrid first layer, fast: weight constraints solved through a factorisation cached per
+    model, then corrected by the least-squares fit of both kinds of constraints within the span of
+    M's smallest singular directions, the only ones where the weights alone are unreliable."""
+    known = torch.ones(weights.shape[0], dtype=torch.bool, device=weights.weight.device)
+    system = _joint_system(grad_part, weights, known, weight_rhs, channels)
+    factor = weights.factor(_rank_rtol(torch.float64, weights.shape))
+    basis, weight_images, ritz = factor.small_subspace(min(weights.shape[1], _DEFLATION_SIZE))
+    grad_scale, weight_scale = _hybrid_scales(grad_part[0], weights, known, channels)
+    matrix = grad_part[0]
+    directions = basis.shape[1]
+    grad_images = (matrix @ basis.view(channels, matrix.shape[1], directions)).reshape(-1, directions)
+    reduced = torch.cat([grad_scale * grad_images, weight_scale * weight_images])
+    x = factor.least_squares(weight_rhs.reshape(-1, 1))
+    eigenvalues, vectors = torch.linalg.eigh(reduced.T @ reduced)
+    sigma = eigenvalues.clamp_min(0).sqrt()
+    # Directions outside the subspace keep at least the weights' k-th smallest singular value.
+    top = math.hypot(weight_scale * factor.sigma_max, grad_scale * math.sqrt(channels) * _norm_2(matrix))
+    top = max(top, float(sigma.max()))
+    floor = min(float(sigma.min()), weight_scale * float(ritz.max())) if directions < weights.shape[1] \
+        else float(sigma.min())
+    rtol = _rank_rtol(dtype, system.shape)
+    keep = sigma > rtol * top
+    inverse = torch.where(keep, 1.0 / eigenvalues.clamp_min(1e-300), torch.zeros_like(eigenvalues))
+    for _ in range(2):
+        coefficients = vectors @ (inverse[:, None] * (vectors.T @ (reduced.T @ (system.rhs - system.apply(x)))))
+        x = x + basis @ coefficients
+    spectrum = _Spectrum(weights.shape[1] - int((~keep).sum()), top / floor if floor > 0 else math.inf)
+    return x, spectrum, system
 
 
 def _fc_features(weight_grad, bias_grad):
@@ -958,20 +1118,18 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         preact, known = _preactivation(step.activation, step.slope, output, threshold, tol["saturation"])
         weight_grad = grad_of(step.conv.weight)
         grad_part = _gradient_system(pre_grad, weight_grad, (height, width), step)
-
-        def weight_part():
-            rows = _weight_rows(step, weight, (height, width), cache)
-            shifted = preact - (bias.view(-1, 1, 1) if bias is not None else 0.0)
-            mask = known.reshape(-1)
-            return rows, mask, shifted.reshape(-1)[mask]
-
+        known_rows = known.reshape(-1)
+        weight_rhs = (preact - (bias.view(-1, 1, 1) if bias is not None else 0.0)).reshape(-1)[known_rows]
+        weights = _weight_system(step, weight, (channels, height, width), cache)
         method = first_layer if step.number == 1 else "gradients"
-        x, spectrum, residual = _solve_layer(method, grad_part, weight_part, channels, tol["dtype"])
+        x, spectrum, residual = _solve_layer(method, grad_part, weights, known_rows, weight_rhs, channels,
+                                             tol["dtype"])
         unknowns = channels * height * width
         if spectrum.rank < unknowns and step.number > 1 and bool(known.any()) and \
                 unknowns <= _JOINT_MAX_UNKNOWNS:
             method = "gradients+weights"
-            x, spectrum, residual = _solve_layer("hybrid", grad_part, weight_part, channels, tol["dtype"])
+            x, spectrum, residual = _solve_layer("hybrid", grad_part, weights, known_rows, weight_rhs, channels,
+                                                 tol["dtype"])
         x = x.reshape(channels, height, width)
         bias_residual = 0.0
         if step.conv.bias is not None:
@@ -995,7 +1153,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
                           features=features.cpu(), inputs=[t.cpu() for t in inputs])
 
 
-def _solve_layer(method, grad_part, weight_part, channels, dtype):
+def _solve_layer(method, grad_part, weights, known, weight_rhs, channels, dtype):
     """Solve one conv layer for its input, returned as (C, H*W), with its spectrum and residual."""
     matrix, rhs = grad_part
     pixels = matrix.shape[1]
@@ -1003,19 +1161,21 @@ def _solve_layer(method, grad_part, weight_part, channels, dtype):
         system = _System(matrix.shape, lambda x: matrix @ x, lambda y: matrix.T @ y, rhs, matrix=matrix)
         x, spectrum = _solve(system, _rank_rtol(dtype, matrix.shape))
         return x.T, _Spectrum(spectrum.rank * channels, spectrum.cond), system.residual(x)
-    if channels * pixels > _JOINT_MAX_UNKNOWNS:
-        raise ValueError(f"first_layer={method!r} couples all {channels * pixels} input values of the first conv "
-                         f"layer in one dense system (at most {_JOINT_MAX_UNKNOWNS}); use first_layer='gradients' "
-                         f"with enough filters (see min_filters) for inputs this large")
-    rows, known, shifted = weight_part()
-    system = _joint_system(grad_part if method == "hybrid" else None, (rows, known, shifted), channels,
-                           channels * pixels)
-    rtol = _rank_rtol(dtype, system.shape)
-    factor = None
-    if method == "weights" and bool(known.all()):
-        # M depends only on the weights: factorise it once per model
-        factor = rows.factors.get(rtol) or rows.factors.setdefault(rtol, _Factor(rows.matrix, rtol))
-    x, spectrum = _solve(system, rtol, factor)
+    if bool(known.all()) and weights.shape[0] >= weights.shape[1]:
+        # M alone could determine the input and does not depend on the image: factorise it once.
+        if method == "hybrid":
+            x, spectrum, system = _deflated_hybrid(grad_part, weights, weight_rhs, channels, dtype)
+        else:
+            system = _joint_system(None, weights, known, weight_rhs, channels)
+            factor = weights.factor(_rank_rtol(dtype, weights.shape))
+            x, spectrum = factor.solve(system), factor.spectrum
+    else:
+        if channels * pixels > _JOINT_MAX_UNKNOWNS:
+            raise ValueError(f"the {method} system couples all {channels * pixels} input values of a conv layer "
+                             f"in one dense solve (at most {_JOINT_MAX_UNKNOWNS} here); use first_layer="
+                             f"'gradients' with enough filters (see min_filters) for inputs this large")
+        system = _joint_system(grad_part if method == "hybrid" else None, weights, known, weight_rhs, channels)
+        x, spectrum = _solve(system, _rank_rtol(dtype, system.shape))
     return x.view(channels, pixels), spectrum, system.residual(x)
 
 
