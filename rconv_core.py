@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import math
 import os
 import time
@@ -396,10 +397,15 @@ def _eps(dtype):
 
 
 def default_relu_tol(dtype):
-    """The ReLU test's threshold, relative to the layer's largest output, for gradients in `dtype`."""
-    # Noise on the recovered output of a dead unit sits near eps of the layer's scale
-    # (1e-7 for float32); 100 eps clears it while keeping tiny true activations.
-    return min(1e-2, max(1e-12, 100 * _eps(dtype)))
+    """The ReLU test's floor, relative to the layer's largest output, for gradients in `dtype`.
+
+    A unit counts as active when its recovered output exceeds both this floor times the
+    layer's largest output and three times the noise seen on that layer: the magnitude of
+    its most negative recovered output, which only rounding can produce behind ReLU.
+    """
+    # Measured on float32 LeNets: dead units sit within 1e-6 of the layer's scale, while true
+    # activations go down to 1e-5 of it; 10 eps lies between.
+    return min(1e-2, max(1e-13, 10 * _eps(dtype)))
 
 
 def _rank_rtol(dtype, shape):
@@ -418,6 +424,8 @@ _REFINE_STEPS = 3
 # Systems that couple all channels (weight constraints) are solved densely; beyond this many
 # unknowns (a 64x64 greyscale image) a rank-deficient one would take minutes to analyse.
 _JOINT_MAX_UNKNOWNS = 4096
+# At most this many near-zero units per filter are re-decided from the bias gradient (2^n tries).
+_REPAIR_MAX_UNITS = 10
 # The hybrid first layer corrects the weight-constraint solution within the span of this many
 # of M's smallest singular directions (see _deflated_hybrid).
 _DEFLATION_SIZE = 128
@@ -830,12 +838,39 @@ def _activation_grad(activation, slope, output, relu_threshold):
     return torch.ones_like(output)
 
 
-def _preactivation(activation, slope, output, relu_threshold, saturation):
+def _repair_branches(derivative, activation, slope, output, output_grad, bias_grad, band, tolerance):
+    """Settle units whose recovered output is too close to zero to tell ReLU's (or LeakyReLU's)
+    branch: per filter, choose the branches that best satisfy dL/db[f] = sum_pq dL/dO[f, p, q].
+
+    The bias gradient is information the paper's method leaves unused; it resolves the few
+    units that rounding noise would otherwise put on the wrong side of zero.
+    """
+    if activation not in ("relu", "leaky_relu") or bias_grad is None or band <= 0:
+        return derivative
+    low = 0.0 if activation == "relu" else slope
+    derivative = derivative.clone()
+    residuals = bias_grad - (output_grad * derivative).sum((1, 2))
+    for f in torch.nonzero(residuals.abs() > tolerance).flatten().tolist():
+        near = torch.nonzero(output[f].abs().flatten() <= band).flatten()
+        if len(near) == 0:
+            continue
+        near = near[torch.argsort(output[f].abs().flatten()[near])[:_REPAIR_MAX_UNITS]]
+        grads, current = output_grad[f].flatten()[near], derivative[f].flatten()[near]
+        choices = torch.tensor(list(itertools.product((low, 1.0), repeat=len(near))), dtype=grads.dtype,
+                               device=grads.device)
+        misfit = (residuals[f] - (choices - current) @ grads).abs()
+        best = int(torch.argmin(misfit))
+        if float(misfit[best]) < abs(float(residuals[f])):
+            derivative[f].view(-1)[near] = choices[best]
+    return derivative
+
+
+def _preactivation(activation, slope, output, derivative, saturation):
     """The pre-activation O where the activation's output reveals it, and a mask of where it does."""
     if activation == "relu":
-        return output, output > relu_threshold
+        return output.clamp_min(0), derivative > 0
     if activation == "leaky_relu":
-        return torch.where(output > 0, output, output / slope), torch.ones_like(output, dtype=torch.bool)
+        return torch.where(derivative == 1, output, output / slope), torch.ones_like(output, dtype=torch.bool)
     if activation == "sigmoid":
         known = (output > saturation) & (output < 1 - saturation)
         clipped = output.clamp(saturation, 1 - saturation)
@@ -876,6 +911,8 @@ class Reconstruction:
     seconds: float = 0.0
     method: str = "rconv"
     features: torch.Tensor | None = None  # the recovered input of the Linear layer
+    linear_misfit: float = 0.0  # |dL/dW - dL/db x^T| / |dL/dW|: zero for one image's gradients
+    notes: list = field(default_factory=list)  # what limits this reconstruction, in words
     inputs: list = field(default_factory=list)  # recovered input of each conv layer, first to last
 
     def report(self):
@@ -1104,18 +1141,35 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         raise ValueError(f"the Linear layer's weight gradient is not rank one (relative misfit {misfit:.2g}); "
                          f"these look like the gradients of a batch of more than one image, and R-CONV "
                          f"recovers a single image (pass check_batch=False to try anyway)")
+    notes = []
+    largest = float(grad_of(linear.bias).abs().max())
+    if largest < torch.finfo(grad_dtype).tiny:
+        notes.append(f"the loss is saturated: the Linear layer's bias gradient is subnormal in {_dtype_name(grad_dtype)} "
+                     f"(largest entry {largest:.2g}), so the gradients keep only a few significant bits")
     output = features.view(sizes[-1])
     output_grad = (linear.weight.detach().to(**wide).T @ grad_of(linear.bias)).view(sizes[-1])
     inputs, reports = [None] * len(network.steps), [None] * len(network.steps)
+    noise_gain = 10.0  # the Linear layer's ratio is well conditioned
     for step in reversed(network.steps):
         layer_start = time.perf_counter()
         channels, height, width = sizes[step.number - 1]
         weight = step.conv.weight.detach().to(**wide)
         bias = step.conv.bias.detach().to(**wide) if step.conv.bias is not None else None
         scale = float(output.abs().max()) if output.numel() else 0.0
-        threshold = tol["relu"] * scale
-        pre_grad = output_grad * _activation_grad(step.activation, step.slope, output, threshold)
-        preact, known = _preactivation(step.activation, step.slope, output, threshold, tol["saturation"])
+        # Behind ReLU every true output is >= 0, so negative recovered outputs measure the noise.
+        threshold = max(tol["relu"] * scale, 3.0 * max(0.0, -float(output.min())) if output.numel() else 0.0)
+        derivative = _activation_grad(step.activation, step.slope, output, threshold)
+        bias_grad = grad_of(step.conv.bias) if step.conv.bias is not None else None
+        # How far the recovered output may stray: the previous solve's condition number times the
+        # gradients' precision, or the noise seen behind ReLU.
+        band = max(threshold, noise_gain * _eps(grad_dtype) * scale)
+        derivative = _repair_branches(derivative, step.activation, step.slope, output, output_grad, bias_grad, band,
+                                      tol["residual"] * float(torch.linalg.norm(bias_grad)) if bias_grad is not None
+                                      else 0.0)
+        pre_grad = output_grad * derivative
+        preact, known = _preactivation(step.activation, step.slope, output, derivative, tol["saturation"])
+        if step.activation == "relu":  # a pre-activation read off a near-zero output may be a dead unit's
+            known &= output > band
         weight_grad = grad_of(step.conv.weight)
         grad_part = _gradient_system(pre_grad, weight_grad, (height, width), step)
         known_rows = known.reshape(-1)
@@ -1131,9 +1185,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
             x, spectrum, residual = _solve_layer("hybrid", grad_part, weights, known_rows, weight_rhs, channels,
                                                  tol["dtype"])
         x = x.reshape(channels, height, width)
+        noise_gain = 10.0 * min(spectrum.cond, 1.0 / _eps(grad_dtype))
         bias_residual = 0.0
-        if step.conv.bias is not None:
-            bias_grad = grad_of(step.conv.bias)
+        if bias_grad is not None:
             bias_residual = float(torch.linalg.norm(pre_grad.sum((1, 2)) - bias_grad) /
                                   torch.linalg.norm(bias_grad).clamp_min(1e-300))
         equations = (grad_part[0].shape[0] * channels if method != "weights" else 0) + \
@@ -1150,7 +1204,8 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
                 for r in reports)
     image = output.detach().cpu()[None]
     return Reconstruction(image=image, layers=reports, exact=exact, seconds=time.perf_counter() - start,
-                          features=features.cpu(), inputs=[t.cpu() for t in inputs])
+                          features=features.cpu(), linear_misfit=misfit, notes=notes,
+                          inputs=[t.cpu() for t in inputs])
 
 
 def _solve_layer(method, grad_part, weights, known, weight_rhs, channels, dtype):
@@ -1188,8 +1243,8 @@ def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **optio
     cache = {} if cache is None else cache
     items = grads_list
     if progress:
-        from tqdm.auto import tqdm
-        items = tqdm(grads_list, desc="R-CONV", unit="image")
+        from tqdm import tqdm
+        items = tqdm(grads_list, desc="R-CONV", unit="image", mininterval=1.0)
     return [reconstruct(model, grads, input_shape, cache=cache, **options) for grads in items]
 
 
@@ -1240,6 +1295,47 @@ def image_metrics(original, reconstructed):
     ssim = float(structural_similarity(a.permute(1, 2, 0).numpy(), np.clip(np.nan_to_num(b.permute(1, 2, 0).numpy()), 0, 1),
                                        channel_axis=2, data_range=1.0)) if min(a.shape[1:]) >= 7 else math.nan
     return dict(mse=mse, psnr=psnr, ssim=ssim, max_abs_err=float(np.abs(difference).max()))
+
+
+def layer_inputs(model, image):
+    """The true input of every conv layer (first to last) and of the Linear layer, for one image (float64)."""
+    model = copy.deepcopy(model).double()
+    network = _parse_network(model)
+    seen = {}
+    hooks = [step.conv.register_forward_hook(lambda module, args, out, n=step.number: seen.__setitem__(n, args[0]))
+             for step in network.steps]
+    hooks.append(network.linear.register_forward_hook(lambda module, args, out: seen.__setitem__("linear", args[0])))
+    try:
+        with torch.no_grad():
+            image = torch.as_tensor(image)
+            model(image.reshape(1, *image.shape[-3:]).double())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [seen[step.number][0] for step in network.steps], seen["linear"][0]
+
+
+def solve_steps(result, model=None, image=None):
+    """R-CONV's steps in solving order (Linear layer, then conv layers last to first) as a DataFrame.
+
+    With the model and the true image, each step also shows the largest error of what it
+    recovered (the layer's input) against the truth.
+    """
+    import pandas as pd
+    truth = layer_inputs(model, image) if model is not None and image is not None else None
+    rows = [dict(step="linear", method="dL/dW / dL/db", equations=None, unknowns=len(result.features), rank=None,
+                 cond=None, residual=result.linear_misfit, bias_residual=None)]
+    if truth is not None:
+        rows[0]["max_abs_err"] = float((result.features.double() - truth[1].reshape(-1)).abs().max())
+    for report in reversed(result.layers):
+        row = dict(step=f"conv {report.layer}", method=report.method, equations=report.equations,
+                   unknowns=report.unknowns, rank=report.rank, cond=report.cond, residual=report.residual,
+                   bias_residual=report.bias_residual)
+        if truth is not None:
+            recovered = result.inputs[report.layer - 1].double()
+            row["max_abs_err"] = float((recovered - truth[0][report.layer - 1].reshape(recovered.shape)).abs().max())
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def constraint_report(model, input_shape):
@@ -1303,8 +1399,8 @@ def attack_images(dataset, model_name, indices, *, dtypes=("float64", "float32")
         cache, results = {}, []
         iterator = list(zip(_indices(indices), images, labels))
         if progress:
-            from tqdm.auto import tqdm
-            iterator = tqdm(iterator, desc=f"{info['name']} {model_name} {name}", unit="image")
+            from tqdm import tqdm
+            iterator = tqdm(iterator, desc=f"{info['name']} {model_name} {name}", unit="image", mininterval=1.0)
         for index, image, label in iterator:
             grads = client_gradients(model, image, label, dtype=as_dtype(dtype))
             result = reconstruct(model, grads, image.shape, first_layer=first_layer, relu_tol=relu_tol, cache=cache)
@@ -1313,7 +1409,7 @@ def attack_images(dataset, model_name, indices, *, dtypes=("float64", "float32")
                              dtype=name, first_layer=first_layer, index=index, label=int(label),
                              **image_metrics(image, result.image), exact=result.exact,
                              rank_deficient=not all(r.full_rank for r in result.layers),
-                             seconds=result.seconds))
+                             seconds=result.seconds, notes="; ".join(result.notes)))
         reconstructions[name] = results
     return pd.DataFrame(rows), reconstructions
 
@@ -1335,9 +1431,7 @@ def summarize(table, by=("dataset", "model", "dtype", "first_layer")):
 # -----------------------------------------------------------------------------
 
 def _pyplot():
-    import matplotlib
-    if matplotlib.get_backend().lower() in ("", "agg") or not os.environ.get("DISPLAY"):
-        matplotlib.use("Agg", force=False)
+    # Imported late: matplotlib picks Agg by itself without a display, and inline in notebooks.
     import matplotlib.pyplot as plt
     return plt
 
@@ -1470,6 +1564,8 @@ def main(argv=None):
           f"({'-'.join(model.config['activations'])}), {args.dtype} gradients, first layer {args.first_layer}")
     print(f"MSE {metrics['mse']:.3e}  PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.6f}  "
           f"max |error| {metrics['max_abs_err']:.3e}  exact: {result.exact}  time {result.seconds:.2f} s")
+    for note in result.notes:
+        print(f"note: {note}")
     plot_reconstruction(images[0], result.image, path=args.out,
                         title=f"R-CONV on {info['name']} #{args.index} ({args.model}, {args.dtype})")
     print(f"saved {args.out}")

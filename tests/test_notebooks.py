@@ -1,0 +1,98 @@
+"""The notebooks: one literal parameters cell, no algorithm code, and a quick headless run of all of them."""
+import ast
+import json
+import subprocess
+import sys
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+
+import run_all
+from conftest import REPO
+
+NOTEBOOK_PATHS = sorted(p for folder in ("Various_settings", "Testing", "Experiments")
+                        for p in (REPO / folder).glob("*.ipynb"))
+COLUMNS = {"dataset", "model", "activations", "dtype", "first_layer", "index", "label", "mse", "psnr", "ssim",
+           "max_abs_err", "exact", "seconds"}
+
+
+def test_every_notebook_is_run_by_run_all():
+    listed = {REPO / path for path, _, _ in run_all.NOTEBOOKS.values()}
+    assert listed == set(NOTEBOOK_PATHS)
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.stem)
+def test_notebook_structure(path):
+    notebook = nbformat.read(path, as_version=4)
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged parameters"
+    for statement in ast.parse(tagged[0].source).body:  # literals only: papermill overrides literals
+        assert isinstance(statement, ast.Assign), ast.dump(statement)
+        ast.literal_eval(statement.value)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert "find_spec(\"rconv_core\")" in code[0].source, "the first code cell is the Colab install cell"
+    for cell in code:
+        tree = ast.parse(cell.source)
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))], \
+            "notebooks call rconv_core; functions and classes belong there"
+    inspected = papermill.inspect_notebook(str(path))
+    _, _, table_parameters = next(v for v in run_all.NOTEBOOKS.values() if REPO / v[0] == path)
+    assert set(table_parameters) | {"results_dir", "data_root"} <= set(inspected)
+
+
+def test_stored_notebooks_hold_outputs_from_run_all():
+    for path in NOTEBOOK_PATHS:
+        notebook = nbformat.read(path, as_version=4)
+        code = [c for c in notebook.cells if c.cell_type == "code"]
+        assert any(c.outputs for c in code), f"{path.name} is stored without outputs; run `make run`"
+        assert all(c.execution_count is None for c in code), f"{path.name} was not cleaned by run_all"
+        assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, packs):
+    results = tmp_path_factory.mktemp("quick")
+    done = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--quick", "--results-dir", str(results),
+                           "--data-root", str(packs), "--jobs", "2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    return results, done
+
+
+def test_quick_run_executes_every_notebook(quick_run):
+    results, done = quick_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, (path, subfolder, parameters) in run_all.NOTEBOOKS.items():
+        executed = nbformat.read(results / "notebooks" / path, as_version=4)
+        code = [c for c in executed.cells if c.cell_type == "code"]
+        assert all(c.execution_count is None for c in code)
+        assert not any(o.get("output_type") == "error" for c in code for o in c.outputs), name
+        images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+        assert images, f"{name} shows no figure"
+        table = pd.read_csv(results / subfolder / "metrics.csv")
+        assert COLUMNS <= set(table.columns), name
+        assert len(table) == run_all.QUICK["n_images"] * 2, name
+        assert (results / subfolder / "psnr.png").exists()
+    summary = pd.read_csv(results / "summary.csv")
+    assert set(summary.notebook) == set(run_all.NOTEBOOKS)
+    assert "| notebook |" in (results / "README.md").read_text()
+    stored = nbformat.read(REPO / run_all.NOTEBOOKS["LeNet"][0], as_version=4)
+    assert "quick" not in json.dumps(stored.metadata), "--results-dir must leave stored notebooks alone"
+
+
+def test_run_all_reports_the_failing_notebook_and_cell(tmp_path, monkeypatch, capsys, packs):
+    path, subfolder, parameters = run_all.NOTEBOOKS["Test_on_CIFAR10"]
+    monkeypatch.setitem(run_all.NOTEBOOKS, "Test_on_CIFAR10", (path, subfolder, dict(parameters, model="resnet")))
+    status = run_all.main(["--only", "Test_on_CIFAR10", "--quick", "--results-dir", str(tmp_path),
+                           "--data-root", str(packs)])
+    assert status == 1
+    assert "FAILED: Test_on_CIFAR10 at cell" in capsys.readouterr().err
+    assert not (tmp_path / "notebooks" / path).exists()
+
+
+def test_run_all_list_and_unknown_names(capsys):
+    assert run_all.main(["--list"]) == 0
+    assert "Test_on_CIFAR100" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "Nope"])
