@@ -1,0 +1,20 @@
+"""The benchmark runs and writes its table (its timings are read in results/benchmark.csv, not asserted)."""
+import subprocess
+import sys
+
+import pandas as pd
+
+from conftest import REPO
+
+
+def test_benchmark_writes_its_table(tmp_path, packs):
+    out = tmp_path / "bench.csv"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--only", "Testing CIFAR10",
+                           "--images", "2", "--repeats", "1", "--device", "cpu", "--data-root", str(packs),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(out)
+    assert list(table.dtype) == ["float64", "float32"] and list(table.first_layer) == ["weights", "hybrid"]
+    assert {"total_seconds", "ms_per_image", "cold_start_seconds", "peak_mb", "device"} <= set(table.columns)
+    assert (table.exact == 2).all() and (table.total_seconds > 0).all()
+    assert "machine:" in done.stdout
