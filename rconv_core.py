@@ -301,6 +301,51 @@ def client_gradients(model, image, label, dtype=torch.float32):
     return [g.detach() for g in torch.autograd.grad(loss, list(client.parameters()))]
 
 
+DEFENCES = ("none", "gaussian", "topk", "quantize")
+
+
+def defend(grads, defence, strength, seed=0):
+    """The gradients a client shares under a common defence, per tensor.
+
+    Args:
+        defence: "none"; "gaussian": add noise whose norm is about `strength` times the tensor's
+            (standard deviation strength * |g| / sqrt(g.numel()), as differential-privacy training
+            adds); "topk": keep the `strength` fraction (0 < strength <= 1) of entries largest in
+            magnitude, zero the rest; "quantize": round to `strength` bits, uniform levels
+            symmetric around zero up to the tensor's largest magnitude.
+        seed: seed of the Gaussian noise.
+    """
+    if defence not in DEFENCES:
+        raise ValueError(f"unknown defence {defence!r}; choose one of {', '.join(DEFENCES)}")
+    if defence == "none":
+        return list(grads)
+    if defence == "gaussian" and strength < 0:
+        raise ValueError(f"gaussian noise needs strength >= 0; got {strength}")
+    if defence == "topk" and not 0 < strength <= 1:
+        raise ValueError(f"topk keeps a fraction 0 < strength <= 1 of the entries; got {strength}")
+    if defence == "quantize" and (strength < 1 or int(strength) != strength):
+        raise ValueError(f"quantize needs a whole number of bits >= 1; got {strength}")
+    generator = torch.Generator().manual_seed(seed)
+    defended = []
+    for grad in grads:
+        flat = grad.detach().reshape(-1)
+        if defence == "gaussian":
+            sigma = strength * float(torch.linalg.norm(flat.double())) / math.sqrt(flat.numel())
+            noise = torch.randn(flat.shape, generator=generator, dtype=torch.float64) * sigma
+            out = (flat.double() + noise.to(flat.device)).to(flat.dtype)
+        elif defence == "topk":
+            keep = max(1, round(strength * flat.numel()))
+            out = torch.zeros_like(flat)
+            largest = torch.topk(flat.abs(), keep).indices
+            out[largest] = flat[largest]
+        else:
+            levels = 2 ** (int(strength) - 1) - 1 if strength > 1 else 1
+            top = float(flat.abs().max())
+            out = flat if top == 0 else (torch.round(flat.double() / top * levels) * top / levels).to(flat.dtype)
+        defended.append(out.reshape(grad.shape))
+    return defended
+
+
 # -----------------------------------------------------------------------------
 # Constraints and solvers
 # -----------------------------------------------------------------------------
@@ -1102,8 +1147,35 @@ def _batch_tolerance(dtype):
     return min(0.05, 1e3 * _eps(dtype))
 
 
-def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=None, device=None,
-                check_batch=True, cache=None):
+# The values an activation's output can take, for project=True.
+_VALUE_RANGES = {"relu": (0.0, None), "sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
+
+
+def _branches(step, output, output_grad, bias_grad, tol, noise_gain, relu_test, negative):
+    """The activation's derivative at every unit of a layer, and the band around zero where rounding
+    noise could flip a ReLU or LeakyReLU branch. `negative` is the most negative recovered output
+    (before any projection), which behind ReLU only noise produces."""
+    if relu_test == "absolute":  # the published code: outputs rounded to 7 decimals, no repair
+        rounded = torch.round(output * 1e7) / 1e7
+        if step.activation == "relu":
+            return (rounded > 0).to(output.dtype), 0.0
+        if step.activation == "leaky_relu":
+            return torch.where(rounded < 0, torch.full_like(output, step.slope), torch.ones_like(output)), 0.0
+        return _activation_grad(step.activation, step.slope, output, 0.0), 0.0
+    scale = float(output.abs().max()) if output.numel() else 0.0
+    threshold = max(tol["relu"] * scale, 3.0 * negative)
+    derivative = _activation_grad(step.activation, step.slope, output, threshold)
+    # How far a recovered output may stray: the previous solve's condition number times the
+    # gradients' precision, or the noise seen behind ReLU.
+    band = max(threshold, noise_gain * _eps(tol["dtype"]) * scale)
+    tolerance = tol["residual"] * float(torch.linalg.norm(bias_grad)) if bias_grad is not None else 0.0
+    derivative = _repair_branches(derivative, step.activation, step.slope, output, output_grad, bias_grad, band,
+                                  tolerance)
+    return derivative, band
+
+
+def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=None, relu_test="relative",
+                project=False, image_range=(0.0, 1.0), device=None, check_batch=True, cache=None):
     """Recover the training image behind one client's gradients with R-CONV.
 
     Args:
@@ -1114,6 +1186,12 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
             "gradients" (gradient constraints only) or "hybrid" (both, each scaled to unit norm).
         relu_tol: ReLU outputs at or below relu_tol * (the layer's largest output) count as inactive;
             None picks default_relu_tol for the gradients' dtype.
+        relu_test: "relative" (relu_tol, the layer's noise floor, and the bias gradient to settle
+            near-zero units) or "absolute" (the published code: outputs rounded to 7 decimals).
+        project: clip every recovered layer input to the values it can take (the image to
+            image_range, ReLU outputs to >= 0, Sigmoid to [0, 1], Tanh to [-1, 1]). The truth
+            lies in that box, so clipping never moves an estimate away from it: a regularisation
+            for noisy or defended gradients. Off by default, so exactness is judged unaided.
         device: where to solve ("cpu", "cuda"); None means the gradients' device.
         check_batch: refuse gradients whose Linear layer is not rank one (a batch of several images).
         cache: a dict shared between calls on the same model, holding what depends only on the weights.
@@ -1122,6 +1200,8 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
     start = time.perf_counter()
     if first_layer not in FIRST_LAYER_METHODS:
         raise ValueError(f"first_layer must be one of {', '.join(FIRST_LAYER_METHODS)}; got {first_layer!r}")
+    if relu_test not in ("relative", "absolute"):
+        raise ValueError(f"relu_test must be 'relative' or 'absolute'; got {relu_test!r}")
     network = _parse_network(model)
     by_id = _check_gradients(model, network, grads)
     sizes = _check_input_shape(network, input_shape)
@@ -1150,26 +1230,18 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
     output_grad = (linear.weight.detach().to(**wide).T @ grad_of(linear.bias)).view(sizes[-1])
     inputs, reports = [None] * len(network.steps), [None] * len(network.steps)
     noise_gain = 10.0  # the Linear layer's ratio is well conditioned
+    negative = max(0.0, -float(output.min()))
     for step in reversed(network.steps):
         layer_start = time.perf_counter()
         channels, height, width = sizes[step.number - 1]
         weight = step.conv.weight.detach().to(**wide)
         bias = step.conv.bias.detach().to(**wide) if step.conv.bias is not None else None
-        scale = float(output.abs().max()) if output.numel() else 0.0
-        # Behind ReLU every true output is >= 0, so negative recovered outputs measure the noise.
-        threshold = max(tol["relu"] * scale, 3.0 * max(0.0, -float(output.min())) if output.numel() else 0.0)
-        derivative = _activation_grad(step.activation, step.slope, output, threshold)
         bias_grad = grad_of(step.conv.bias) if step.conv.bias is not None else None
-        # How far the recovered output may stray: the previous solve's condition number times the
-        # gradients' precision, or the noise seen behind ReLU.
-        band = max(threshold, noise_gain * _eps(grad_dtype) * scale)
-        derivative = _repair_branches(derivative, step.activation, step.slope, output, output_grad, bias_grad, band,
-                                      tol["residual"] * float(torch.linalg.norm(bias_grad)) if bias_grad is not None
-                                      else 0.0)
+        derivative, band = _branches(step, output, output_grad, bias_grad, tol, noise_gain, relu_test, negative)
         pre_grad = output_grad * derivative
         preact, known = _preactivation(step.activation, step.slope, output, derivative, tol["saturation"])
-        if step.activation == "relu":  # a pre-activation read off a near-zero output may be a dead unit's
-            known &= output > band
+        if step.activation == "relu" and relu_test == "relative":
+            known &= output > band  # a pre-activation read off a near-zero output may be a dead unit's
         weight_grad = grad_of(step.conv.weight)
         grad_part = _gradient_system(pre_grad, weight_grad, (height, width), step)
         known_rows = known.reshape(-1)
@@ -1179,12 +1251,19 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         x, spectrum, residual = _solve_layer(method, grad_part, weights, known_rows, weight_rhs, channels,
                                              tol["dtype"])
         unknowns = channels * height * width
-        if spectrum.rank < unknowns and step.number > 1 and bool(known.any()) and \
-                unknowns <= _JOINT_MAX_UNKNOWNS:
+        # Fall back on weight constraints when the gradient constraints are deficient.
+        if spectrum.rank < unknowns and step.number > 1 and \
+                bool(known.any()) and unknowns <= _JOINT_MAX_UNKNOWNS:
             method = "gradients+weights"
             x, spectrum, residual = _solve_layer("hybrid", grad_part, weights, known_rows, weight_rhs, channels,
                                                  tol["dtype"])
         x = x.reshape(channels, height, width)
+        negative = max(0.0, -float(x.min())) if x.numel() else 0.0
+        if project:
+            previous = network.steps[step.number - 2].activation if step.number > 1 else None
+            low, high = _VALUE_RANGES.get(previous, (None, None)) if previous else image_range
+            if low is not None or high is not None:
+                x = x.clamp(low, high)
         noise_gain = 10.0 * min(spectrum.cond, 1.0 / _eps(grad_dtype))
         bias_residual = 0.0
         if bias_grad is not None:
