@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 RCONV_DATA ?= $(if $(wildcard ../shared/datasets),../shared/datasets,)
 export RCONV_DATA
 
-.PHONY: test run bench clean-venv
+.PHONY: test run bench baselines clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,17 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# The optional baselines package (breaching), for Experiments/Baselines.ipynb and its tests.
+$(VENV)/.baselines: $(VENV)/.installed requirements-baselines.txt
+	$(PY) -m pip install --quiet -r requirements-baselines.txt
+	touch $@
+
+baselines: $(VENV)/.baselines
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-run: $(VENV)/.installed
+run: $(VENV)/.baselines
 	$(PY) run_all.py
 
 bench: $(VENV)/.installed

@@ -28,6 +28,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The public API; everything else is a building block that may change.
+__all__ = [
+    "ConvNet", "MODELS", "build_model", "ACTIVATIONS",  # models
+    "load_images", "dataset_info",  # data
+    "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
+    "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
+    "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport", "FIRST_LAYER_METHODS",  # the attack
+    "BASELINES", "run_baseline", "compare_baselines",  # optimisation baselines
+    "image_metrics", "constraint_report", "solve_steps", "layer_inputs", "output_gradients",  # metrics, reports
+    "attack_grid", "attack_images", "filter_sweep", "summarize", "success_rates", "breaking_points",
+    "filter_summary", "BROKEN_PSNR",  # experiment loops
+    "plot_reconstruction", "plot_grid", "plot_methods", "plot_psnr", "plot_precision", "plot_defences",
+    "plot_filters", "plot_success",  # plotting
+    "main",  # command line
+]
+
 REPO_ROOT = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
@@ -37,21 +53,20 @@ REPO_ROOT = Path(__file__).resolve().parent
 LEAKY_SLOPE = 0.2  # the paper's LeakyReLU slope
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")
 
-_L, _R = "leaky_relu", "relu"
+_LEAKY, _RELU = "leaky_relu", "relu"
 MODELS = {
-    # The paper's settings: 5x5 kernels, padding 2, weights and biases U(-0.5, 0.5).
-    "lenet": dict(channels=(12, 16, 12, 12), strides=(2, 2, 1, 1), activations=(_L, _L, _R, _R)),
-    "lenet_c10": dict(channels=(12, 16, 12, 3), strides=(2, 2, 1, 1), activations=(_L, _L, _R, _R)),
-    "lenet_o": dict(channels=(12, 16, 3, 3), strides=(2, 2, 1, 1), activations=(_L, _L, _R, _R)),
+    # The paper's settings; ConvNet's defaults give its 5x5 kernels with padding 2, and
+    # build_model its initialisation U(-0.5, 0.5) of weights and biases.
+    "lenet": dict(channels=(12, 16, 12, 12), strides=(2, 2, 1, 1), activations=(_LEAKY, _LEAKY, _RELU, _RELU)),
+    "lenet_c10": dict(channels=(12, 16, 12, 3), strides=(2, 2, 1, 1), activations=(_LEAKY, _LEAKY, _RELU, _RELU)),
+    "lenet_o": dict(channels=(12, 16, 3, 3), strides=(2, 2, 1, 1), activations=(_LEAKY, _LEAKY, _RELU, _RELU)),
     "o_cnn6": dict(channels=(12, 16, 3, 3, 3, 3), strides=(2, 2, 1, 1, 1, 1),
-                   activations=(_L, _L, _R, _R, _R, _R)),
-    "lenet_4_relu": dict(channels=(12, 22, 3, 3), strides=(2, 2, 1, 1), activations=(_L, _R, _R, _R)),
-    "lenet_all_relu": dict(channels=(77, 22, 3, 3), strides=(2, 2, 1, 1), activations=(_R, _R, _R, _R)),
+                   activations=(_LEAKY, _LEAKY, _RELU, _RELU, _RELU, _RELU)),
+    "lenet_4_relu": dict(channels=(12, 22, 3, 3), strides=(2, 2, 1, 1), activations=(_LEAKY, _RELU, _RELU, _RELU)),
+    "lenet_all_relu": dict(channels=(77, 22, 3, 3), strides=(2, 2, 1, 1), activations=(_RELU,) * 4),
     # DLG's network (Zhu et al. 2019): three 5x5 conv layers of 12 filters with sigmoid.
     "dlg_net": dict(channels=(12, 12, 12), strides=(2, 2, 1), activations=("sigmoid",) * 3),
 }
-for _preset in MODELS.values():
-    _preset.update(kernel_size=5, padding=2)
 
 
 def activation_name(name):
@@ -86,7 +101,7 @@ class ConvNet(nn.Sequential):
     Args:
         channels: filters of each conv layer; strides and activations give one entry per layer.
         activations: names from ACTIVATIONS (case and underscores are ignored).
-        padding: per-layer zero padding; None means kernel_size // 2.
+        padding: zero padding of every conv layer; None means kernel_size // 2.
         input_size: side of the square input image, used to size the Linear layer.
     """
 
@@ -124,8 +139,12 @@ def _preset(name):
 def build_model(name, in_channels=3, num_classes=10, seed=50, **overrides):
     """A preset from MODELS with the paper's initialisation U(-0.5, 0.5), deterministic for a seed.
 
-    Any ConvNet argument can be overridden, e.g. activations=("leaky_relu",) * 4.
+    Any ConvNet argument but dtype can be overridden, e.g. activations=("leaky_relu",) * 4. The
+    model comes back in float32, the precision a server sends to its clients.
     """
+    if "dtype" in overrides:
+        raise ValueError("build_model always returns float32 weights; convert the model afterwards "
+                         "(model.double()) or pass dtype to client_gradients")
     settings = {**MODELS[_preset(name)], **overrides}
     # The published code seeds PyTorch, builds the network in float64 (PyTorch's default
     # initialisation draws first), then redraws every weight and bias from U(-0.5, 0.5).
@@ -181,6 +200,8 @@ def dataset_info(dataset):
 
 def _indices(indices):
     values = [int(indices)] if np.ndim(indices) == 0 else [int(i) for i in indices]
+    if not values:
+        raise ValueError("no image indices given")
     if any(i < 0 for i in values):
         raise ValueError(f"image indices must be non-negative; got {values}")
     return values
@@ -295,6 +316,7 @@ def client_gradients(model, image, label, dtype=torch.float32):
     label = torch.as_tensor(label, dtype=torch.int64).reshape(-1)
     if label.numel() != 1:
         raise ValueError(f"client_gradients takes one label; got {label.numel()}")
+    dtype = as_dtype(dtype)
     client = copy.deepcopy(model).to(dtype)
     client.zero_grad(set_to_none=True)
     loss = F.cross_entropy(client(image.to(dtype)), label.to(image.device))
@@ -311,20 +333,24 @@ def defend(grads, defence, strength, seed=0):
         defence: "none"; "gaussian": add noise whose norm is about `strength` times the tensor's
             (standard deviation strength * |g| / sqrt(g.numel()), as differential-privacy training
             adds); "topk": keep the `strength` fraction (0 < strength <= 1) of entries largest in
-            magnitude, zero the rest; "quantize": round to `strength` bits, uniform levels
+            magnitude, zero the rest; "quantize": round to `strength` bits (>= 2), uniform levels
             symmetric around zero up to the tensor's largest magnitude.
+    grads: a list of tensors, or a dict name -> tensor (then a dict comes back).
         seed: seed of the Gaussian noise.
     """
     if defence not in DEFENCES:
         raise ValueError(f"unknown defence {defence!r}; choose one of {', '.join(DEFENCES)}")
+    if isinstance(grads, dict):
+        return dict(zip(grads, defend(list(grads.values()), defence, strength, seed=seed)))
     if defence == "none":
         return list(grads)
     if defence == "gaussian" and strength < 0:
         raise ValueError(f"gaussian noise needs strength >= 0; got {strength}")
     if defence == "topk" and not 0 < strength <= 1:
         raise ValueError(f"topk keeps a fraction 0 < strength <= 1 of the entries; got {strength}")
-    if defence == "quantize" and (strength < 1 or int(strength) != strength):
-        raise ValueError(f"quantize needs a whole number of bits >= 1; got {strength}")
+    if defence == "quantize" and (strength < 2 or int(strength) != strength):
+        raise ValueError(f"quantize needs a whole number of bits >= 2 (a sign and at least one magnitude "
+                         f"level); got {strength}")
     generator = torch.Generator().manual_seed(seed)
     defended = []
     for grad in grads:
@@ -339,7 +365,7 @@ def defend(grads, defence, strength, seed=0):
             largest = torch.topk(flat.abs(), keep).indices
             out[largest] = flat[largest]
         else:
-            levels = 2 ** (int(strength) - 1) - 1 if strength > 1 else 1
+            levels = 2 ** (int(strength) - 1) - 1
             top = float(flat.abs().max())
             out = flat if top == 0 else (torch.round(flat.double() / top * levels) * top / levels).to(flat.dtype)
         defended.append(out.reshape(grad.shape))
@@ -361,8 +387,14 @@ def grad_constraints(output_grad, input_size, kernel_size, stride=1, padding=0):
         input_size: (H, W) of the layer's input.
     Returns a (F*kh*kw, H*W) tensor; rows are ordered (f, i, j) like weight_grad[:, c].
     """
+    if output_grad.dim() != 3:
+        raise ValueError(f"output_grad must have shape (F, P, Q); got {tuple(output_grad.shape)}")
     filters, out_h, out_w = output_grad.shape
     (h, w), (kh, kw), (sh, sw), (ph, pw) = _pair(input_size), _pair(kernel_size), _pair(stride), _pair(padding)
+    expected = _conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw))
+    if (out_h, out_w) != tuple(expected):
+        raise ValueError(f"output_grad is {out_h}x{out_w}, but a {kh}x{kw} kernel with stride {(sh, sw)} and "
+                         f"padding {(ph, pw)} on a {h}x{w} input gives {expected[0]}x{expected[1]}")
     padded = output_grad.new_zeros(filters, kh, kw, h + 2 * ph + kh, w + 2 * pw + kw)
     for i in range(kh):
         for j in range(kw):
@@ -401,6 +433,11 @@ def weight_constraints(weight, input_size, stride=1, padding=0):
     O is the layer's pre-activation output (F, P, Q); x its input (C, H, W).
     Returns a dense (F*P*Q, C*H*W) tensor.
     """
+    if weight.dim() != 4:
+        raise ValueError(f"weight must have shape (F, C, kh, kw); got {tuple(weight.shape)}")
+    if min(_conv_output_size(_pair(input_size), weight.shape[2:], _pair(stride), _pair(padding))) < 1:
+        raise ValueError(f"a {tuple(weight.shape[2:])} kernel does not fit a {tuple(_pair(input_size))} input "
+                         f"with padding {padding}")
     rows, cols, values, shape = _weight_entries(weight, input_size, stride, padding)
     matrix = weight.new_zeros(shape)
     matrix[rows, cols] = values
@@ -561,6 +598,27 @@ def _power_estimates(n, like, apply_gram, solve_gram, iterations=12):
     return largest, 1.0 / inverse_largest
 
 
+def _count_below(symmetric, threshold):
+    """How many eigenvalues of a symmetric matrix lie below `threshold` (Sylvester's law of inertia)."""
+    n = symmetric.shape[0]
+    shifted = symmetric - threshold * torch.eye(n, dtype=symmetric.dtype, device=symmetric.device)
+    factor, pivots, _ = torch.linalg.ldl_factor_ex(shifted)
+    diagonal = factor.diagonal().cpu().numpy()
+    below_diagonal = factor.diagonal(-1).cpu().numpy()
+    pivots = pivots.cpu().numpy()
+    count, i = 0, 0
+    while i < n:
+        if pivots[i] < 0 and i + 1 < n:  # a 2x2 block of D
+            a, b, c = diagonal[i], below_diagonal[i], diagonal[i + 1]
+            determinant = a * c - b * b
+            count += 1 if determinant < 0 else (2 if a < 0 else 0)
+            i += 2
+        else:
+            count += int(diagonal[i] < 0)
+            i += 1
+    return count
+
+
 class _Factor:
     """A factorisation of K for least squares that resolves singular values K^T K cannot.
 
@@ -575,13 +633,15 @@ class _Factor:
         sparse: K as a scipy sparse matrix, for the sparse LU.
     """
 
-    def __init__(self, shape, rtol, matrix, apply=None, apply_t=None, sparse=None):
+    def __init__(self, shape, rtol, matrix, apply=None, apply_t=None, sparse=None, deficient=False):
         self.shape, self._matrix, self.kind = shape, matrix, None
         self.apply = apply or (lambda v: self.matrix @ v)
         self.apply_t = apply_t or (lambda v: self.matrix.T @ v)
         self._subspace = None
         m, n = shape
-        if m == n and sparse is not None:
+        if deficient:  # already known to be rank-deficient at the tolerance
+            pass
+        elif m == n and sparse is not None:
             from scipy.sparse.linalg import splu
             try:
                 self.splu = splu(sparse.tocsc(), permc_spec="COLAMD")
@@ -619,21 +679,38 @@ class _Factor:
 
     def _pseudo_inverse(self, rtol):
         matrix = self.matrix
-        if matrix.shape[1] <= _EIGH_MAX:
-            self.kind = "svd"
-            self.u, sigma, self.vh = torch.linalg.svd(matrix, full_matrices=False)
-            cut = rtol
-        else:
-            self.kind = "eigh"
-            eigenvalues, self.vectors = torch.linalg.eigh(matrix.T @ matrix)
-            sigma = eigenvalues.clamp_min(0).sqrt()
-            cut = max(rtol, _GRAM_RESOLVES)
-        keep = sigma > cut * float(sigma.max().clamp_min(1e-300))
+        if matrix.shape[1] > _EIGH_MAX:
+            return self._ridge(matrix.T @ matrix, max(rtol, _GRAM_RESOLVES))
+        self.kind = "svd"
+        self.u, sigma, self.vh = torch.linalg.svd(matrix, full_matrices=False)
+        keep = sigma > rtol * float(sigma.max().clamp_min(1e-300))
         self.sigma = sigma
         self.spectrum, self.sigma_max = _spectrum(sigma, rtol), float(sigma.max())
         self.spectrum.rank = int(keep.sum())
-        power = 1 if self.kind == "svd" else 2
-        self.inverse = torch.where(keep, sigma.clamp_min(1e-300) ** -power, torch.zeros_like(sigma))
+        self.inverse = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
+
+    def _ridge(self, gram, cut):
+        """Large and rank-deficient: iterated Tikhonov at the cut, with the rank counted exactly by
+        Sylvester's law of inertia (an LDL^T factorisation), in a fraction of an eigendecomposition."""
+        n = gram.shape[0]
+        identity = torch.eye(n, dtype=gram.dtype, device=gram.device)
+        estimates = _power_estimates(n, gram, lambda v: gram @ v, lambda v: v)
+        largest = estimates[0] if estimates else 0.0
+        if not largest > 0:  # nothing to solve with: a zero (or non-finite) matrix
+            self.kind, self.sigma_max, self.spectrum = "ridge", 0.0, _Spectrum(0, math.inf)
+            self.ridge = identity
+            return
+        shift = cut * cut * largest
+        self.kind, self.sigma_max = "ridge", math.sqrt(largest)
+        self.ridge = torch.linalg.cholesky(gram + shift * identity)
+        below = _count_below(gram, shift)
+        cond = math.inf
+        unshifted, info = torch.linalg.cholesky_ex(gram)
+        if int(info) == 0:  # merely ill-conditioned: its smallest eigenvalue is still within reach
+            smallest = _power_estimates(n, gram, lambda v: gram @ v, lambda v: torch.linalg.solve_triangular(
+                unshifted.T, torch.linalg.solve_triangular(unshifted, v, upper=False), upper=True))[1]
+            cond = math.sqrt(largest / smallest) if smallest > 0 else math.inf
+        self.spectrum = _Spectrum(n - below, cond)
 
     def _splu_solve(self, y, trans="N"):
         array = np.ascontiguousarray(y.detach().cpu().numpy())
@@ -651,7 +728,8 @@ class _Factor:
             return torch.linalg.solve_triangular(self.r, step, upper=True)
         if self.kind == "svd":
             return self.vh.T @ (self.inverse[:, None] ** 2 * (self.vh @ y))
-        return self.vectors @ (self.inverse[:, None] * (self.vectors.T @ y))
+        return torch.linalg.solve_triangular(self.ridge.T, torch.linalg.solve_triangular(self.ridge, y, upper=False),
+                                             upper=True)
 
     def least_squares(self, b):
         """The least-squares (minimum-norm when truncated) solution of K x = b."""
@@ -663,11 +741,11 @@ class _Factor:
             return torch.linalg.solve_triangular(self.r, self.q.T @ b, upper=True)
         if self.kind == "svd":
             return self.vh.T @ (self.inverse[:, None] * (self.u.T @ b))
-        return self.vectors @ (self.inverse[:, None] * (self.vectors.T @ self.apply_t(b)))
+        return self._solve_gram(self.apply_t(b))
 
     def solve(self, system):
         x = self.least_squares(system.rhs)
-        if self.kind in ("svd", "eigh"):  # LU and QR are backward stable already
+        if self.kind in ("svd", "ridge"):  # LU and QR are backward stable already
             for _ in range(_REFINE_STEPS - 1):
                 x = x + self.least_squares(system.rhs - system.apply(x))
         return x
@@ -676,9 +754,8 @@ class _Factor:
         """An orthonormal basis S (n, k) of K's k smallest right singular directions, with K S and
         their singular values (ascending), by block inverse iteration through the factorisation."""
         if self._subspace is None or self._subspace[0].shape[1] < k:
-            if self.kind in ("svd", "eigh"):  # the decomposition holds them already
-                directions = self.vh.T if self.kind == "svd" else self.vectors
-                basis = directions[:, torch.argsort(self.sigma)[:k]]
+            if self.kind == "svd":  # the decomposition holds them already
+                basis = self.vh.T[:, torch.argsort(self.sigma)[:k]]
             else:
                 generator = torch.Generator().manual_seed(1)
                 basis = torch.randn(self.shape[1], k, dtype=torch.float64, generator=generator).to(self._device())
@@ -692,7 +769,16 @@ class _Factor:
         return self._subspace
 
 
+def _diverged(system):
+    """What a layer returns when its data are not finite: an earlier solve diverged."""
+    rhs = system.rhs
+    return torch.full((system.shape[1], rhs.shape[1]), math.nan, dtype=rhs.dtype, device=rhs.device), \
+        _Spectrum(0, math.inf)
+
+
 def _solve_eigh(system, rtol):
+    if not bool(torch.isfinite(system.gram).all()):
+        return _diverged(system)
     eigenvalues, vectors = torch.linalg.eigh(system.gram)
     sigma = eigenvalues.clamp_min(0).sqrt()
     spectrum = _spectrum(sigma, rtol)
@@ -708,6 +794,8 @@ def _solve_eigh(system, rtol):
 
 
 def _solve_cholesky(system, rtol):
+    if not bool(torch.isfinite(system.gram).all()):
+        return _diverged(system)
     factor, info = torch.linalg.cholesky_ex(system.gram)
     if int(info) != 0:
         return None
@@ -728,17 +816,24 @@ def _solve_cholesky(system, rtol):
     return system.refine(solve_normal(system.apply_t(system.rhs)), solve_normal), spectrum
 
 
-def _solve(system, rtol, factor=None):
+def _solve(system, rtol, fast_only=False):
     """Least-squares solution of a _System with its numerical rank and condition number.
 
     Fast paths work on K^T K; when that cannot decide the rank at the gradients'
-    precision, K itself is factorised (LU, QR or, if rank-deficient, SVD).
+    precision, K itself is factorised (LU, QR or, if rank-deficient, SVD), unless
+    fast_only, which then returns None.
     """
-    if factor is None:
-        solved = (_solve_eigh if system.shape[1] <= _EIGH_MAX else _solve_cholesky)(system, rtol)
-        if solved is not None:
-            return solved
-        factor = _Factor(system.shape, rtol, lambda: system.matrix, system.apply, system.apply_t)
+    if not bool(torch.isfinite(system.rhs).all()):
+        return _diverged(system)
+    if system.shape[0] == 0:  # no equation at all (weight constraints where every ReLU unit is off)
+        return system.rhs.new_zeros(system.shape[1], system.rhs.shape[1]), _Spectrum(0, math.inf)
+    solved = (_solve_eigh if system.shape[1] <= _EIGH_MAX else _solve_cholesky)(system, rtol)
+    if solved is not None or fast_only:
+        return solved
+    # K^T K could not decide: at float64 precision K itself may resolve more; at lower precisions
+    # K^T K resolves the tolerance, so the system is known to be rank-deficient.
+    factor = _Factor(system.shape, rtol, lambda: system.matrix, system.apply, system.apply_t,
+                     deficient=rtol >= _GRAM_RESOLVES and system.shape[1] > _EIGH_MAX)
     return factor.solve(system), factor.spectrum
 
 
@@ -830,6 +925,11 @@ def _parse_network(model):
 def _check_gradients(model, network, grads):
     parameters = list(model.parameters())
     if isinstance(grads, dict):
+        missing = [name for name in network.parameter_names if name not in grads]
+        extra = [name for name in grads if name not in network.parameter_names]
+        if missing or extra:
+            raise ValueError(f"gradients by name must match model.named_parameters(): missing {missing}, "
+                             f"unexpected {extra}")
         grads = [grads[name] for name in network.parameter_names]
     grads = list(grads)
     if len(grads) != len(parameters):
@@ -959,6 +1059,7 @@ class Reconstruction:
     linear_misfit: float = 0.0  # |dL/dW - dL/db x^T| / |dL/dW|: zero for one image's gradients
     notes: list = field(default_factory=list)  # what limits this reconstruction, in words
     inputs: list = field(default_factory=list)  # recovered input of each conv layer, first to last
+    iterations: int = 0  # optimisation steps taken (the baselines); R-CONV takes none
 
     def report(self):
         """The per-layer diagnostics as a pandas DataFrame, in solving order (last layer first)."""
@@ -1060,10 +1161,12 @@ def _gradient_system(output_grad, weight_grad, input_size, step):
 
 
 def _hybrid_scales(grad_matrix, weights, known, channels):
-    # Each kind of constraint is scaled to unit Frobenius norm so that neither dominates.
+    # Each kind of constraint is scaled to unit Frobenius norm so that neither dominates. A kind
+    # that offers no equation at all (every ReLU unit off) keeps scale 1: scaling zero up would
+    # overflow its Gram matrix into NaN instead of reporting rank 0.
     grad_norm = math.sqrt(channels) * float(torch.linalg.norm(grad_matrix))
     weight_norm = float(weights.row_norms[known].sum().sqrt())
-    return 1.0 / max(grad_norm, 1e-300), 1.0 / max(weight_norm, 1e-300)
+    return (1.0 / grad_norm if grad_norm > 0 else 1.0), (1.0 / weight_norm if weight_norm > 0 else 1.0)
 
 
 def _joint_system(grad_part, weights, known, weight_rhs, channels):
@@ -1184,8 +1287,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         input_shape: (C, H, W) of the image.
         first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),
             "gradients" (gradient constraints only) or "hybrid" (both, each scaled to unit norm).
-        relu_tol: ReLU outputs at or below relu_tol * (the layer's largest output) count as inactive;
-            None picks default_relu_tol for the gradients' dtype.
+        relu_tol: the ReLU test's floor: outputs at or below relu_tol * (the layer's largest output), or
+            three times the layer's noise floor if that is larger, count as inactive; None picks
+            default_relu_tol for the gradients' dtype. Ignored by relu_test="absolute".
         relu_test: "relative" (relu_tol, the layer's noise floor, and the bias gradient to settle
             near-zero units) or "absolute" (the published code: outputs rounded to 7 decimals).
         project: clip every recovered layer input to the values it can take (the image to
@@ -1254,9 +1358,11 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         # Fall back on weight constraints when the gradient constraints are deficient.
         if spectrum.rank < unknowns and step.number > 1 and \
                 bool(known.any()) and unknowns <= _JOINT_MAX_UNKNOWNS:
-            method = "gradients+weights"
-            x, spectrum, residual = _solve_layer("hybrid", grad_part, weights, known_rows, weight_rhs, channels,
-                                                 tol["dtype"])
+            repaired = _solve_layer("hybrid", grad_part, weights, known_rows, weight_rhs, channels, tol["dtype"],
+                                    fallback=True)
+            if repaired is not None and repaired[1].rank > spectrum.rank:
+                method = "gradients+weights"
+                x, spectrum, residual = repaired
         x = x.reshape(channels, height, width)
         negative = max(0.0, -float(x.min())) if x.numel() else 0.0
         if project:
@@ -1287,10 +1393,16 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
                           inputs=[t.cpu() for t in inputs])
 
 
-def _solve_layer(method, grad_part, weights, known, weight_rhs, channels, dtype):
-    """Solve one conv layer for its input, returned as (C, H*W), with its spectrum and residual."""
+def _solve_layer(method, grad_part, weights, known, weight_rhs, channels, dtype, fallback=False):
+    """Solve one conv layer for its input, returned as (C, H*W), with its spectrum and residual.
+
+    fallback: an attempt to repair rank-deficient gradient constraints; gives up (None) rather
+    than analyse a large system that is rank-deficient too.
+    """
     matrix, rhs = grad_part
     pixels = matrix.shape[1]
+    if method == "hybrid" and not bool(known.any()):
+        method = "gradients"  # no weight constraint left (every ReLU unit off): the per-channel solve is the same
     if method == "gradients":
         system = _System(matrix.shape, lambda x: matrix @ x, lambda y: matrix.T @ y, rhs, matrix=matrix)
         x, spectrum = _solve(system, _rank_rtol(dtype, matrix.shape))
@@ -1309,7 +1421,10 @@ def _solve_layer(method, grad_part, weights, known, weight_rhs, channels, dtype)
                              f"in one dense solve (at most {_JOINT_MAX_UNKNOWNS} here); use first_layer="
                              f"'gradients' with enough filters (see min_filters) for inputs this large")
         system = _joint_system(grad_part if method == "hybrid" else None, weights, known, weight_rhs, channels)
-        x, spectrum = _solve(system, _rank_rtol(dtype, system.shape))
+        solved = _solve(system, _rank_rtol(dtype, system.shape), fast_only=fallback)
+        if solved is None:
+            return None
+        x, spectrum = solved
     return x.view(channels, pixels), spectrum, system.residual(x)
 
 
@@ -1327,9 +1442,118 @@ def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **optio
     return [reconstruct(model, grads, input_shape, cache=cache, **options) for grads in items]
 
 
+# Optimisation attacks from the breaching package (Geiping et al.), on the same gradients.
+# name -> (breaching attack config, overrides)
+BASELINES = {
+    "dlg": ("deepleakage", []),  # Zhu et al. 2019: image and label optimised jointly with L-BFGS
+    "idlg": ("deepleakage", ["attack.attack_type=optimization", "attack.label_strategy=iDLG"]),  # label first
+    "inverting_gradients": ("invertinggradients", []),  # Geiping et al. 2020: cosine loss, TV, boxed Adam
+}
+
+
+def run_baseline(name, model, grads, input_shape, label=None, iterations=None, seed=0):
+    """An optimisation attack of the breaching package on the same gradients, as a Reconstruction.
+
+    Args:
+        name: one of BASELINES: "dlg", "idlg" or "inverting_gradients".
+        label: the true label, if the attacker is to be given it; None lets the attack find it
+            (DLG optimises it, iDLG and Inverting Gradients read it off the last layer's gradient).
+        iterations: optimisation steps; None keeps breaching's default (DLG 1200, Inverting
+            Gradients 24000, far beyond a CPU budget).
+        seed: seed of the random starting image.
+    The breaching package is optional: pip install -r requirements-baselines.txt.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    try:
+        import breaching
+        from omegaconf import OmegaConf
+    except ImportError as error:
+        raise ImportError("the baselines need the breaching package: pip install -r requirements-baselines.txt") \
+            from error
+    import contextlib
+    import io
+    import logging
+    network = _parse_network(model)
+    by_id = _check_gradients(model, network, grads)
+    grads = [by_id[id(parameter)] for parameter in model.parameters()]
+    shape = _check_input_shape(network, input_shape)[0]
+    attack, overrides = BASELINES[name]
+    overrides = [f"attack={attack}", "case=1_single_image_small", "attack.optim.callback=100000", *overrides]
+    notes = []
+    if iterations is not None:
+        overrides.append(f"attack.optim.max_iterations={int(iterations)}")
+    if name == "inverting_gradients" and shape[0] != 3:
+        overrides.append("attack.regularization.total_variation.scale=0.0")
+        notes.append("total variation off: breaching's implementation handles 3-channel images only")
+    logging.getLogger("breaching").setLevel(logging.WARNING)
+    chatter = io.StringIO()  # breaching prints its configuration and progress
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        config = breaching.get_config(overrides=overrides)
+    setup = dict(device=torch.device("cpu"), dtype=torch.float32)
+    attacker = breaching.attacks.prepare_attack(copy.deepcopy(model).float(), nn.CrossEntropyLoss(), config.attack,
+                                                setup)
+    metadata = OmegaConf.create(dict(shape=list(shape), modality="vision", task="classification",
+                                     classes=network.linear.out_features, mean=[0.0] * shape[0],
+                                     std=[1.0] * shape[0]))
+    payload = [dict(parameters=[p.detach().float() for p in model.parameters()], buffers=None, metadata=metadata)]
+    labels = None if label is None else torch.as_tensor([int(label)])
+    shared = [dict(gradients=[g.detach().float().clone() for g in grads], buffers=None,
+                   metadata=dict(num_data_points=1, labels=labels, local_hyperparams=None))]
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        torch.manual_seed(seed)
+        output, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
+    seconds = time.perf_counter() - start
+    found = output.get("labels")
+    found = int(found.reshape(-1)[0].argmax() if found is not None and found.dtype.is_floating_point
+                else found.reshape(-1)[0]) if found is not None else None
+    return Reconstruction(image=output["data"][:1].detach().double().cpu(), exact=False, seconds=seconds,
+                          method=name, iterations=int(config.attack.optim.max_iterations),
+                          notes=[f"label found: {found}", *notes])
+
+
+def compare_baselines(dataset, model_name, indices, *, iterations=None, dtype="float32", first_layer="hybrid",
+                      seed=50, data_root=None, progress=True):
+    """R-CONV and the BASELINES on the same clients' gradients.
+
+    iterations: a dict baseline name -> optimisation steps (missing: breaching's default).
+    Returns (table, reconstructions): one row per image and method (dataset, model, method,
+    index, label, psnr, ssim, seconds, iterations, exact; reconstructions clipped to [0, 1]
+    before they are measured) and a dict method -> list of recovered images, "original" first.
+    """
+    import pandas as pd
+    info = dataset_info(dataset)
+    indices = _indices(indices)
+    images, labels = load_images(dataset, indices, root=data_root)
+    model = build_model(model_name, info["channels"], info["num_classes"], seed=seed)
+    iterations = dict(iterations or {})
+    rows, shown, cache = [], {"original": list(images)}, {}
+    items = list(zip(indices, images, labels))
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc=f"{info['name']} {model_name}", unit="image", mininterval=5.0)
+    for index, image, label in items:
+        grads = client_gradients(model, image, label, dtype=as_dtype(dtype))
+        results = {"rconv": reconstruct(model, grads, image.shape, first_layer=first_layer, cache=cache)}
+        for name in BASELINES:
+            results[name] = run_baseline(name, model, grads, image.shape, iterations=iterations.get(name), seed=index)
+        for method, result in results.items():
+            metrics = image_metrics(image, result.image.clamp(0, 1))
+            rows.append(dict(dataset=info["name"], model=model_name, method=method, index=index, label=int(label),
+                             psnr=metrics["psnr"], ssim=metrics["ssim"], seconds=result.seconds,
+                             iterations=result.iterations, exact=result.exact))
+            shown.setdefault(method, []).append(result.image)
+    return pd.DataFrame(rows), shown
+
+
 # -----------------------------------------------------------------------------
 # Metrics and reports
 # -----------------------------------------------------------------------------
+
+# PSNR below this no longer shows the image: where the suite says a defence stops the attack.
+BROKEN_PSNR = 20.0
+
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -1457,44 +1681,226 @@ def constraint_report(model, input_shape):
     return pd.DataFrame(rows)
 
 
-def attack_images(dataset, model_name, indices, *, dtypes=("float64", "float32"), first_layer="hybrid", seed=50,
-                  data_root=None, relu_tol=None, progress=True, **model_overrides):
-    """Run R-CONV on dataset images as a client of a preset would leak them; the suite's tidy results.
+def _check_choices(name, values, valid):
+    unknown = [value for value in values if value not in valid]
+    if unknown or not len(values):
+        raise ValueError(f"{name} must be a non-empty list drawn from {', '.join(map(str, valid))}; "
+                         f"got {list(values)}")
 
-    Returns (table, reconstructions): a pandas DataFrame with one row per image and dtype
-    (dataset, model, activations, seed, dtype, first_layer, index, label, mse, psnr, ssim,
-    max_abs_err, exact, rank_deficient, seconds) and a dict dtype name -> list of
-    Reconstruction in the order of indices. The first image of each dtype pays the
-    one-time factorisations (see seconds).
+
+def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_layers=("hybrid",),
+                relu_tests=("relative",), defences=(("none", 0),), projects=(False,), seeds=(50,), data_root=None,
+                keep=False, progress=True, **model_overrides):
+    """R-CONV on dataset images over every combination of settings; the suite's tidy results.
+
+    Every image is attacked as a client of the preset would leak it, for each seed (of the
+    model's initialisation), gradient dtype, defence (name, strength) as in defend(), first
+    layer method, ReLU test and projection. Returns a pandas DataFrame with one row per image
+    and setting: dataset, model, activations, seed, index, label, dtype, first_layer,
+    relu_test, defence, strength, project, mse, psnr, ssim, max_abs_err, exact,
+    rank_deficient, seconds, notes. With keep=True also the list of Reconstructions, one per
+    row. A setting that raises ValueError (say, top-k leaves no bias gradient) gets a row
+    with its error in notes and NaN metrics; settings that could never run (an unknown first
+    layer, ReLU test, defence or dtype) raise ValueError before any work.
     """
     import pandas as pd
     info = dataset_info(dataset)
+    indices = _indices(indices)
+    _check_choices("first_layers", first_layers, FIRST_LAYER_METHODS)
+    _check_choices("relu_tests", relu_tests, ("relative", "absolute"))
+    _check_choices("defences", [d for d, _ in defences], DEFENCES)
+    dtypes = [as_dtype(dtype) for dtype in dtypes]
+    for defence, strength in defences:
+        defend([torch.zeros(1)], defence, strength)  # refuses impossible strengths before any work
     images, labels = load_images(dataset, indices, root=data_root)
-    model = build_model(model_name, info["channels"], info["num_classes"], seed=seed, **model_overrides)
-    activations = "-".join(model.config["activations"])
-    rows, reconstructions = [], {}
-    for dtype in dtypes:
-        name = _dtype_name(dtype)
-        cache, results = {}, []
-        iterator = list(zip(_indices(indices), images, labels))
-        if progress:
-            from tqdm import tqdm
-            iterator = tqdm(iterator, desc=f"{info['name']} {model_name} {name}", unit="image", mininterval=1.0)
-        for index, image, label in iterator:
-            grads = client_gradients(model, image, label, dtype=as_dtype(dtype))
-            result = reconstruct(model, grads, image.shape, first_layer=first_layer, relu_tol=relu_tol, cache=cache)
-            results.append(result)
-            rows.append(dict(dataset=info["name"], model=model_name, activations=activations, seed=seed,
-                             dtype=name, first_layer=first_layer, index=index, label=int(label),
-                             **image_metrics(image, result.image), exact=result.exact,
-                             rank_deficient=not all(r.full_rank for r in result.layers),
-                             seconds=result.seconds, notes="; ".join(result.notes)))
-        reconstructions[name] = results
-    return pd.DataFrame(rows), reconstructions
+    variants = list(itertools.product(first_layers, relu_tests, projects))
+    total = len(seeds) * len(dtypes) * len(indices) * len(defences) * len(variants)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=f"{info['name']} {model_name}", unit="attack", mininterval=1.0)
+    rows, kept = [], []
+    for seed in seeds:
+        model = build_model(model_name, info["channels"], info["num_classes"], seed=seed, **model_overrides)
+        setting = dict(dataset=info["name"], model=model_name, activations="-".join(model.config["activations"]),
+                       seed=seed)
+        cache = {}
+        for dtype in dtypes:
+            for index, image, label in zip(indices, images, labels):
+                grads = client_gradients(model, image, label, dtype=as_dtype(dtype))
+                for defence, strength in defences:
+                    shared = defend(grads, defence, strength, seed=index)
+                    for first_layer, relu_test, project in variants:
+                        row = dict(setting, index=index, label=int(label), dtype=_dtype_name(dtype),
+                                   first_layer=first_layer, relu_test=relu_test, defence=defence, strength=strength,
+                                   project=project)
+                        try:
+                            result = reconstruct(model, shared, image.shape, first_layer=first_layer,
+                                                 relu_test=relu_test, project=project, cache=cache,
+                                                 check_batch=defence == "none")
+                        except ValueError as error:
+                            result = None
+                            row.update(mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan,
+                                       exact=False, rank_deficient=False, seconds=math.nan, notes=str(error))
+                        if result is not None:
+                            row.update(**image_metrics(image, result.image), exact=result.exact,
+                                       rank_deficient=not all(r.full_rank for r in result.layers),
+                                       seconds=result.seconds, notes="; ".join(result.notes))
+                        rows.append(row)
+                        if keep:
+                            kept.append(result)
+                        if bar is not None:
+                            bar.update()
+    if bar is not None:
+        bar.close()
+    table = pd.DataFrame(rows)
+    return (table, kept) if keep else table
+
+
+def attack_images(dataset, model_name, indices, *, dtypes=("float64", "float32"), first_layer="hybrid", seed=50,
+                  data_root=None, progress=True, **model_overrides):
+    """attack_grid() for one first layer method and seed, keeping the reconstructions.
+
+    Returns (table, reconstructions), reconstructions a dict dtype name -> list of
+    Reconstruction (None where the attack raised) in the order of indices. The first image of each dtype pays the
+    one-time factorisations (see seconds).
+    """
+    table, results = attack_grid(dataset, model_name, indices, dtypes=dtypes, first_layers=(first_layer,),
+                                 seeds=(seed,), data_root=data_root, keep=True, progress=progress, **model_overrides)
+    reconstructions = {}
+    for dtype, result in zip(table["dtype"], results):
+        reconstructions.setdefault(dtype, []).append(result)
+    return table, reconstructions
+
+
+def output_gradients(model, image, label, dtype=torch.float64):
+    """The true dL/dO of every conv layer's pre-activation output (first to last) for one image."""
+    dtype = as_dtype(dtype)
+    model = copy.deepcopy(model).to(dtype)
+    network = _parse_network(model)
+    outputs = {}
+
+    def keep(module, args, out, number):
+        out.retain_grad()
+        outputs[number] = out
+
+    hooks = [step.conv.register_forward_hook(lambda m, a, o, n=step.number: keep(m, a, o, n))
+             for step in network.steps]
+    try:
+        image = torch.as_tensor(image).to(dtype)
+        loss = F.cross_entropy(model(image.reshape(1, *image.shape[-3:])), torch.as_tensor([int(label)]))
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [outputs[step.number].grad[0].detach() for step in network.steps]
+
+
+def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,), data_root=None, progress=True):
+    """How many filters conv layer `position` (1 = first) needs for its gradient constraints alone.
+
+    For each filter count, seed and image, the layer's true output gradient (float64) gives its
+    gradient-constraint matrix; the row says whether it is full rank at float64 precision.
+    Columns: dataset, model, activation, position, filters, seed, index, unknowns (pixels per
+    channel), rank, full_rank, min_filters (the counting bound), rgap_filters (the filters a
+    count of weight constraints, as R-GAP's rank analysis, asks for: C*H*W / (P*Q)).
+    """
+    import pandas as pd
+    info = dataset_info(dataset)
+    indices = _indices(indices)
+    images, labels = load_images(dataset, indices, root=data_root)
+    base = MODELS[_preset(model_name)]
+    if not 1 <= position <= len(base["channels"]):
+        raise ValueError(f"position must be 1..{len(base['channels'])} for {model_name}; got {position}")
+    rows = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(counts) * len(seeds) * len(indices), desc=f"{model_name} layer {position}",
+                   unit="image", mininterval=1.0)
+    for filters in counts:
+        channels = list(base["channels"])
+        channels[position - 1] = int(filters)
+        for seed in seeds:
+            model = build_model(model_name, info["channels"], info["num_classes"], seed=seed, channels=channels)
+            network = _parse_network(model)
+            sizes = _check_input_shape(network, images.shape[1:])
+            step = network.steps[position - 1]
+            c_in, height, width = sizes[position - 1]
+            _, out_h, out_w = sizes[position]
+            needed = min_filters((height, width), step.conv.kernel_size, step.conv.stride, step.padding)
+            for index, image, label in zip(indices, images, labels):
+                grad = output_gradients(model, image, label)[position - 1]
+                matrix = grad_constraints(grad, (height, width), step.conv.kernel_size, step.conv.stride,
+                                          step.padding)
+                sigma = torch.linalg.svdvals(matrix)
+                rank = int((sigma > _rank_rtol(torch.float64, matrix.shape) * sigma.max()).sum())
+                rows.append(dict(dataset=info["name"], model=model_name, activation=step.activation,
+                                 position=position, filters=int(filters), seed=seed, index=index,
+                                 unknowns=height * width, rank=rank, full_rank=rank == height * width,
+                                 min_filters=needed, rgap_filters=math.ceil(c_in * height * width / (out_h * out_w))))
+                if bar is not None:
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    return pd.DataFrame(rows)
+
+
+def breaking_points(table, threshold=BROKEN_PSNR, by=("dataset", "defence", "project")):
+    """Per defence: the weakest strength whose median PSNR falls below `threshold` dB (NaN if none)."""
+    import pandas as pd
+    missing = [column for column in ("defence", "strength", "psnr") if column not in table.columns]
+    if missing:
+        raise ValueError(f"breaking_points needs a table with columns defence, strength and psnr; missing {missing}")
+    rows = []
+    # every group holds one defence: their strengths run in opposite directions
+    by = list(dict.fromkeys([column for column in by if column in table.columns] + ["defence"]))
+    for key, group in table[table.defence != "none"].groupby(by, sort=False):
+        medians = group.groupby("strength").psnr.median()
+        # gaussian grows stronger with strength; top-k and quantisation with smaller keep ratios or bits
+        ordered = medians.sort_index(ascending=group.defence.iloc[0] == "gaussian")
+        broken = ordered[ordered < threshold]
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)),
+                         breaks_at=broken.index[0] if len(broken) else math.nan,
+                         strongest_tested=ordered.index[-1], psnr_at_strongest=ordered.iloc[-1]))
+    return pd.DataFrame(rows)
+
+
+def filter_summary(table, level=0.95):
+    """Per model and conv position: the fewest filters full rank for at least `level` of images and seeds,
+    against the counting bound and the weight-constraint (R-GAP style) count."""
+    import pandas as pd
+    rows = []
+    for (model, position), part in table.groupby(["model", "position"], sort=False):
+        shares = part.groupby("filters").full_rank.mean()
+        enough = shares[shares >= level]
+        measured = int(enough.index.min()) if len(enough) else math.nan
+        rgap = int(part.rgap_filters.iloc[0])
+        rows.append(dict(model=model, position=position, activation=part.activation.iloc[0],
+                         pixels_per_channel=int(part.unknowns.iloc[0]), min_filters=int(part.min_filters.iloc[0]),
+                         measured_filters=measured, rgap_filters=rgap,
+                         share_of_rgap=measured / rgap if rgap and not math.isnan(measured) else math.nan))
+    return pd.DataFrame(rows)
+
+
+def success_rates(table):
+    """Per model and dtype: attacks, the share recovered exactly, the share reported rank-deficient,
+    and the median PSNR of the attacks that were not exact."""
+    import pandas as pd
+    rows = []
+    for (model, dtype), part in table.groupby(["model", "dtype"], sort=False):
+        rest = part[~part.exact]
+        rows.append(dict(model=model, dtype=dtype, attacks=len(part), seeds=part.seed.nunique(),
+                         images=part["index"].nunique(), exact=part.exact.mean(),
+                         rank_deficient=(part.rank_deficient & ~part.exact).mean(),
+                         median_psnr=part.psnr.median(),
+                         median_psnr_not_exact=rest.psnr.median() if len(rest) else math.nan))
+    return pd.DataFrame(rows)
 
 
 def summarize(table, by=("dataset", "model", "dtype", "first_layer")):
-    """Per setting: images, exact count, rank-deficient count, median PSNR and SSIM, median seconds."""
+    """Per setting: attacks (rows; images when a setting holds one seed and defence), exact count,
+    rank-deficient count, median PSNR and SSIM, median seconds."""
     by = [column for column in by if column in table.columns]
     grouped = table.groupby(by, sort=False)
     summary = grouped.agg(images=("psnr", "size"), exact=("exact", "sum"),
@@ -1540,16 +1946,17 @@ def plot_reconstruction(original, reconstructed, path=None, title=None):
     figure.colorbar(shown, ax=axes[2], fraction=0.046)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.93 if title else 1))
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
-    return figure
+    return _save(figure, path, rect=(0, 0, 1, 0.93 if title else 1))
 
 
 def plot_grid(originals, reconstructions, path=None, columns=10, title=None):
     """Originals (odd rows) above their reconstructions (even rows); saved to path if given."""
     plt = _pyplot()
+    originals = [getattr(image, "image", image) for image in originals]
+    reconstructions = [getattr(image, "image", image) for image in reconstructions]
+    if not originals or len(originals) != len(reconstructions):
+        raise ValueError(f"plot_grid needs as many reconstructions as originals, at least one; got "
+                         f"{len(originals)} and {len(reconstructions)}")
     count = len(originals)
     columns = min(columns, count)
     blocks = math.ceil(count / columns)
@@ -1567,18 +1974,36 @@ def plot_grid(originals, reconstructions, path=None, columns=10, title=None):
             axes[row + 1, 0].set_ylabel("recon.", fontsize=7)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=110)
-    return figure
+    return _save(figure, path, dpi=110)
+
+
+def plot_methods(originals, reconstructions, path=None, title=None, columns=10):
+    """One row per method (after the originals), one column per image.
+
+    reconstructions: a dict method name -> list of images (or Reconstructions), aligned with originals.
+    """
+    plt = _pyplot()
+    count = min(columns, len(originals))
+    rows = [("original", list(originals[:count]))] + [
+        (name, [getattr(r, "image", r) for r in images[:count]]) for name, images in reconstructions.items()]
+    figure, axes = plt.subplots(len(rows), count, figsize=(count * 0.95, len(rows) * 1.05), squeeze=False)
+    for row, (name, images) in enumerate(rows):
+        for column, image in enumerate(images):
+            axis = axes[row, column]
+            if image is None or not bool(torch.isfinite(torch.as_tensor(image)).all()):
+                axis.axis("off")
+                continue
+            _show_image(axis, image)
+        axes[row, 0].set_ylabel(name.replace("_", "\n"), fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
 
 
 def plot_psnr(table, path=None, by="dtype", title=None):
     """PSNR of every image (dots) per group of `by` (e.g. dtype), from a results table or CSV path."""
-    import pandas as pd
     plt = _pyplot()
-    table = pd.read_csv(table) if isinstance(table, (str, Path)) else table
+    table = _table(table)
     groups = list(dict.fromkeys(table[by]))
     figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 3.6))
     generator = np.random.default_rng(0)
@@ -1593,13 +2018,141 @@ def plot_psnr(table, path=None, by="dtype", title=None):
             axis.hlines(np.nanmedian(values), k - 0.3, k + 0.3, colors="black", linewidth=1.5)
     axis.set_xticks(range(len(groups)), [str(g) for g in groups])
     axis.set_ylabel("PSNR (dB, data range 1)")
-    axis.axhline(20, color="grey", linestyle=":", linewidth=1)
+    axis.axhline(BROKEN_PSNR, color="grey", linestyle=":", linewidth=1)
     axis.set_title(title or "PSNR per image (green: exact, red: not; bar: median)", fontsize=9)
-    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _table(source):
+    import pandas as pd
+    return pd.read_csv(source) if isinstance(source, (str, Path)) else source
+
+
+def _save(figure, path, dpi=120, rect=None):
+    figure.tight_layout(rect=rect)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
+        figure.savefig(path, dpi=dpi)
     return figure
+
+
+def plot_precision(table, path=None):
+    """PSNR per gradient dtype for each first-layer method and ReLU test, one panel per dataset."""
+    plt = _pyplot()
+    table = _table(table)
+    datasets = list(dict.fromkeys(table.dataset))
+    dtypes = [d for d in DTYPES if d in set(table.dtype)]
+    methods = list(dict.fromkeys(zip(table.first_layer, table.relu_test)))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4), squeeze=False, sharey=True)
+    colours = plt.get_cmap("tab10")
+    width = 0.8 / max(1, len(methods))
+    for axis, dataset in zip(axes[0], datasets):
+        part = table[table.dataset == dataset]
+        for m, (first_layer, relu_test) in enumerate(methods):
+            for d, dtype in enumerate(dtypes):
+                values = part[(part.first_layer == first_layer) & (part.relu_test == relu_test) &
+                              (part.dtype == dtype)].psnr.to_numpy(dtype=float)
+                values = np.clip(values[np.isfinite(values)], -50, None)
+                x = d - 0.4 + width * (m + 0.5)
+                if len(values):
+                    axis.scatter(np.full(len(values), x), values, s=4, color=colours(m), alpha=0.35, linewidths=0)
+                    axis.hlines(np.median(values), x - width / 2, x + width / 2, color=colours(m), linewidth=2,
+                                label=f"{first_layer}, {relu_test} ReLU test" if d == 0 else None)
+        axis.set_xticks(range(len(dtypes)), dtypes)
+        axis.axhline(BROKEN_PSNR, color="grey", linestyle=":", linewidth=1)
+        axis.set_title(dataset)
+    axes[0, 0].set_ylabel("PSNR (dB, data range 1; floored at -50)")
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    figure.suptitle("R-CONV by the precision of the client's gradients (bars: medians)", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_defences(table, path=None, threshold=BROKEN_PSNR):
+    """Median PSNR and SSIM against defence strength, plain and projected solves, per dataset."""
+    plt = _pyplot()
+    table = _table(table)
+    defences = [d for d in DEFENCES if d != "none" and d in set(table.defence)]
+    figure, axes = plt.subplots(2, len(defences), figsize=(4.4 * len(defences), 6.4), squeeze=False)
+    styles = {False: "-", True: "--"}
+    colours = plt.get_cmap("tab10")
+    datasets = list(dict.fromkeys(table.dataset))
+    labels = {"gaussian": "noise norm / gradient norm", "topk": "fraction of entries kept", "quantize": "bits"}
+    for column, defence in enumerate(defences):
+        part = table[table.defence == defence]
+        for k, dataset in enumerate(datasets):
+            for project in sorted(set(part.project)):
+                rows = part[(part.dataset == dataset) & (part.project == project)]
+                medians = rows.groupby("strength")[["psnr", "ssim"]].median().sort_index()
+                for row, metric in enumerate(("psnr", "ssim")):
+                    axes[row, column].plot(medians.index, medians[metric], styles[bool(project)], marker=".",
+                                           color=colours(k),
+                                           label=f"{dataset}{', projected' if project else ''}")
+        for row in range(2):
+            axis = axes[row, column]
+            if defence != "quantize":
+                axis.set_xscale("log")
+            if defence != "gaussian":
+                axis.invert_xaxis()  # stronger defence to the right
+            axis.set_xlabel(labels[defence])
+        axes[0, column].axhline(threshold, color="grey", linestyle=":", linewidth=1)
+        axes[0, column].set_title(defence)
+    axes[0, 0].set_ylabel("median PSNR (dB)")
+    axes[1, 0].set_ylabel("median SSIM")
+    axes[0, -1].legend(fontsize=7)
+    figure.suptitle(f"R-CONV under defences (right: stronger; dotted: {threshold:g} dB)", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_filters(table, path=None):
+    """Fraction of images and seeds whose gradient constraints are full rank, against filter count."""
+    plt = _pyplot()
+    table = _table(table)
+    positions = sorted(set(table.position))
+    figure, axes = plt.subplots(1, len(positions), figsize=(3.6 * len(positions), 3.4), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for axis, position in zip(axes[0], positions):
+        part = table[table.position == position]
+        for k, (model, rows) in enumerate(part.groupby("model", sort=False)):
+            fraction = rows.groupby("filters").full_rank.mean()
+            axis.plot(fraction.index, fraction.values, marker="o", color=colours(k),
+                      label=f"{model} ({rows.activation.iloc[0]})")
+            axis.axvline(rows.rgap_filters.iloc[0], color=colours(k), linestyle=":", linewidth=1.5,
+                         label="weight-constraint count" if k == 0 else None)
+        axis.axvline(part.min_filters.iloc[0], color="black", linestyle="--", linewidth=1, label="counting bound")
+        axis.set_title(f"conv layer {position}")
+        axis.set_xlabel("filters")
+        axis.set_ylim(-0.05, 1.05)
+    axes[0, 0].set_ylabel("fraction full rank")
+    axes[0, -1].legend(fontsize=7)
+    figure.suptitle("How many filters the gradient constraints need", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_success(table, path=None):
+    """Per preset and dtype: the share recovered exactly, reported rank-deficient, and otherwise not exact."""
+    plt = _pyplot()
+    table = _table(table)
+    groups = list(table.groupby(["model", "dtype"], sort=False))
+    figure, axis = plt.subplots(figsize=(7.5, 0.45 * len(groups) + 1.2))
+    for k, ((model, dtype), rows) in enumerate(groups):
+        exact = rows.exact.mean()
+        deficient = (rows.rank_deficient & ~rows.exact).mean()
+        other = 1 - exact - deficient
+        left = 0.0
+        for share, colour, label in ((exact, "tab:green", "exact"), (deficient, "tab:orange", "rank-deficient"),
+                                     (other, "tab:red", "full rank, not exact")):
+            axis.barh(k, share, left=left, color=colour, label=label if k == 0 else None)
+            left += share
+        rest = rows[~rows.exact].psnr
+        note = f"{exact:.0%} exact" + (f"; rest median {rest.median():.0f} dB" if len(rest) else "")
+        axis.text(1.01, k, note, va="center", fontsize=7)
+    axis.set_yticks(range(len(groups)), [f"{m} {d}" for (m, d), _ in groups], fontsize=8)
+    axis.set_xlim(0, 1)
+    axis.invert_yaxis()
+    axis.set_xlabel("share of images x seeds")
+    axis.legend(fontsize=7, loc="lower left")
+    axis.set_title("How often each architecture leaks its training image", fontsize=10)
+    return _save(figure, path)
 
 
 # -----------------------------------------------------------------------------

@@ -19,27 +19,43 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
-# Every notebook with the parameters run_all gives it: notebook -> (path, results subfolder, parameters).
+# Every notebook: (path, results subfolder, the parameters run_all gives it, what --quick changes).
+QUICK_IMAGES = dict(n_images=3)
 NOTEBOOKS = {
     "LeNet": ("Various_settings/LeNet.ipynb", "various_settings/LeNet",
-              dict(dataset="cifar100", model="lenet", image_index=25, n_images=100)),
+              dict(dataset="cifar100", model="lenet", image_index=25, n_images=100), QUICK_IMAGES),
     "LeNet_O": ("Various_settings/LeNet_O.ipynb", "various_settings/LeNet_O",
-                dict(dataset="cifar100", model="lenet_o", image_index=25, n_images=100)),
+                dict(dataset="cifar100", model="lenet_o", image_index=25, n_images=100), QUICK_IMAGES),
     "O_CNN6": ("Various_settings/O_CNN6.ipynb", "various_settings/O_CNN6",
-               dict(dataset="cifar10", model="o_cnn6", image_index=25, n_images=100)),
+               dict(dataset="cifar10", model="o_cnn6", image_index=25, n_images=100), QUICK_IMAGES),
     "LeNet_4_ReLU": ("Various_settings/LeNet_4_ReLU.ipynb", "various_settings/LeNet_4_ReLU",
-                     dict(dataset="cifar100", model="lenet_4_relu", image_index=25, n_images=100)),
+                     dict(dataset="cifar100", model="lenet_4_relu", image_index=25, n_images=100), QUICK_IMAGES),
     "LeNet_All_ReLU": ("Various_settings/LeNet_All_ReLU.ipynb", "various_settings/LeNet_All_ReLU",
-                       dict(dataset="cifar100", model="lenet_all_relu", image_index=25, n_images=100)),
+                       dict(dataset="cifar100", model="lenet_all_relu", image_index=25, n_images=100), QUICK_IMAGES),
     "Test_on_MNIST": ("Testing/Test_on_MNIST.ipynb", "testing/mnist",
-                      dict(dataset="mnist", model="lenet", n_images=100)),
+                      dict(dataset="mnist", model="lenet", n_images=100), QUICK_IMAGES),
     "Test_on_CIFAR10": ("Testing/Test_on_CIFAR10.ipynb", "testing/cifar10",
-                        dict(dataset="cifar10", model="lenet_c10", n_images=100)),
+                        dict(dataset="cifar10", model="lenet_c10", n_images=100), QUICK_IMAGES),
     "Test_on_CIFAR100": ("Testing/Test_on_CIFAR100.ipynb", "testing/cifar100",
-                         dict(dataset="cifar100", model="lenet", n_images=100)),
+                         dict(dataset="cifar100", model="lenet", n_images=100), QUICK_IMAGES),
+    "Precision": ("Experiments/Precision.ipynb", "experiments/precision",
+                  dict(n_images=30, dtypes=["float64", "float32", "bfloat16", "float16"]),
+                  dict(n_images=1, datasets={"cifar10": "lenet_c10"})),
+    "Defences": ("Experiments/Defences.ipynb", "experiments/defences",
+                 dict(n_images=20, gaussian=[1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]),
+                 dict(n_images=1, datasets={"cifar10": "lenet_c10"}, gaussian=[1e-6, 1e-2], topk=[1.0, 0.1],
+                      quantize=[12, 4])),
+    "Filters": ("Experiments/Filters.ipynb", "experiments/filters",
+                dict(n_images=10, n_seeds=3),
+                dict(n_images=1, n_seeds=1, models=["lenet"], positions=[3, 4], scales=[0.5, 1.0, 2.0])),
+    "Success_rates": ("Experiments/Success_rates.ipynb", "experiments/success_rates",
+                      dict(n_images=100, heavy_images=20, n_seeds=10),
+                      dict(n_images=2, heavy_images=1, n_seeds=1)),
+    "Baselines": ("Experiments/Baselines.ipynb", "experiments/baselines",
+                  dict(n_images=10, dlg_iterations=50, ig_iterations=500),
+                  dict(n_images=1, datasets=["cifar10"], models=["lenet"], dlg_iterations=3, ig_iterations=10)),
 }
-# --quick: what changes so that every notebook runs in seconds.
-QUICK = dict(n_images=3)
+EXPERIMENTS = ("Precision", "Defences", "Filters", "Success_rates", "Baselines")
 
 
 def _clean(path):
@@ -56,29 +72,48 @@ def _clean(path):
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":
             cell.execution_count = None
+            cell.outputs = _settle_streams(cell.outputs)
             for output in cell.outputs:
                 if "execution_count" in output:
                     output["execution_count"] = None
     nbformat.write(notebook, path)
 
 
+def _settle_streams(outputs):
+    """Merge consecutive stdout/stderr chunks and keep what a terminal would finally show.
+
+    Progress bars redraw their line with carriage returns, one output chunk per redraw; stored
+    as they come they bloat the notebook and make every rerun's diff huge.
+    """
+    settled = []
+    for output in outputs:
+        if (output.get("output_type") == "stream" and settled and settled[-1].get("output_type") == "stream"
+                and settled[-1].get("name") == output.get("name")):
+            settled[-1]["text"] += output["text"]
+        else:
+            settled.append(output)
+    for output in settled:
+        if output.get("output_type") == "stream":
+            lines = output["text"].split("\n")
+            output["text"] = "\n".join(line.rstrip("\r").split("\r")[-1] for line in lines)
+    return settled
+
+
 def _execute(name, notebook, output, parameters):
     """Run one notebook (in a worker process); returns a result record instead of raising."""
-    import papermill
-    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.stem}.running.ipynb")
     start = time.perf_counter()
     try:
+        import papermill
+        output.parent.mkdir(parents=True, exist_ok=True)
         papermill.execute_notebook(str(ROOT / notebook), str(partial), parameters=parameters, kernel_name="python3",
                                    cwd=str(ROOT), progress_bar=False, log_output=False)
-    except papermill.PapermillExecutionError as error:
-        return dict(notebook=name, ok=False, seconds=time.perf_counter() - start,
-                    error=f"cell {error.cell_index} ({error.ename}: {str(error.evalue)[:300]})", partial=str(partial))
-    except Exception as error:  # the kernel died, the notebook is unreadable, ...
-        return dict(notebook=name, ok=False, seconds=time.perf_counter() - start,
-                    error=f"{type(error).__name__}: {str(error)[:300]}", partial=str(partial))
-    _clean(partial)
-    os.replace(partial, output)
+        _clean(partial)
+        os.replace(partial, output)
+    except Exception as error:  # a failing cell, a dead kernel, an unreadable notebook, a full disk, ...
+        where = (f"cell {error.cell_index} ({error.ename}: {str(error.evalue)[:300]})"
+                 if hasattr(error, "cell_index") else f"{type(error).__name__}: {str(error)[:300]}")
+        return dict(notebook=name, ok=False, seconds=time.perf_counter() - start, error=where, partial=str(partial))
     return dict(notebook=name, ok=True, seconds=time.perf_counter() - start, error="")
 
 
@@ -96,23 +131,23 @@ def summarize_results(results_dir, names):
     import rconv_core as rc
     rows = []
     for name in names:
-        notebook, subfolder, _ = NOTEBOOKS[name]
+        notebook, subfolder, _, _ = NOTEBOOKS[name]
         csv = results_dir / subfolder / "metrics.csv"
-        if not csv.exists():
+        if name in EXPERIMENTS or not csv.exists():
             continue
         table = pd.read_csv(csv)
         summary = rc.summarize(table, by=("dataset", "model", "first_layer", "dtype"))
         summary.insert(0, "notebook", name)
         rows.append(summary)
-    if not rows:
-        return None
-    summary = pd.concat(rows, ignore_index=True)
-    summary.to_csv(results_dir / "summary.csv", index=False)
+    summary = pd.concat(rows, ignore_index=True) if rows else None
+    if summary is not None:
+        summary.to_csv(results_dir / "summary.csv", index=False)
     _write_readme(results_dir, summary)
     return summary
 
 
 def _write_readme(results_dir, summary):
+    import pandas as pd
     lines = ["# Results", "",
              "Regenerated by `run_all.py` from the notebooks; do not edit by hand. PSNR in dB with data range 1; "
              "`exact` counts images whose every layer was full rank with small residuals. Seconds are per image "
@@ -120,10 +155,10 @@ def _write_readme(results_dir, summary):
              "| notebook | dataset | model | first layer | images | exact float64 | exact float32 "
              "| median PSNR float64 | median PSNR float32 | median s/image | figures |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, group in summary.groupby("notebook", sort=False):
+    for name, group in summary.groupby("notebook", sort=False) if summary is not None else ():
         by_dtype = {row.dtype: row for row in group.itertuples()}
         first = group.iloc[0]
-        notebook, subfolder, _ = NOTEBOOKS[name]
+        notebook, subfolder, _, _ = NOTEBOOKS[name]
         figures = sorted((results_dir / subfolder).glob("*.png"))
         links = ", ".join(f"[{figure.stem}]({subfolder}/{figure.name})" for figure in figures)
 
@@ -136,12 +171,57 @@ def _write_readme(results_dir, summary):
                      f"| {int(group.images.max())} | {cell('float64', 'exact')} | {cell('float32', 'exact')} "
                      f"| {cell('float64', 'median_psnr', '{:.1f}')} | {cell('float32', 'median_psnr', '{:.1f}')} "
                      f"| {seconds:.3f} | {links} |")
+    lines += ["", "## Experiments", "", "| notebook | rows | finding | summary | figures |", "| --- | --- | --- | --- | --- |"]
+    for name in EXPERIMENTS:
+        notebook, subfolder, _, _ = NOTEBOOKS[name]
+        folder = results_dir / subfolder
+        if not (folder / "metrics.csv").exists():
+            continue
+        rows = len(pd.read_csv(folder / "metrics.csv"))
+        figures = ", ".join(f"[{f.stem}]({subfolder}/{f.name})" for f in sorted(folder.glob("*.png")))
+        lines.append(f"| [{name}](../{notebook}) | {rows} | {_finding(name, folder)} | "
+                     f"[summary.csv]({subfolder}/summary.csv) | {figures} |")
     (results_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def _finding(name, folder):
+    """One sentence per experiment, read off its summary."""
+    import pandas as pd
+    try:
+        summary = pd.read_csv(folder / "summary.csv")
+        if name == "Precision":
+            at = summary.set_index(["dtype", "first_layer", "relu_test"]).median_psnr
+            return (f"float32: the published method (weights, absolute ReLU test) {at[('float32', 'weights', 'absolute')]:.0f}"
+                    f" dB median, the default (hybrid, relative) {at[('float32', 'hybrid', 'relative')]:.0f} dB; "
+                    f"bfloat16 {at.get(('bfloat16', 'hybrid', 'relative'), float('nan')):.0f} dB, "
+                    f"float16 {at.get(('float16', 'hybrid', 'relative'), float('nan')):.0f} dB")
+        if name == "Defences":
+            breaks = pd.read_csv(folder / "breaking_points.csv")
+            plain = breaks[~breaks.project.astype(bool)]
+            parts = [f"{row.defence} at {row.breaks_at:g} ({row.dataset})" for row in plain.itertuples()
+                     if pd.notna(row.breaks_at)]
+            return "median PSNR falls below 20 dB: " + ("; ".join(parts) if parts else "never in the tested range")
+        if name == "Filters":
+            parts = [f"layer {row.position} {row.measured_filters:.0f} vs {row.rgap_filters}"
+                     for row in summary.itertuples() if row.model == summary.model.iloc[0]]
+            return f"{summary.model.iloc[0]}, filters the gradient constraints need vs a weight-constraint count: " + \
+                ", ".join(parts)
+        if name == "Baselines":
+            overall = pd.read_csv(folder / "metrics.csv").groupby("method").agg(
+                psnr=("psnr", "median"), seconds=("seconds", "median"))
+            return ", ".join(f"{method} {row.psnr:.0f} dB in {row.seconds:.3g} s" for method, row in overall.iterrows())
+        if name == "Success_rates":
+            parts = [f"{row.model} {row.dtype} {row.exact:.0%}" for row in summary.itertuples()]
+            return "exact: " + ", ".join(parts)
+    except (OSError, KeyError, ValueError, AttributeError):
+        return "see the notebook"
+    return ""
+
+
 def main(argv=None):
+    """The command line; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"a few images per notebook ({QUICK})")
+    parser.add_argument("--quick", action="store_true", help="a few images per notebook, for tests")
     parser.add_argument("--only", action="append", metavar="NAME", help="a notebook's name; repeatable")
     parser.add_argument("--data-root", help="folder with datasets or sample packs (default: $RCONV_DATA, then data/)")
     parser.add_argument("--results-dir", help="where CSVs, figures and the executed notebooks go "
@@ -151,24 +231,28 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.list:
-        for name, (notebook, subfolder, parameters) in NOTEBOOKS.items():
+        for name, (notebook, subfolder, _, _) in NOTEBOOKS.items():
             print(f"{name:18} {notebook:40} results/{subfolder}")
         return 0
-    names = args.only or list(NOTEBOOKS)
+    names = list(dict.fromkeys(args.only or NOTEBOOKS))
     unknown = [name for name in names if name not in NOTEBOOKS]
     if unknown:
         parser.error(f"unknown notebook {', '.join(unknown)}; choose from {', '.join(NOTEBOOKS)}")
 
+    if args.quick and args.results_dir is None:
+        parser.error("--quick runs a few images only; give --results-dir so that the stored notebooks and "
+                     "results/ stay untouched")
     in_place = args.results_dir is None
     results_dir = (ROOT / "results") if in_place else Path(args.results_dir).resolve()
     jobs = []
     for name in names:
-        notebook, subfolder, parameters = NOTEBOOKS[name]
+        notebook, subfolder, parameters, quick = NOTEBOOKS[name]
         parameters = dict(parameters, results_dir=_relative(results_dir / subfolder))
         if args.quick:
-            parameters.update(QUICK)
+            parameters.update(quick)
         if args.data_root:
-            parameters["data_root"] = str(Path(args.data_root).resolve())
+            # relative to the repository, where the kernels run: stored notebooks keep no machine's paths
+            parameters["data_root"] = os.path.relpath(Path(args.data_root).resolve(), ROOT)
         output = ROOT / notebook if in_place else results_dir / "notebooks" / notebook
         jobs.append((name, notebook, output, parameters))
 
@@ -191,7 +275,8 @@ def main(argv=None):
     summary = summarize_results(results_dir, list(NOTEBOOKS))
     print()
     if summary is not None:
-        columns = ["notebook", "dtype", "images", "exact", "rank_deficient", "median_psnr", "median_seconds"]
+        columns = [column for column in ("notebook", "dtype", "images", "exact", "rank_deficient", "median_psnr",
+                                          "median_seconds") if column in summary.columns]
         print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(f"\nsummary: {_relative(results_dir / 'summary.csv')}")
     failed = [r for r in records if not r["ok"]]

@@ -75,3 +75,15 @@ def test_absolute_relu_test_is_the_published_behaviour(setting, packs):
     assert not paper.exact and rc.image_metrics(images[0], paper.image)["psnr"] < 40
     with pytest.raises(ValueError, match="relu_test must be"):
         rc.reconstruct(model, grads, image.shape, relu_test="rounded")
+
+
+def test_defences_keep_named_gradients_and_refuse_one_bit(setting):
+    model, _, grads = setting
+    named = dict(zip([name for name, _ in model.named_parameters()], grads))
+    noisy = rc.defend(named, "gaussian", 1e-3, seed=3)
+    assert list(noisy) == list(named)
+    assert torch.equal(noisy["0.weight"], rc.defend(grads, "gaussian", 1e-3, seed=3)[0])
+    with pytest.raises(ValueError, match="bits >= 2"):
+        rc.defend(grads, "quantize", 1)
+    two_bits = rc.defend(grads, "quantize", 2)
+    assert all(len(torch.unique(q)) <= 3 for q in two_bits)

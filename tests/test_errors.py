@@ -1,4 +1,5 @@
 """Bad input gets a ValueError that names the problem, never a LinAlgError or a silent wrong image."""
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -129,3 +130,51 @@ def test_options(lenet, grads):
     negative = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.LeakyReLU(-0.1), nn.Flatten(), nn.Linear(32, 2))
     with pytest.raises(ValueError, match="negative_slope must be positive"):
         rc.reconstruct(negative, [torch.zeros_like(p) for p in negative.parameters()], (1, 4, 4))
+
+
+def test_gradients_by_name_must_match_the_model(lenet, grads):
+    named = dict(zip([name for name, _ in lenet.named_parameters()], grads))
+    assert rc.reconstruct(lenet, named, (3, 32, 32)).exact
+    del named["0.bias"]
+    named["head.weight"] = grads[0]
+    with pytest.raises(ValueError, match=r"missing \['0.bias'\], unexpected \['head.weight'\]"):
+        rc.reconstruct(lenet, named, (3, 32, 32))
+
+
+def test_constraint_builders_check_shapes():
+    with pytest.raises(ValueError, match=r"output_grad must have shape \(F, P, Q\)"):
+        rc.grad_constraints(torch.zeros(4, 8), (8, 8), 3, padding=1)
+    with pytest.raises(ValueError, match="output_grad is 5x5, but a 3x3 kernel .* gives 8x8"):
+        rc.grad_constraints(torch.zeros(2, 5, 5), (8, 8), 3, padding=1)
+    with pytest.raises(ValueError, match=r"weight must have shape \(F, C, kh, kw\)"):
+        rc.weight_constraints(torch.zeros(2, 3, 3), (8, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        rc.weight_constraints(torch.zeros(2, 1, 5, 5), (3, 3))
+
+
+def test_gradient_dtype_by_name(lenet, image):
+    by_name = rc.client_gradients(lenet, image, 2, dtype="float64")
+    assert by_name[0].dtype == torch.float64
+    assert torch.equal(by_name[0], rc.client_gradients(lenet, image, 2, dtype=torch.float64)[0])
+    with pytest.raises(ValueError, match="unknown dtype 'double64'"):
+        rc.client_gradients(lenet, image, 2, dtype="double64")
+    with pytest.raises(ValueError, match="build_model always returns float32"):
+        rc.build_model("lenet", dtype=torch.float64)
+
+
+def test_experiment_loops_refuse_bad_settings_before_any_work():
+    with pytest.raises(ValueError, match="first_layers must be a non-empty list drawn from weights, gradients, "
+                                         r"hybrid; got \['hybird'\]"):
+        rc.attack_grid("samples", "lenet", [0], first_layers=["hybird"])
+    with pytest.raises(ValueError, match="relu_tests must be"):
+        rc.attack_grid("samples", "lenet", [0], relu_tests=["relativ"])
+    with pytest.raises(ValueError, match="defences must be"):
+        rc.attack_grid("samples", "lenet", [0], defences=[("dp", 1)])
+    with pytest.raises(ValueError, match="topk keeps a fraction"):
+        rc.attack_grid("samples", "lenet", [0], defences=[("topk", 2)])
+    with pytest.raises(ValueError, match="no image indices given"):
+        rc.attack_grid("samples", "lenet", [])
+    with pytest.raises(ValueError, match="missing \\['defence', 'strength'\\]"):
+        rc.breaking_points(pd.DataFrame(dict(psnr=[1.0])))
+    with pytest.raises(ValueError, match="as many reconstructions as originals"):
+        rc.plot_grid([torch.zeros(1, 4, 4)] * 2, [torch.zeros(1, 4, 4)])

@@ -1,5 +1,6 @@
 """The notebooks: one literal parameters cell, no algorithm code, and a quick headless run of all of them."""
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,13 +14,23 @@ import run_all
 from conftest import REPO
 
 NOTEBOOK_PATHS = sorted(p for folder in ("Various_settings", "Testing", "Experiments")
-                        for p in (REPO / folder).glob("*.ipynb"))
+                        for p in (REPO / folder).glob("*.ipynb") if not p.name.startswith("."))
 COLUMNS = {"dataset", "model", "activations", "dtype", "first_layer", "index", "label", "mse", "psnr", "ssim",
            "max_abs_err", "exact", "seconds"}
 
 
+EXPERIMENT_COLUMNS = {"Precision": {"dtype", "first_layer", "relu_test", "psnr", "ssim", "exact", "seed", "index"},
+                      "Defences": {"defence", "strength", "project", "psnr", "ssim", "exact", "index"},
+                      "Filters": {"position", "filters", "seed", "index", "rank", "full_rank", "min_filters"},
+                      "Success_rates": {"model", "seed", "index", "dtype", "exact", "rank_deficient", "psnr"},
+                      "Baselines": {"dataset", "model", "method", "index", "psnr", "ssim", "seconds"}}
+# Without the optional breaching package the Baselines notebook cannot run; the rest still must.
+HAS_BREACHING = importlib.util.find_spec("breaching") is not None
+QUICK_NAMES = [name for name in run_all.NOTEBOOKS if HAS_BREACHING or name != "Baselines"]
+
+
 def test_every_notebook_is_run_by_run_all():
-    listed = {REPO / path for path, _, _ in run_all.NOTEBOOKS.values()}
+    listed = {REPO / path for path, _, _, _ in run_all.NOTEBOOKS.values()}
     assert listed == set(NOTEBOOK_PATHS)
 
 
@@ -38,8 +49,8 @@ def test_notebook_structure(path):
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))], \
             "notebooks call rconv_core; functions and classes belong there"
     inspected = papermill.inspect_notebook(str(path))
-    _, _, table_parameters = next(v for v in run_all.NOTEBOOKS.values() if REPO / v[0] == path)
-    assert set(table_parameters) | {"results_dir", "data_root"} <= set(inspected)
+    _, _, table_parameters, quick = next(v for v in run_all.NOTEBOOKS.values() if REPO / v[0] == path)
+    assert set(table_parameters) | set(quick) | {"results_dir", "data_root"} <= set(inspected)
 
 
 def test_stored_notebooks_hold_outputs_from_run_all():
@@ -49,21 +60,37 @@ def test_stored_notebooks_hold_outputs_from_run_all():
         assert any(c.outputs for c in code), f"{path.name} is stored without outputs; run `make run`"
         assert all(c.execution_count is None for c in code), f"{path.name} was not cleaned by run_all"
         assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+        streams = [o for c in code for o in c.outputs if o.get("output_type") == "stream"]
+        assert not any("\r" in o["text"] for o in streams), f"{path.name} keeps every progress-bar redraw"
+        assert all(a["name"] != b["name"] for c in code for a, b in zip(c.outputs, c.outputs[1:])
+                   if a.get("output_type") == b.get("output_type") == "stream"), f"{path.name}: streams not merged"
+        assert "/work/" not in json.dumps(notebook.metadata), f"{path.name} stores a machine's absolute path"
+
+
+def test_progress_bar_redraws_settle_to_their_final_state():
+    outputs = [dict(output_type="stream", name="stderr", text="a:  10%\r"), dict(output_type="stream",
+               name="stderr", text="a: 100%\nb:  50%\rb: 100%\n"), dict(output_type="display_data", data={}),
+               dict(output_type="stream", name="stdout", text="done\n")]
+    settled = run_all._settle_streams(outputs)
+    assert [o["output_type"] for o in settled] == ["stream", "display_data", "stream"]
+    assert settled[0]["text"] == "a: 100%\nb: 100%\n"
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, packs):
     results = tmp_path_factory.mktemp("quick")
+    only = [argument for name in QUICK_NAMES for argument in ("--only", name)]
     done = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--quick", "--results-dir", str(results),
-                           "--data-root", str(packs), "--jobs", "2"], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+                           "--data-root", str(packs), "--jobs", "2", *only], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
     return results, done
 
 
 def test_quick_run_executes_every_notebook(quick_run):
     results, done = quick_run
     assert done.returncode == 0, done.stderr[-3000:]
-    for name, (path, subfolder, parameters) in run_all.NOTEBOOKS.items():
+    for name in QUICK_NAMES:
+        path, subfolder, parameters, quick = run_all.NOTEBOOKS[name]
         executed = nbformat.read(results / "notebooks" / path, as_version=4)
         code = [c for c in executed.cells if c.cell_type == "code"]
         assert all(c.execution_count is None for c in code)
@@ -71,19 +98,25 @@ def test_quick_run_executes_every_notebook(quick_run):
         images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
         assert images, f"{name} shows no figure"
         table = pd.read_csv(results / subfolder / "metrics.csv")
-        assert COLUMNS <= set(table.columns), name
-        assert len(table) == run_all.QUICK["n_images"] * 2, name
-        assert (results / subfolder / "psnr.png").exists()
+        if name in run_all.EXPERIMENTS:
+            assert EXPERIMENT_COLUMNS[name] <= set(table.columns) and len(table) > 0, name
+            assert (results / subfolder / "summary.csv").exists()
+        else:
+            assert COLUMNS <= set(table.columns), name
+            assert len(table) == quick["n_images"] * 2, name
+            assert (results / subfolder / "psnr.png").exists()
     summary = pd.read_csv(results / "summary.csv")
-    assert set(summary.notebook) == set(run_all.NOTEBOOKS)
+    assert set(summary.notebook) == set(run_all.NOTEBOOKS) - set(run_all.EXPERIMENTS)
     assert "| notebook |" in (results / "README.md").read_text()
+    assert "## Experiments" in (results / "README.md").read_text()
     stored = nbformat.read(REPO / run_all.NOTEBOOKS["LeNet"][0], as_version=4)
     assert "quick" not in json.dumps(stored.metadata), "--results-dir must leave stored notebooks alone"
 
 
 def test_run_all_reports_the_failing_notebook_and_cell(tmp_path, monkeypatch, capsys, packs):
-    path, subfolder, parameters = run_all.NOTEBOOKS["Test_on_CIFAR10"]
-    monkeypatch.setitem(run_all.NOTEBOOKS, "Test_on_CIFAR10", (path, subfolder, dict(parameters, model="resnet")))
+    path, subfolder, parameters, quick = run_all.NOTEBOOKS["Test_on_CIFAR10"]
+    monkeypatch.setitem(run_all.NOTEBOOKS, "Test_on_CIFAR10", (path, subfolder, dict(parameters, model="resnet"),
+                                                               quick))
     status = run_all.main(["--only", "Test_on_CIFAR10", "--quick", "--results-dir", str(tmp_path),
                            "--data-root", str(packs)])
     assert status == 1
@@ -96,3 +129,10 @@ def test_run_all_list_and_unknown_names(capsys):
     assert "Test_on_CIFAR100" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run_all.main(["--only", "Nope"])
+    assert "unknown notebook Nope" in capsys.readouterr().err
+
+
+def test_quick_runs_never_overwrite_the_stored_notebooks(capsys):
+    with pytest.raises(SystemExit):
+        run_all.main(["--quick", "--only", "LeNet"])
+    assert "give --results-dir" in capsys.readouterr().err

@@ -225,3 +225,17 @@ def test_cuda_device(samples):
     grads = rc.client_gradients(model, image, 1, dtype=torch.float64)
     result = rc.reconstruct(model, grads, (3, 32, 32), device="cuda")
     assert max_error(result, image) <= EXACT
+
+
+@pytest.mark.parametrize("first_layer", ["hybrid", "weights", "gradients"])
+def test_a_first_layer_with_every_relu_off_is_reported_not_nan(first_layer):
+    # Every first-layer unit is dead: its outputs and gradients are zero, so nothing constrains the image.
+    model = uniform_init(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                                       nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(6 * 8 * 8, 3)), seed=3)
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    image = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = attack(model, image, label=1, first_layer=first_layer)
+    assert torch.isfinite(result.image).all()
+    assert result.layers[0].rank == 0 and not result.exact
+    assert max_error(result, torch.zeros_like(image)) == 0.0  # the minimum-norm answer to no equations

@@ -86,3 +86,11 @@ def test_command_line_offline(tmp_path, packs):
 def test_command_line_errors(tmp_path):
     done = run_cli("-d", "ImageNet", cwd=tmp_path)
     assert done.returncode == 2 and "unknown dataset 'ImageNet'" in done.stderr
+
+
+def test_the_public_api_is_what_all_lists():
+    assert sorted(set(rc.__all__)) == sorted(rc.__all__)
+    missing = [name for name in rc.__all__ if not hasattr(rc, name)]
+    assert not missing
+    undocumented = [name for name in rc.__all__ if callable(getattr(rc, name)) and not getattr(rc, name).__doc__]
+    assert not undocumented
