@@ -207,6 +207,12 @@ def _indices(indices):
     return values
 
 
+def _progress(items=None, *, total=None, desc, unit, enabled, mininterval=1.0):
+    """A tqdm progress bar over items (or a manual one of `total` steps); a silent one unless enabled."""
+    from tqdm import tqdm
+    return tqdm(items, total=total, desc=desc, unit=unit, mininterval=mininterval, disable=not enabled)
+
+
 def _preprocess(picture, size):
     # The paper's pipeline: Resize(32), CenterCrop(32), ToTensor; MNIST becomes 32x32.
     from torchvision import transforms
@@ -1435,11 +1441,8 @@ def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **optio
     """
     cache = options.pop("cache", None)
     cache = {} if cache is None else cache
-    items = grads_list
-    if progress:
-        from tqdm import tqdm
-        items = tqdm(grads_list, desc="R-CONV", unit="image", mininterval=1.0)
-    return [reconstruct(model, grads, input_shape, cache=cache, **options) for grads in items]
+    return [reconstruct(model, grads, input_shape, cache=cache, **options)
+            for grads in _progress(grads_list, desc="R-CONV", unit="image", enabled=progress)]
 
 
 # Optimisation attacks from the breaching package (Geiping et al.), on the same gradients.
@@ -1529,10 +1532,8 @@ def compare_baselines(dataset, model_name, indices, *, iterations=None, dtype="f
     model = build_model(model_name, info["channels"], info["num_classes"], seed=seed)
     iterations = dict(iterations or {})
     rows, shown, cache = [], {"original": list(images)}, {}
-    items = list(zip(indices, images, labels))
-    if progress:
-        from tqdm import tqdm
-        items = tqdm(items, desc=f"{info['name']} {model_name}", unit="image", mininterval=5.0)
+    items = _progress(list(zip(indices, images, labels)), desc=f"{info['name']} {model_name}", unit="image",
+                      enabled=progress, mininterval=5.0)
     for index, image, label in items:
         grads = client_gradients(model, image, label, dtype=as_dtype(dtype))
         results = {"rconv": reconstruct(model, grads, image.shape, first_layer=first_layer, cache=cache)}
@@ -1715,10 +1716,7 @@ def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_laye
     images, labels = load_images(dataset, indices, root=data_root)
     variants = list(itertools.product(first_layers, relu_tests, projects))
     total = len(seeds) * len(dtypes) * len(indices) * len(defences) * len(variants)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc=f"{info['name']} {model_name}", unit="attack", mininterval=1.0)
+    bar = _progress(total=total, desc=f"{info['name']} {model_name}", unit="attack", enabled=progress)
     rows, kept = [], []
     for seed in seeds:
         model = build_model(model_name, info["channels"], info["num_classes"], seed=seed, **model_overrides)
@@ -1749,10 +1747,8 @@ def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_laye
                         rows.append(row)
                         if keep:
                             kept.append(result)
-                        if bar is not None:
-                            bar.update()
-    if bar is not None:
-        bar.close()
+                        bar.update()
+    bar.close()
     table = pd.DataFrame(rows)
     return (table, kept) if keep else table
 
@@ -1813,11 +1809,8 @@ def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,),
     if not 1 <= position <= len(base["channels"]):
         raise ValueError(f"position must be 1..{len(base['channels'])} for {model_name}; got {position}")
     rows = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(counts) * len(seeds) * len(indices), desc=f"{model_name} layer {position}",
-                   unit="image", mininterval=1.0)
+    bar = _progress(total=len(counts) * len(seeds) * len(indices), desc=f"{model_name} layer {position}",
+                    unit="image", enabled=progress)
     for filters in counts:
         channels = list(base["channels"])
         channels[position - 1] = int(filters)
@@ -1839,10 +1832,8 @@ def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,),
                                  position=position, filters=int(filters), seed=seed, index=index,
                                  unknowns=height * width, rank=rank, full_rank=rank == height * width,
                                  min_filters=needed, rgap_filters=math.ceil(c_in * height * width / (out_h * out_w))))
-                if bar is not None:
-                    bar.update()
-    if bar is not None:
-        bar.close()
+                bar.update()
+    bar.close()
     return pd.DataFrame(rows)
 
 
