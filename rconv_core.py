@@ -34,7 +34,8 @@ __all__ = [
     "load_images", "dataset_info",  # data
     "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
-    "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport", "FIRST_LAYER_METHODS",  # the attack
+    "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport",  # the attack
+    "FIRST_LAYER_METHODS", "RELU_TESTS",
     "BASELINES", "run_baseline", "compare_baselines",  # optimisation baselines
     "image_metrics", "constraint_report", "solve_steps", "layer_inputs", "output_gradients",  # metrics, reports
     "attack_grid", "attack_images", "filter_sweep", "summarize", "success_rates", "breaking_points",
@@ -444,8 +445,11 @@ def weight_constraints(weight, input_size, stride=1, padding=0):
     if min(_conv_output_size(_pair(input_size), weight.shape[2:], _pair(stride), _pair(padding))) < 1:
         raise ValueError(f"a {tuple(weight.shape[2:])} kernel does not fit a {tuple(_pair(input_size))} input "
                          f"with padding {padding}")
-    rows, cols, values, shape = _weight_entries(weight, input_size, stride, padding)
-    matrix = weight.new_zeros(shape)
+    return _dense(*_weight_entries(weight, input_size, stride, padding))
+
+
+def _dense(rows, cols, values, shape):
+    matrix = values.new_zeros(shape)
     matrix[rows, cols] = values
     return matrix
 
@@ -783,8 +787,6 @@ def _diverged(system):
 
 
 def _solve_eigh(system, rtol):
-    if not bool(torch.isfinite(system.gram).all()):
-        return _diverged(system)
     eigenvalues, vectors = torch.linalg.eigh(system.gram)
     sigma = eigenvalues.clamp_min(0).sqrt()
     spectrum = _spectrum(sigma, rtol)
@@ -800,8 +802,6 @@ def _solve_eigh(system, rtol):
 
 
 def _solve_cholesky(system, rtol):
-    if not bool(torch.isfinite(system.gram).all()):
-        return _diverged(system)
     factor, info = torch.linalg.cholesky_ex(system.gram)
     if int(info) != 0:
         return None
@@ -833,6 +833,8 @@ def _solve(system, rtol, fast_only=False):
         return _diverged(system)
     if system.shape[0] == 0:  # no equation at all (weight constraints where every ReLU unit is off)
         return system.rhs.new_zeros(system.shape[1], system.rhs.shape[1]), _Spectrum(0, math.inf)
+    if not bool(torch.isfinite(system.gram).all()):
+        return _diverged(system)
     solved = (_solve_eigh if system.shape[1] <= _EIGH_MAX else _solve_cholesky)(system, rtol)
     if solved is not None or fast_only:
         return solved
@@ -848,6 +850,7 @@ def _solve(system, rtol, fast_only=False):
 # -----------------------------------------------------------------------------
 
 FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
+RELU_TESTS = ("relative", "absolute")  # the suite's ReLU test and the published code's
 _INVERTIBLE = (nn.Conv2d, nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Flatten, nn.Linear)
 _ACTIVATION_TYPES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 
@@ -1116,9 +1119,7 @@ class _WeightSystem:
         return inputs.reshape(y.shape[1], -1).T
 
     def dense(self):
-        matrix = self.weight.new_zeros(self.shape)
-        matrix[self.rows, self.cols] = self.values
-        return matrix
+        return _dense(self.rows, self.cols, self.values, self.shape)
 
     def sparse(self, known=None):
         import scipy.sparse
@@ -1310,8 +1311,8 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
     start = time.perf_counter()
     if first_layer not in FIRST_LAYER_METHODS:
         raise ValueError(f"first_layer must be one of {', '.join(FIRST_LAYER_METHODS)}; got {first_layer!r}")
-    if relu_test not in ("relative", "absolute"):
-        raise ValueError(f"relu_test must be 'relative' or 'absolute'; got {relu_test!r}")
+    if relu_test not in RELU_TESTS:
+        raise ValueError(f"relu_test must be one of {', '.join(RELU_TESTS)}; got {relu_test!r}")
     network = _parse_network(model)
     by_id = _check_gradients(model, network, grads)
     sizes = _check_input_shape(network, input_shape)
@@ -1708,7 +1709,7 @@ def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_laye
     info = dataset_info(dataset)
     indices = _indices(indices)
     _check_choices("first_layers", first_layers, FIRST_LAYER_METHODS)
-    _check_choices("relu_tests", relu_tests, ("relative", "absolute"))
+    _check_choices("relu_tests", relu_tests, RELU_TESTS)
     _check_choices("defences", [d for d, _ in defences], DEFENCES)
     dtypes = [as_dtype(dtype) for dtype in dtypes]
     for defence, strength in defences:
