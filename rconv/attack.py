@@ -1,0 +1,289 @@
+"""The attack: R-CONV from the Linear layer down to the image, and its result types.
+
+reconstruct() reads the Linear layer's input off its gradients (_linear_step), then
+recovers each conv layer's input from the last layer to the first (_conv_step), each
+step handing the next one its recovered output and output gradient, and finally
+decides whether the image can be trusted (_verdict).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .activations import RELU_TESTS, VALUE_RANGES, Noise, branches, preactivation
+from .client import dtype_name
+from .errors import RConvError
+from .network import check_gradients, check_input_shape, parse_network
+from .progress import progress_bar
+from .solvers import TINY, eps
+from .systems import JOINT_MAX_UNKNOWNS, GradientSystem, LayerEquations, solve_layer, weight_system
+from .tolerances import Tolerances
+
+FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
+# The Linear layer's ratio dL/dW / dL/db is well conditioned: its output carries the gradients'
+# rounding amplified at most this much.
+_LINEAR_NOISE_GAIN = 10.0
+# A layer's recovered input carries its system's condition number times this, in units of eps.
+_SOLVE_NOISE_MARGIN = 10.0
+# A single image's Linear weight gradient is rank one up to this misfit, in units of eps
+# (capped for half precisions).
+_RANK_ONE_EPS, _RANK_ONE_CAP = 1e3, 0.05
+
+
+@dataclass
+class LayerReport:
+    """How one conv layer's input was recovered."""
+
+    layer: int  # conv layer number, 1 = the first
+    method: str  # "gradients", "weights", "hybrid" or "gradients+weights"
+    equations: int
+    unknowns: int
+    rank: int  # numerical rank at the gradients' precision
+    cond: float
+    residual: float  # relative residual of the solved system
+    bias_residual: float  # |sum dL/dO - dL/db| / |dL/db|: checks the recovered output gradient
+    known_outputs: float  # fraction of pre-activation outputs the activation reveals
+    seconds: float = 0.0
+
+    @property
+    def full_rank(self):
+        return self.rank == self.unknowns
+
+
+@dataclass
+class Reconstruction:
+    """A recovered image with the per-layer diagnostics that justify (or not) trusting it."""
+
+    image: torch.Tensor  # (1, C, H, W) float64
+    layers: list = field(default_factory=list)  # LayerReport per conv layer, first to last
+    exact: bool = False  # every layer full rank with small residuals
+    seconds: float = 0.0
+    method: str = "rconv"
+    features: torch.Tensor | None = None  # the recovered input of the Linear layer
+    linear_misfit: float = 0.0  # |dL/dW - dL/db x^T| / |dL/dW|: zero for one image's gradients
+    notes: list = field(default_factory=list)  # what limits this reconstruction, in words
+    inputs: list = field(default_factory=list)  # recovered input of each conv layer, first to last
+    iterations: int = 0  # optimisation steps taken (the baselines); R-CONV takes none
+
+    def report(self):
+        """The per-layer diagnostics as a pandas DataFrame, in solving order (last layer first)."""
+        import pandas as pd
+        rows = [vars(r) | {"full_rank": r.full_rank} for r in reversed(self.layers)]
+        return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """reconstruct()'s settings, as every step needs them."""
+
+    first_layer: str
+    relu_test: str
+    project: bool
+    image_range: tuple
+    tolerances: Tolerances
+    device: torch.device
+
+
+class _Signal(NamedTuple):
+    """What a step hands the conv layer below it: that layer's recovered activation output and its gradient."""
+
+    activated: torch.Tensor  # (F, P, Q)
+    activated_grad: torch.Tensor  # dL/d(activated)
+    noise: Noise
+
+
+class _LinearStep(NamedTuple):
+    features: torch.Tensor
+    misfit: float
+    signal: _Signal
+    notes: list
+
+
+class _ConvResult(NamedTuple):
+    """One conv layer's recovered input, its report, and what it hands the layer below."""
+
+    input: torch.Tensor  # (C, H, W)
+    report: LayerReport
+    signal: _Signal
+
+
+def fc_features(weight_grad, bias_grad):
+    """The Linear layer's input from x_n = dL/dW[m, n] / dL/db[m], all outputs m in least squares."""
+    energy = float(bias_grad @ bias_grad)
+    if energy == 0.0:
+        raise RConvError("the Linear layer's bias gradient is zero (the loss is saturated), so its input "
+                         "cannot be recovered")
+    features = bias_grad @ weight_grad / energy
+    misfit = float(torch.linalg.norm(weight_grad - torch.outer(bias_grad, features)) /
+                   torch.linalg.norm(weight_grad).clamp_min(TINY))
+    return features, misfit
+
+
+def _linear_step(network, grads, shape, options, check_batch):
+    """The Linear layer's input (the last conv layer's activation output) and the gradient reaching it."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    linear, dtype = network.linear, options.tolerances.dtype
+    bias_grad = grads.of(linear.bias).to(**wide)
+    features, misfit = fc_features(grads.of(linear.weight).to(**wide), bias_grad)
+    if check_batch and misfit > min(_RANK_ONE_CAP, _RANK_ONE_EPS * eps(dtype)):
+        raise RConvError(f"the Linear layer's weight gradient is not rank one (relative misfit {misfit:.2g}); "
+                         f"these look like the gradients of a batch of more than one image, and R-CONV "
+                         f"recovers a single image (pass check_batch=False to try anyway)")
+    notes = []
+    largest = float(bias_grad.abs().max())
+    if largest < torch.finfo(dtype).tiny:
+        notes.append(f"the loss is saturated: the Linear layer's bias gradient is subnormal in {dtype_name(dtype)} "
+                     f"(largest entry {largest:.2g}), so the gradients keep only a few significant bits")
+    activated = features.view(shape)
+    activated_grad = (linear.weight.detach().to(**wide).T @ bias_grad).view(shape)
+    noise = Noise(gain=_LINEAR_NOISE_GAIN, negative=max(0.0, -float(activated.min())))
+    return _LinearStep(features, misfit, _Signal(activated, activated_grad, noise), notes)
+
+
+def _equations(step, signal, grads, input_shape, options, cache):
+    """The layer's equations, its output gradient dL/dO, and the fraction of outputs revealed."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    conv, tolerances = step.conv, options.tolerances
+    bias_grad = grads.of(conv.bias).to(**wide) if conv.bias is not None else None
+    derivative, band = branches(step, signal.activated, signal.activated_grad, bias_grad, tolerances,
+                                signal.noise, options.relu_test)
+    output_grad = signal.activated_grad * derivative
+    output, known = preactivation(step, signal.activated, derivative, tolerances.saturation)
+    if step.activation == "relu" and options.relu_test == "relative":
+        known &= signal.activated > band  # a pre-activation read off a near-zero output may be a dead unit's
+    bias = conv.bias.detach().to(**wide).view(-1, 1, 1) if conv.bias is not None else 0.0
+    known_rows = known.reshape(-1)
+    weight = conv.weight.detach().to(**wide)
+    equations = LayerEquations(
+        gradients=GradientSystem.build(output_grad, grads.of(conv.weight).to(**wide), input_shape[1:],
+                                       conv.kernel_size, conv.stride, step.padding),
+        weights=weight_system(weight, conv.bias, conv.stride, step.padding, input_shape, cache),
+        known=known_rows, output=(output - bias).reshape(-1)[known_rows])
+    return equations, output_grad, bias_grad
+
+
+def _solve(step, equations, options):
+    """The layer's method and LayerSolve: the chosen method, or weight constraints added when
+    gradient constraints alone leave a hidden layer rank-deficient."""
+    dtype, unknowns = options.tolerances.dtype, equations.weights.shape[1]
+    method = options.first_layer if step.number == 1 else "gradients"
+    solved = solve_layer(equations, method, dtype)
+    if solved.spectrum.rank < unknowns and step.number > 1 and bool(equations.known.any()) \
+            and unknowns <= JOINT_MAX_UNKNOWNS:
+        repaired = solve_layer(equations, "hybrid", dtype, fallback=True)
+        if repaired is not None and repaired.spectrum.rank > solved.spectrum.rank:
+            return "gradients+weights", repaired
+    return method, solved
+
+
+def _conv_step(step, signal, grads, input_shape, options, cache, previous_activation):
+    """Recover one conv layer's input from its equations; report it; pass the gradient below."""
+    start = time.perf_counter()
+    channels, height, width = input_shape
+    equations, output_grad, bias_grad = _equations(step, signal, grads, input_shape, options, cache)
+    method, solved = _solve(step, equations, options)
+    x = solved.x.reshape(channels, height, width)
+    negative = max(0.0, -float(x.min())) if x.numel() else 0.0
+    if options.project:
+        low, high = VALUE_RANGES.get(previous_activation, (None, None)) if previous_activation \
+            else options.image_range
+        if low is not None or high is not None:
+            x = x.clamp(low, high)
+    bias_residual = 0.0
+    if bias_grad is not None:
+        bias_residual = float(torch.linalg.norm(output_grad.sum((1, 2)) - bias_grad) /
+                              torch.linalg.norm(bias_grad).clamp_min(TINY))
+    gradient_rows = equations.gradients.matrix.shape[0] * channels
+    report = LayerReport(
+        layer=step.number, method=method,
+        equations=(gradient_rows if method != "weights" else 0) + (int(equations.known.sum())
+                                                                  if method != "gradients" else 0),
+        unknowns=channels * height * width, rank=solved.spectrum.rank, cond=solved.spectrum.cond,
+        residual=solved.residual, bias_residual=bias_residual,
+        known_outputs=float(equations.known.double().mean()), seconds=time.perf_counter() - start)
+    weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
+    input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
+                                            stride=step.conv.stride, padding=step.padding)[0]
+    noise = Noise(gain=_SOLVE_NOISE_MARGIN * min(solved.spectrum.cond, 1.0 / eps(options.tolerances.dtype)),
+                  negative=negative)
+    return _ConvResult(x, report, _Signal(x, input_grad, noise))
+
+
+def _verdict(reports, tolerances):
+    """Exact: every layer full rank, with residuals and bias misfits within the tolerance."""
+    return all(r.full_rank and r.residual <= tolerances.residual and r.bias_residual <= tolerances.residual
+               for r in reports)
+
+
+def _check_methods(first_layer, relu_test):
+    if first_layer not in FIRST_LAYER_METHODS:
+        raise RConvError(f"first_layer must be one of {', '.join(FIRST_LAYER_METHODS)}; got {first_layer!r}")
+    if relu_test not in RELU_TESTS:
+        raise RConvError(f"relu_test must be one of {', '.join(RELU_TESTS)}; got {relu_test!r}")
+
+
+def _options(grads, first_layer, relu_test, relu_tol, project, image_range, device):
+    if not grads.dtype.is_floating_point:
+        raise RConvError(f"gradients must be floating point; got {grads.dtype}")
+    device = torch.device(device) if device is not None else grads.device
+    return _Options(first_layer, relu_test, project, image_range, Tolerances.for_dtype(grads.dtype, relu_tol),
+                    device)
+
+
+def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=None, relu_test="relative",
+                project=False, image_range=(0.0, 1.0), device=None, check_batch=True, cache=None):
+    """Recover the training image behind one client's gradients with R-CONV.
+
+    Args:
+        model: the network the client trained (nn.Sequential of Conv2d, activations, Flatten, Linear).
+        grads: gradients in model.parameters() order (list) or by parameter name (dict).
+        input_shape: (C, H, W) of the image.
+        first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),
+            "gradients" (gradient constraints only) or "hybrid" (both, each scaled to unit norm).
+        relu_tol: the ReLU test's floor: outputs at or below relu_tol * (the layer's largest output), or
+            three times the layer's noise floor if that is larger, count as inactive; None picks
+            default_relu_tol for the gradients' dtype. Ignored by relu_test="absolute".
+        relu_test: "relative" (relu_tol, the layer's noise floor, and the bias gradient to settle
+            near-zero units) or "absolute" (the published code: outputs rounded to 7 decimals).
+        project: clip every recovered layer input to the values it can take (the image to
+            image_range, ReLU outputs to >= 0, Sigmoid to [0, 1], Tanh to [-1, 1]). The truth
+            lies in that box, so clipping never moves an estimate away from it: a regularisation
+            for noisy or defended gradients. Off by default, so exactness is judged unaided.
+        device: where to solve ("cpu", "cuda"); None means the gradients' device.
+        check_batch: refuse gradients whose Linear layer is not rank one (a batch of several images).
+        cache: a dict shared between calls on the same model, holding what depends only on the weights.
+    Returns a Reconstruction.
+    """
+    start = time.perf_counter()
+    _check_methods(first_layer, relu_test)
+    network = parse_network(model)
+    grads = check_gradients(model, network, grads)
+    sizes = check_input_shape(network, input_shape)
+    options = _options(grads, first_layer, relu_test, relu_tol, project, image_range, device)
+    top = _linear_step(network, grads, sizes[-1], options, check_batch)
+    signal, results = top.signal, {}
+    for step in reversed(network.steps):
+        previous = network.steps[step.number - 2].activation if step.number > 1 else None
+        results[step.number] = _conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous)
+        signal = results[step.number].signal
+    reports = [results[n].report for n in sorted(results)]
+    return Reconstruction(image=signal.activated.detach().cpu()[None], layers=reports,
+                          exact=_verdict(reports, options.tolerances), seconds=time.perf_counter() - start,
+                          features=top.features.cpu(), linear_misfit=top.misfit, notes=top.notes,
+                          inputs=[results[n].input.cpu() for n in sorted(results)])
+
+
+def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **options):
+    """reconstruct() for many clients' gradients on one model, sharing what depends only on the weights.
+
+    Returns one Reconstruction per entry of grads_list; options are reconstruct()'s keywords.
+    """
+    cache = options.pop("cache", None)
+    cache = {} if cache is None else cache
+    return [reconstruct(model, grads, input_shape, cache=cache, **options)
+            for grads in progress_bar(grads_list, desc="R-CONV", unit="image", enabled=progress)]

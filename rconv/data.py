@@ -1,0 +1,149 @@
+"""Training images: MNIST, CIFAR10, CIFAR100 (torchvision or offline sample packs) and bundled photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import RConvError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DATASETS = {
+    "mnist": dict(torchvision="MNIST", channels=1, num_classes=10),
+    "cifar10": dict(torchvision="CIFAR10", channels=3, num_classes=10),
+    "cifar100": dict(torchvision="CIFAR100", channels=3, num_classes=100),
+    "samples": dict(torchvision=None, channels=3, num_classes=10),
+}
+# Photos bundled with scikit-image (no download): colour ones first, then greyscale ones.
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field",
+                 "immunohistochemistry", "retina", "colorwheel", "camera", "coins", "moon",
+                 "brick", "grass", "gravel", "clock")
+
+
+def _default_data_root():
+    # torchvision downloads land in data/ of the checkout, or of the working directory
+    # when the package is installed elsewhere (as in Colab).
+    return REPO_ROOT / "data" if (REPO_ROOT / "run_all.py").exists() else Path("data")
+
+
+def data_place(path):
+    """A data folder as given: absolute, or relative to the working directory or else to the project's root."""
+    # RCONV_DATA is documented relative to the project's root; accept the working directory too.
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
+def dataset_info(dataset):
+    """Channels and number of classes of a dataset name (case-insensitive)."""
+    key = str(dataset).lower()
+    if key not in DATASETS:
+        raise RConvError(f"unknown dataset {dataset!r}; choose one of MNIST, CIFAR10, CIFAR100, samples")
+    return dict(DATASETS[key], name=key)
+
+
+def check_indices(indices):
+    """Image indices as a non-empty list of non-negative ints."""
+    values = [int(indices)] if np.ndim(indices) == 0 else [int(i) for i in indices]
+    if not values:
+        raise RConvError("no image indices given")
+    if any(i < 0 for i in values):
+        raise RConvError(f"image indices must be non-negative; got {values}")
+    return values
+
+
+def _preprocess(picture, size):
+    # The paper's pipeline: Resize(32), CenterCrop(32), ToTensor; MNIST becomes 32x32.
+    from torchvision import transforms
+    steps = [transforms.Resize(size), transforms.CenterCrop(size)] if size is not None else []
+    return transforms.Compose(steps + [transforms.ToTensor()])(picture)
+
+
+def _sample_photo(name):
+    from PIL import Image
+    import skimage.data
+    picture = np.asarray(getattr(skimage.data, name)())
+    if picture.ndim == 2:
+        picture = np.repeat(picture[..., None], 3, axis=2)
+    return Image.fromarray(picture[..., :3].astype(np.uint8))
+
+
+def _from_pack(path, indices):
+    with np.load(path) as pack:
+        images, labels = pack["images"], pack["labels"]
+    if max(indices) >= len(images):
+        return None
+    from PIL import Image
+    pictures = [Image.fromarray(images[i].squeeze(-1) if images.shape[-1] == 1 else images[i])
+                for i in indices]
+    return pictures, [int(labels[i]) for i in indices]
+
+
+def _from_torchvision(name, root, indices, download):
+    import torchvision
+    try:
+        data = getattr(torchvision.datasets, name)(str(root), train=True, download=download)
+    except Exception:  # torchvision raises RuntimeError, URLError, ... when files are missing
+        return None
+    if max(indices) >= len(data):
+        raise RConvError(f"{name} has {len(data)} training images; index {max(indices)} is out of range")
+    items = [data[i] for i in indices]
+    return [picture for picture, _ in items], [int(label) for _, label in items]
+
+
+def _find(info, indices, root, download):
+    """The pictures and labels from the first place that holds them, or an error listing the places."""
+    places = [data_place(p) for p in (root, os.environ.get("RCONV_DATA")) if p]
+    looked = []
+    for place in places:
+        pack = place / f"{info['name']}_train_first100.npz"
+        looked.append(str(pack))
+        found = _from_pack(pack, indices) if pack.exists() else None
+        if found is None:
+            looked.append(f"{place} (torchvision {info['torchvision']} folder)")
+            found = _from_torchvision(info["torchvision"], place, indices, download=False)
+        if found is not None:
+            return found
+    default = _default_data_root()
+    looked.append(f"{default} (torchvision, download={download})")
+    found = _from_torchvision(info["torchvision"], default, indices, download=download)
+    if found is None:
+        raise RConvError(
+            f"could not load {info['torchvision']} images {indices[:5]}{'...' if len(indices) > 5 else ''}; "
+            f"looked in: {'; '.join(looked)}. Offline, point RCONV_DATA (or root=) at a folder holding "
+            f"torchvision's dataset folders or {info['name']}_train_first100.npz, e.g. "
+            f"RCONV_DATA=../shared/datasets")
+    return found
+
+
+def load_images(dataset, indices, root=None, download=True, size=32):
+    """Training images of MNIST, CIFAR10, CIFAR100 or "samples" as float32 (N, C, size, size) in [0, 1].
+
+    Looks in `root`, then $RCONV_DATA, then data/ in the repository (downloading through
+    torchvision there when `download`). Each place may hold torchvision's own dataset
+    folders or sample packs named `<dataset>_train_first100.npz`. "samples" are photos
+    bundled with scikit-image and need no data. An unknown label (-1 in a pack, and every
+    sample photo) becomes index % num_classes, so the client's gradients stay deterministic.
+    size=None keeps the dataset's own size (28 for MNIST). Returns (images, labels int64 (N,)).
+    """
+    info = dataset_info(dataset)
+    indices = check_indices(indices)
+    if info["name"] == "samples":
+        if size is None:
+            raise RConvError("sample photos have no native size; pass size=32 (or another side)")
+        if max(indices) >= len(SAMPLE_PHOTOS):
+            raise RConvError(f"there are {len(SAMPLE_PHOTOS)} sample photos; index {max(indices)} is out of range")
+        pictures, labels = [_sample_photo(SAMPLE_PHOTOS[i]) for i in indices], [-1] * len(indices)
+    else:
+        pictures, labels = _find(info, indices, root, download)
+    images = torch.stack([_preprocess(p, size) for p in pictures]).float()
+    if images.shape[1] != info["channels"]:
+        images = images[:, :1] if info["channels"] == 1 else images.expand(-1, info["channels"], -1, -1)
+    labels = torch.tensor([lab if lab >= 0 else i % info["num_classes"] for lab, i in zip(labels, indices)],
+                          dtype=torch.int64)
+    return images.contiguous(), labels

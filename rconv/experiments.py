@@ -1,0 +1,227 @@
+"""The experiment loops and their tidy tables: one row per image and setting, parameters in every row."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from .activations import RELU_TESTS
+from .attack import FIRST_LAYER_METHODS, reconstruct
+from .cases import setup
+from .client import DEFENCES, as_dtype, client_gradients, defend, dtype_name
+from .constraints import grad_constraints, min_filters
+from .data import check_indices, dataset_info
+from .errors import RConvError
+from .models import MODELS, preset_name
+from .network import check_input_shape, parse_network
+from .progress import progress_bar
+from .reports import BROKEN_PSNR, image_metrics, output_gradients
+from .solvers import rank_rtol
+
+
+def _check_choices(name, values, valid):
+    unknown = [value for value in values if value not in valid]
+    if unknown or not len(values):
+        raise RConvError(f"{name} must be a non-empty list drawn from {', '.join(map(str, valid))}; "
+                         f"got {list(values)}")
+
+
+def _attack_row(model, image, grads, setting, options):
+    """One attack's metrics for the table, and its Reconstruction (None where R-CONV refused)."""
+    try:
+        result = reconstruct(model, grads, image.shape, **options)
+    except RConvError as error:  # e.g. top-k leaves no bias gradient: a row, not a crash
+        return dict(setting, mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan, exact=False,
+                    rank_deficient=False, seconds=math.nan, notes=str(error)), None
+    return dict(setting, **image_metrics(image, result.image), exact=result.exact,
+                rank_deficient=not all(r.full_rank for r in result.layers), seconds=result.seconds,
+                notes="; ".join(result.notes)), result
+
+
+def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_layers=("hybrid",),
+                relu_tests=("relative",), defences=(("none", 0),), projects=(False,), seeds=(50,), data_root=None,
+                keep=False, progress=True, **model_overrides):
+    """R-CONV on dataset images over every combination of settings; the suite's tidy results.
+
+    Every image is attacked as a client of the preset would leak it, for each seed (of the
+    model's initialisation), gradient dtype, defence (name, strength) as in defend(), first
+    layer method, ReLU test and projection. Returns a pandas DataFrame with one row per image
+    and setting: dataset, model, activations, seed, index, label, dtype, first_layer,
+    relu_test, defence, strength, project, mse, psnr, ssim, max_abs_err, exact,
+    rank_deficient, seconds, notes. With keep=True also the list of Reconstructions, one per
+    row. A setting R-CONV refuses (RConvError: say, top-k leaves no bias gradient) gets a row
+    with its error in notes and NaN metrics; settings that could never run (an unknown first
+    layer, ReLU test, defence or dtype) raise RConvError before any work.
+    """
+    import pandas as pd
+    dataset_info(dataset)
+    indices = check_indices(indices)
+    _check_choices("first_layers", first_layers, FIRST_LAYER_METHODS)
+    _check_choices("relu_tests", relu_tests, RELU_TESTS)
+    _check_choices("defences", [d for d, _ in defences], DEFENCES)
+    dtypes = [as_dtype(dtype) for dtype in dtypes]
+    for defence, strength in defences:
+        defend([torch.zeros(1)], defence, strength)  # refuses impossible strengths before any work
+    variants = list(itertools.product(first_layers, relu_tests, projects))
+    rows, kept, bar = [], [], None
+    for seed in seeds:
+        case = setup(dataset, model_name, indices, seed, data_root=data_root, **model_overrides)
+        if bar is None:
+            total = len(seeds) * len(dtypes) * len(case.images) * len(defences) * len(variants)
+            bar = progress_bar(total=total, desc=f"{case.info['name']} {model_name}", unit="attack",
+                               enabled=progress)
+        setting = dict(dataset=case.info["name"], model=model_name,
+                       activations="-".join(case.model.config["activations"]), seed=seed)
+        cache = {}
+        for dtype in dtypes:
+            for index, image, label in zip(indices, case.images, case.labels):
+                grads = client_gradients(case.model, image, label, dtype=dtype)
+                for (defence, strength), (first_layer, relu_test, project) in itertools.product(defences, variants):
+                    row, result = _attack_row(
+                        case.model, image, defend(grads, defence, strength, seed=index),
+                        dict(setting, index=index, label=int(label), dtype=dtype_name(dtype),
+                             first_layer=first_layer, relu_test=relu_test, defence=defence, strength=strength,
+                             project=project),
+                        dict(first_layer=first_layer, relu_test=relu_test, project=project, cache=cache,
+                             check_batch=defence == "none"))
+                    rows.append(row)
+                    if keep:
+                        kept.append(result)
+                    bar.update()
+    bar.close()
+    table = pd.DataFrame(rows)
+    return (table, kept) if keep else table
+
+
+def attack_images(dataset, model_name, indices, *, dtypes=("float64", "float32"), first_layer="hybrid", seed=50,
+                  data_root=None, progress=True, **model_overrides):
+    """attack_grid() for one first layer method and seed, keeping the reconstructions.
+
+    Returns (table, reconstructions), reconstructions a dict dtype name -> list of
+    Reconstruction (None where the attack raised) in the order of indices. The first image of each dtype pays the
+    one-time factorisations (see seconds).
+    """
+    table, results = attack_grid(dataset, model_name, indices, dtypes=dtypes, first_layers=(first_layer,),
+                                 seeds=(seed,), data_root=data_root, keep=True, progress=progress, **model_overrides)
+    reconstructions = {}
+    for dtype, result in zip(table["dtype"], results):
+        reconstructions.setdefault(dtype, []).append(result)
+    return table, reconstructions
+
+
+def _gradient_rank(model, step, image, label, input_size):
+    """The numerical rank (float64) of a conv step's gradient-constraint matrix for one image."""
+    grad = output_gradients(model, image, label)[step.number - 1]
+    matrix = grad_constraints(grad, input_size, step.conv.kernel_size, step.conv.stride, step.padding)
+    sigma = torch.linalg.svdvals(matrix)
+    return int((sigma > rank_rtol(torch.float64, matrix.shape) * sigma.max()).sum())
+
+
+def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,), data_root=None, progress=True):
+    """How many filters conv layer `position` (1 = first) needs for its gradient constraints alone.
+
+    For each filter count, seed and image, the layer's true output gradient (float64) gives its
+    gradient-constraint matrix; the row says whether it is full rank at float64 precision.
+    Columns: dataset, model, activation, position, filters, seed, index, unknowns (pixels per
+    channel), rank, full_rank, min_filters (the counting bound), rgap_filters (the filters a
+    count of weight constraints, as R-GAP's rank analysis, asks for: C*H*W / (P*Q)).
+    """
+    import pandas as pd
+    base = MODELS[preset_name(model_name)]
+    if not 1 <= position <= len(base["channels"]):
+        raise RConvError(f"position must be 1..{len(base['channels'])} for {model_name}; got {position}")
+    indices = check_indices(indices)
+    rows = []
+    bar = progress_bar(total=len(counts) * len(seeds) * len(indices), desc=f"{model_name} layer {position}",
+                       unit="image", enabled=progress)
+    for filters in counts:
+        channels = list(base["channels"])
+        channels[position - 1] = int(filters)
+        for seed in seeds:
+            case = setup(dataset, model_name, indices, seed, data_root=data_root, channels=channels)
+            network = parse_network(case.model)
+            sizes = check_input_shape(network, case.images.shape[1:])
+            step = network.steps[position - 1]
+            c_in, height, width = sizes[position - 1]
+            _, out_h, out_w = sizes[position]
+            setting = dict(dataset=case.info["name"], model=model_name, activation=step.activation,
+                           position=position, filters=int(filters), seed=seed)
+            bound = dict(unknowns=height * width,
+                         min_filters=min_filters((height, width), step.conv.kernel_size, step.conv.stride,
+                                                 step.padding),
+                         rgap_filters=math.ceil(c_in * height * width / (out_h * out_w)))
+            for index, image, label in zip(indices, case.images, case.labels):
+                rank = _gradient_rank(case.model, step, image, label, (height, width))
+                rows.append(dict(setting, index=index, unknowns=bound["unknowns"], rank=rank,
+                                 full_rank=rank == height * width, min_filters=bound["min_filters"],
+                                 rgap_filters=bound["rgap_filters"]))
+                bar.update()
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def breaking_points(table, threshold=BROKEN_PSNR, by=("dataset", "defence", "project")):
+    """Per defence: the weakest strength whose median PSNR falls below `threshold` dB (NaN if none)."""
+    import pandas as pd
+    missing = [column for column in ("defence", "strength", "psnr") if column not in table.columns]
+    if missing:
+        raise RConvError(f"breaking_points needs a table with columns defence, strength and psnr; missing {missing}")
+    rows = []
+    # every group holds one defence: their strengths run in opposite directions
+    by = list(dict.fromkeys([column for column in by if column in table.columns] + ["defence"]))
+    for key, group in table[table.defence != "none"].groupby(by, sort=False):
+        medians = group.groupby("strength").psnr.median()
+        # gaussian grows stronger with strength; top-k and quantisation with smaller keep ratios or bits
+        ordered = medians.sort_index(ascending=group.defence.iloc[0] == "gaussian")
+        broken = ordered[ordered < threshold]
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)),
+                         breaks_at=broken.index[0] if len(broken) else math.nan,
+                         strongest_tested=ordered.index[-1], psnr_at_strongest=ordered.iloc[-1]))
+    return pd.DataFrame(rows)
+
+
+def filter_summary(table, level=0.95):
+    """Per model and conv position: the fewest filters full rank for at least `level` of images and seeds,
+    against the counting bound and the weight-constraint (R-GAP style) count."""
+    import pandas as pd
+    rows = []
+    for (model, position), part in table.groupby(["model", "position"], sort=False):
+        shares = part.groupby("filters").full_rank.mean()
+        enough = shares[shares >= level]
+        measured = int(enough.index.min()) if len(enough) else math.nan
+        rgap = int(part.rgap_filters.iloc[0])
+        rows.append(dict(model=model, position=position, activation=part.activation.iloc[0],
+                         pixels_per_channel=int(part.unknowns.iloc[0]), min_filters=int(part.min_filters.iloc[0]),
+                         measured_filters=measured, rgap_filters=rgap,
+                         share_of_rgap=measured / rgap if rgap and not math.isnan(measured) else math.nan))
+    return pd.DataFrame(rows)
+
+
+def success_rates(table):
+    """Per model and dtype: attacks, the share recovered exactly, the share reported rank-deficient,
+    and the median PSNR of the attacks that were not exact."""
+    import pandas as pd
+    rows = []
+    for (model, dtype), part in table.groupby(["model", "dtype"], sort=False):
+        rest = part[~part.exact]
+        rows.append(dict(model=model, dtype=dtype, attacks=len(part), seeds=part.seed.nunique(),
+                         images=part["index"].nunique(), exact=part.exact.mean(),
+                         rank_deficient=(part.rank_deficient & ~part.exact).mean(),
+                         median_psnr=part.psnr.median(),
+                         median_psnr_not_exact=rest.psnr.median() if len(rest) else math.nan))
+    return pd.DataFrame(rows)
+
+
+def summarize(table, by=("dataset", "model", "dtype", "first_layer")):
+    """Per setting: attacks (rows; images when a setting holds one seed and defence), exact count,
+    rank-deficient count, median PSNR and SSIM, median seconds."""
+    by = [column for column in by if column in table.columns]
+    grouped = table.groupby(by, sort=False)
+    summary = grouped.agg(images=("psnr", "size"), exact=("exact", "sum"),
+                          median_psnr=("psnr", "median"), median_ssim=("ssim", "median"),
+                          median_seconds=("seconds", "median"))
+    if "rank_deficient" in table.columns:
+        summary.insert(2, "rank_deficient", grouped["rank_deficient"].sum())
+    return summary.reset_index()

@@ -1,0 +1,117 @@
+"""The networks R-CONV attacks: ConvNet, the paper's presets, and their initialisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .errors import RConvError
+from .geometry import conv_output_size
+
+LEAKY_SLOPE = 0.2  # the paper's LeakyReLU slope
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")
+
+_LEAKY, _RELU = "leaky_relu", "relu"
+MODELS = {
+    # The paper's settings; ConvNet's defaults give its 5x5 kernels with padding 2, and
+    # build_model its initialisation U(-0.5, 0.5) of weights and biases.
+    "lenet": dict(channels=(12, 16, 12, 12), strides=(2, 2, 1, 1), activations=(_LEAKY, _LEAKY, _RELU, _RELU)),
+    "lenet_c10": dict(channels=(12, 16, 12, 3), strides=(2, 2, 1, 1), activations=(_LEAKY, _LEAKY, _RELU, _RELU)),
+    "lenet_o": dict(channels=(12, 16, 3, 3), strides=(2, 2, 1, 1), activations=(_LEAKY, _LEAKY, _RELU, _RELU)),
+    "o_cnn6": dict(channels=(12, 16, 3, 3, 3, 3), strides=(2, 2, 1, 1, 1, 1),
+                   activations=(_LEAKY, _LEAKY, _RELU, _RELU, _RELU, _RELU)),
+    "lenet_4_relu": dict(channels=(12, 22, 3, 3), strides=(2, 2, 1, 1), activations=(_LEAKY, _RELU, _RELU, _RELU)),
+    "lenet_all_relu": dict(channels=(77, 22, 3, 3), strides=(2, 2, 1, 1), activations=(_RELU,) * 4),
+    # DLG's network (Zhu et al. 2019): three 5x5 conv layers of 12 filters with sigmoid.
+    "dlg_net": dict(channels=(12, 12, 12), strides=(2, 2, 1), activations=("sigmoid",) * 3),
+}
+# The dataset each preset is attacked on in the paper's notebooks (Various_settings; lenet_c10
+# is its Testing network for CIFAR10). dlg_net goes with CIFAR10, as in DLG's paper.
+PRESET_DATASETS = {"lenet": "cifar100", "lenet_c10": "cifar10", "lenet_o": "cifar100", "o_cnn6": "cifar10",
+                   "lenet_4_relu": "cifar100", "lenet_all_relu": "cifar100", "dlg_net": "cifar10"}
+# The preset the paper's Testing notebooks attack on each dataset.
+TESTING_PRESETS = {"mnist": "lenet", "cifar10": "lenet_c10", "cifar100": "lenet"}
+
+_ALIASES = {"relu": "relu", "leakyrelu": "leaky_relu", "leaky": "leaky_relu", "lrelu": "leaky_relu",
+            "sigmoid": "sigmoid", "tanh": "tanh", "identity": "identity", "linear": "identity", "none": "identity"}
+
+
+def activation_name(name):
+    """Normalise an activation name ("ReLU", "LeakyReLU", "leaky", ...) to one of ACTIVATIONS."""
+    key = str(name).lower().replace("_", "").replace("-", "")
+    if key not in _ALIASES:
+        raise RConvError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return _ALIASES[key]
+
+
+def activation_module(name):
+    """The nn.Module of an activation name (LeakyReLU with the paper's slope)."""
+    name = activation_name(name)
+    return {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(LEAKY_SLOPE), "sigmoid": nn.Sigmoid,
+            "tanh": nn.Tanh, "identity": nn.Identity}[name]()
+
+
+class ConvNet(nn.Sequential):
+    """A stack of Conv2d + activation blocks, then Flatten and one Linear layer with a bias.
+
+    Args:
+        channels: filters of each conv layer; strides and activations give one entry per layer.
+        activations: names from ACTIVATIONS (case and underscores are ignored).
+        padding: zero padding of every conv layer; None means kernel_size // 2.
+        input_size: side of the square input image, used to size the Linear layer.
+    """
+
+    def __init__(self, channels, strides, activations, in_channels, num_classes, kernel_size=5,
+                 padding=None, input_size=32, dtype=None):
+        channels, strides, activations = list(channels), list(strides), list(activations)
+        if not (len(channels) == len(strides) == len(activations)):
+            raise RConvError(f"channels, strides and activations need one entry per conv layer; got "
+                             f"{len(channels)}, {len(strides)} and {len(activations)}")
+        padding = kernel_size // 2 if padding is None else padding
+        layers, size, previous = [], (input_size, input_size), in_channels
+        for i, (out, stride, act) in enumerate(zip(channels, strides, activations)):
+            layers += [nn.Conv2d(previous, out, kernel_size, stride=stride, padding=padding, dtype=dtype),
+                       activation_module(act)]
+            size = conv_output_size(size, kernel_size, stride, padding)
+            if min(size) < 1:
+                raise RConvError(f"conv layer {i + 1} leaves no output pixels for a {input_size}x"
+                                 f"{input_size} input (kernel {kernel_size}, stride {stride}, padding {padding})")
+            previous = out
+        layers += [nn.Flatten(), nn.Linear(previous * size[0] * size[1], num_classes, dtype=dtype)]
+        super().__init__(*layers)
+        self.config = dict(channels=tuple(channels), strides=tuple(strides),
+                           activations=tuple(activation_name(a) for a in activations),
+                           in_channels=in_channels, num_classes=num_classes, kernel_size=kernel_size,
+                           padding=padding, input_size=input_size)
+
+
+def preset_name(name):
+    """The key of a preset in MODELS (case-insensitive), or an error listing the presets."""
+    key = str(name).lower()
+    if key not in MODELS:
+        raise RConvError(f"unknown model {name!r}; available presets: {', '.join(MODELS)}")
+    return key
+
+
+def build_model(name, in_channels=3, num_classes=10, seed=50, **overrides):
+    """A preset from MODELS with the paper's initialisation U(-0.5, 0.5), deterministic for a seed.
+
+    Any ConvNet argument but dtype can be overridden, e.g. activations=("leaky_relu",) * 4. The
+    model comes back in float32, the precision a server sends to its clients.
+    """
+    if "dtype" in overrides:
+        raise RConvError("build_model always returns float32 weights; convert the model afterwards "
+                         "(model.double()) or pass dtype to client_gradients")
+    settings = {**MODELS[preset_name(name)], **overrides}
+    # The published code seeds PyTorch, builds the network in float64 (PyTorch's default
+    # initialisation draws first), then redraws every weight and bias from U(-0.5, 0.5).
+    # Following the same random stream gives the paper's networks for seed 50. The
+    # result is rounded to float32, the precision a federated server sends to clients,
+    # so that float32 and float64 gradients come from the very same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ConvNet(in_channels=in_channels, num_classes=num_classes, dtype=torch.float64, **settings)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.uniform_(-0.5, 0.5)
+    return model.float()

@@ -1,0 +1,253 @@
+"""Every figure of the suite, each built from a results table (or its CSV) or from images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .client import DEFENCES, DTYPES
+from .errors import RConvError
+from .reports import BROKEN_PSNR, as_image, image_metrics
+
+
+def _pyplot():
+    # Imported late: matplotlib picks Agg by itself without a display, and inline in notebooks.
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _show_image(axis, image):
+    array = as_image(image, "image").clamp(0, 1).permute(1, 2, 0).numpy()
+    axis.imshow(array[..., 0] if array.shape[2] == 1 else array, cmap="gray" if array.shape[2] == 1 else None,
+                vmin=0, vmax=1, interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def plot_reconstruction(original, reconstructed, path=None, title=None):
+    """Original beside reconstructed and their absolute difference, with the metrics; saved to path if given."""
+    plt = _pyplot()
+    metrics = image_metrics(original, reconstructed)
+    difference = (as_image(original, "original") - as_image(reconstructed, "reconstructed")).abs()
+    figure, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    _show_image(axes[0], original)
+    axes[0].set_title("original\n", fontsize=9)
+    _show_image(axes[1], reconstructed)
+    axes[1].set_title(f"reconstructed\nPSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.4f}", fontsize=9)
+    shown = axes[2].imshow(difference.max(0).values.numpy(), cmap="magma", interpolation="nearest")
+    axes[2].set_title(f"|difference|\nmax {metrics['max_abs_err']:.1e}", fontsize=9)
+    axes[2].set_xticks([])
+    axes[2].set_yticks([])
+    figure.colorbar(shown, ax=axes[2], fraction=0.046)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return _save(figure, path, rect=(0, 0, 1, 0.93 if title else 1))
+
+
+def plot_grid(originals, reconstructions, path=None, columns=10, title=None):
+    """Originals (odd rows) above their reconstructions (even rows); saved to path if given."""
+    plt = _pyplot()
+    originals = [getattr(image, "image", image) for image in originals]
+    reconstructions = [getattr(image, "image", image) for image in reconstructions]
+    if not originals or len(originals) != len(reconstructions):
+        raise RConvError(f"plot_grid needs as many reconstructions as originals, at least one; got "
+                         f"{len(originals)} and {len(reconstructions)}")
+    count = len(originals)
+    columns = min(columns, count)
+    blocks = math.ceil(count / columns)
+    figure, axes = plt.subplots(2 * blocks, columns, figsize=(columns * 0.9, blocks * 1.9), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for k, (original, reconstructed) in enumerate(zip(originals, reconstructions)):
+        row, column = 2 * (k // columns), k % columns
+        for offset, image in ((0, original), (1, reconstructed)):
+            axis = axes[row + offset, column]
+            axis.axis("on")
+            _show_image(axis, image)
+        if column == 0:
+            axes[row, 0].set_ylabel("orig.", fontsize=7)
+            axes[row + 1, 0].set_ylabel("recon.", fontsize=7)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path, dpi=110)
+
+
+def plot_methods(originals, reconstructions, path=None, title=None, columns=10):
+    """One row per method (after the originals), one column per image.
+
+    reconstructions: a dict method name -> list of images (or Reconstructions), aligned with originals.
+    """
+    plt = _pyplot()
+    count = min(columns, len(originals))
+    rows = [("original", list(originals[:count]))] + [
+        (name, [getattr(r, "image", r) for r in images[:count]]) for name, images in reconstructions.items()]
+    figure, axes = plt.subplots(len(rows), count, figsize=(count * 0.95, len(rows) * 1.05), squeeze=False)
+    for row, (name, images) in enumerate(rows):
+        for column, image in enumerate(images):
+            axis = axes[row, column]
+            if image is None or not bool(torch.isfinite(torch.as_tensor(image)).all()):
+                axis.axis("off")
+                continue
+            _show_image(axis, image)
+        axes[row, 0].set_ylabel(name.replace("_", "\n"), fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
+
+
+def plot_psnr(table, path=None, by="dtype", title=None):
+    """PSNR of every image (dots) per group of `by` (e.g. dtype), from a results table or CSV path."""
+    plt = _pyplot()
+    table = _table(table)
+    groups = list(dict.fromkeys(table[by]))
+    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 3.6))
+    generator = np.random.default_rng(0)
+    for k, group in enumerate(groups):
+        values = table.loc[table[by] == group, "psnr"].to_numpy(dtype=float)
+        values = np.where(np.isfinite(values), values, np.nan)
+        exact = table.loc[table[by] == group, "exact"].to_numpy(dtype=bool) if "exact" in table else None
+        jitter = k + generator.uniform(-0.18, 0.18, len(values))
+        colours = np.where(exact, "tab:green", "tab:red") if exact is not None else "tab:blue"
+        axis.scatter(jitter, values, s=9, c=colours, alpha=0.7, linewidths=0)
+        if np.isfinite(values).any():
+            axis.hlines(np.nanmedian(values), k - 0.3, k + 0.3, colors="black", linewidth=1.5)
+    axis.set_xticks(range(len(groups)), [str(g) for g in groups])
+    axis.set_ylabel("PSNR (dB, data range 1)")
+    axis.axhline(BROKEN_PSNR, color="grey", linestyle=":", linewidth=1)
+    axis.set_title(title or "PSNR per image (green: exact, red: not; bar: median)", fontsize=9)
+    return _save(figure, path)
+
+
+def _table(source):
+    import pandas as pd
+    return pd.read_csv(source) if isinstance(source, (str, Path)) else source
+
+
+def _save(figure, path, dpi=120, rect=None):
+    figure.tight_layout(rect=rect)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=dpi)
+    return figure
+
+
+def plot_precision(table, path=None):
+    """PSNR per gradient dtype for each first-layer method and ReLU test, one panel per dataset."""
+    plt = _pyplot()
+    table = _table(table)
+    datasets = list(dict.fromkeys(table.dataset))
+    dtypes = [d for d in DTYPES if d in set(table.dtype)]
+    methods = list(dict.fromkeys(zip(table.first_layer, table.relu_test)))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4), squeeze=False, sharey=True)
+    colours = plt.get_cmap("tab10")
+    width = 0.8 / max(1, len(methods))
+    for axis, dataset in zip(axes[0], datasets):
+        part = table[table.dataset == dataset]
+        for m, (first_layer, relu_test) in enumerate(methods):
+            for d, dtype in enumerate(dtypes):
+                values = part[(part.first_layer == first_layer) & (part.relu_test == relu_test) &
+                              (part.dtype == dtype)].psnr.to_numpy(dtype=float)
+                values = np.clip(values[np.isfinite(values)], -50, None)
+                x = d - 0.4 + width * (m + 0.5)
+                if len(values):
+                    axis.scatter(np.full(len(values), x), values, s=4, color=colours(m), alpha=0.35, linewidths=0)
+                    axis.hlines(np.median(values), x - width / 2, x + width / 2, color=colours(m), linewidth=2,
+                                label=f"{first_layer}, {relu_test} ReLU test" if d == 0 else None)
+        axis.set_xticks(range(len(dtypes)), dtypes)
+        axis.axhline(BROKEN_PSNR, color="grey", linestyle=":", linewidth=1)
+        axis.set_title(dataset)
+    axes[0, 0].set_ylabel("PSNR (dB, data range 1; floored at -50)")
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    figure.suptitle("R-CONV by the precision of the client's gradients (bars: medians)", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_defences(table, path=None, threshold=BROKEN_PSNR):
+    """Median PSNR and SSIM against defence strength, plain and projected solves, per dataset."""
+    plt = _pyplot()
+    table = _table(table)
+    defences = [d for d in DEFENCES if d != "none" and d in set(table.defence)]
+    figure, axes = plt.subplots(2, len(defences), figsize=(4.4 * len(defences), 6.4), squeeze=False)
+    styles = {False: "-", True: "--"}
+    colours = plt.get_cmap("tab10")
+    datasets = list(dict.fromkeys(table.dataset))
+    labels = {"gaussian": "noise norm / gradient norm", "topk": "fraction of entries kept", "quantize": "bits"}
+    for column, defence in enumerate(defences):
+        part = table[table.defence == defence]
+        for k, dataset in enumerate(datasets):
+            for project in sorted(set(part.project)):
+                rows = part[(part.dataset == dataset) & (part.project == project)]
+                medians = rows.groupby("strength")[["psnr", "ssim"]].median().sort_index()
+                for row, metric in enumerate(("psnr", "ssim")):
+                    axes[row, column].plot(medians.index, medians[metric], styles[bool(project)], marker=".",
+                                           color=colours(k),
+                                           label=f"{dataset}{', projected' if project else ''}")
+        for row in range(2):
+            axis = axes[row, column]
+            if defence != "quantize":
+                axis.set_xscale("log")
+            if defence != "gaussian":
+                axis.invert_xaxis()  # stronger defence to the right
+            axis.set_xlabel(labels[defence])
+        axes[0, column].axhline(threshold, color="grey", linestyle=":", linewidth=1)
+        axes[0, column].set_title(defence)
+    axes[0, 0].set_ylabel("median PSNR (dB)")
+    axes[1, 0].set_ylabel("median SSIM")
+    axes[0, -1].legend(fontsize=7)
+    figure.suptitle(f"R-CONV under defences (right: stronger; dotted: {threshold:g} dB)", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_filters(table, path=None):
+    """Fraction of images and seeds whose gradient constraints are full rank, against filter count."""
+    plt = _pyplot()
+    table = _table(table)
+    positions = sorted(set(table.position))
+    figure, axes = plt.subplots(1, len(positions), figsize=(3.6 * len(positions), 3.4), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for axis, position in zip(axes[0], positions):
+        part = table[table.position == position]
+        for k, (model, rows) in enumerate(part.groupby("model", sort=False)):
+            fraction = rows.groupby("filters").full_rank.mean()
+            axis.plot(fraction.index, fraction.values, marker="o", color=colours(k),
+                      label=f"{model} ({rows.activation.iloc[0]})")
+            axis.axvline(rows.rgap_filters.iloc[0], color=colours(k), linestyle=":", linewidth=1.5,
+                         label="weight-constraint count" if k == 0 else None)
+        axis.axvline(part.min_filters.iloc[0], color="black", linestyle="--", linewidth=1, label="counting bound")
+        axis.set_title(f"conv layer {position}")
+        axis.set_xlabel("filters")
+        axis.set_ylim(-0.05, 1.05)
+    axes[0, 0].set_ylabel("fraction full rank")
+    axes[0, -1].legend(fontsize=7)
+    figure.suptitle("How many filters the gradient constraints need", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_success(table, path=None):
+    """Per preset and dtype: the share recovered exactly, reported rank-deficient, and otherwise not exact."""
+    plt = _pyplot()
+    table = _table(table)
+    groups = list(table.groupby(["model", "dtype"], sort=False))
+    figure, axis = plt.subplots(figsize=(7.5, 0.45 * len(groups) + 1.2))
+    for k, ((model, dtype), rows) in enumerate(groups):
+        exact = rows.exact.mean()
+        deficient = (rows.rank_deficient & ~rows.exact).mean()
+        other = 1 - exact - deficient
+        left = 0.0
+        for share, colour, label in ((exact, "tab:green", "exact"), (deficient, "tab:orange", "rank-deficient"),
+                                     (other, "tab:red", "full rank, not exact")):
+            axis.barh(k, share, left=left, color=colour, label=label if k == 0 else None)
+            left += share
+        rest = rows[~rows.exact].psnr
+        note = f"{exact:.0%} exact" + (f"; rest median {rest.median():.0f} dB" if len(rest) else "")
+        axis.text(1.01, k, note, va="center", fontsize=7)
+    axis.set_yticks(range(len(groups)), [f"{m} {d}" for (m, d), _ in groups], fontsize=8)
+    axis.set_xlim(0, 1)
+    axis.invert_yaxis()
+    axis.set_xlabel("share of images x seeds")
+    axis.legend(fontsize=7, loc="lower left")
+    axis.set_title("How often each architecture leaks its training image", fontsize=10)
+    return _save(figure, path)
