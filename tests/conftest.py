@@ -5,14 +5,15 @@ import pytest
 import torch
 
 import rconv_core as rc
+from rconv.data import data_place
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _packs_root():
     for candidate in (os.environ.get("RCONV_DATA"), REPO.parent / "shared" / "datasets"):
-        if candidate and (rc._data_place(candidate) / "cifar10_train_first100.npz").exists():
-            return rc._data_place(candidate)
+        if candidate and (data_place(candidate) / "cifar10_train_first100.npz").exists():
+            return data_place(candidate)
     return None
 
 

@@ -5,6 +5,7 @@ import torch
 import rconv_core as rc
 
 breaching = pytest.importorskip("breaching", reason="optional: pip install -r requirements-baselines.txt")
+pytestmark = pytest.mark.baselines
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_idlg_reads_the_label_off_the_gradients(setting):
 
 def test_unknown_baseline(setting):
     model, image, _, grads = setting
-    with pytest.raises(ValueError, match="unknown baseline 'gan'; choose one of dlg, idlg, inverting_gradients"):
+    with pytest.raises(rc.RConvError, match="unknown baseline 'gan'; choose one of dlg, idlg, inverting_gradients"):
         rc.run_baseline("gan", model, grads, image.shape)
 
 

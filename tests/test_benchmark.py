@@ -3,10 +3,12 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_benchmark_writes_its_table(tmp_path, packs):
     out = tmp_path / "bench.csv"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--only", "Testing CIFAR10",

@@ -54,7 +54,7 @@ def test_torchvision_format_root(tmp_path):
 
 def test_offline_error_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv("RCONV_DATA", raising=False)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(rc.RConvError) as error:
         rc.load_images("cifar10", [0], root=tmp_path, download=False)
     message = str(error.value)
     assert "RCONV_DATA" in message and str(tmp_path) in message and "cifar10_train_first100.npz" in message
@@ -62,7 +62,7 @@ def test_offline_error_says_where_it_looked(tmp_path, monkeypatch):
 
 def test_pack_too_short_falls_through_to_the_error(packs, monkeypatch):
     monkeypatch.delenv("RCONV_DATA", raising=False)
-    with pytest.raises(ValueError, match="could not load CIFAR10 images"):
+    with pytest.raises(rc.RConvError, match="could not load CIFAR10 images"):
         rc.load_images("cifar10", [150], root=packs, download=False)
 
 
@@ -73,14 +73,14 @@ def test_samples_are_bundled_and_deterministic():
     assert torch.equal(first[:2], again)
     assert labels.tolist() == [i % 10 for i in range(len(rc.SAMPLE_PHOTOS))]
     assert float(first.std()) > 0.05  # real photos, not blanks
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(rc.RConvError, match="out of range"):
         rc.load_images("samples", [len(rc.SAMPLE_PHOTOS)])
 
 
 def test_bad_dataset_and_indices():
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+    with pytest.raises(rc.RConvError, match="unknown dataset 'imagenet'"):
         rc.load_images("imagenet", [0])
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(rc.RConvError, match="non-negative"):
         rc.load_images("samples", [-1])
-    with pytest.raises(ValueError, match="no image indices"):
+    with pytest.raises(rc.RConvError, match="no image indices"):
         rc.load_images("samples", [])

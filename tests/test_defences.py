@@ -39,11 +39,11 @@ def test_topk_and_quantize(setting):
 
 def test_defence_errors(setting):
     _, _, grads = setting
-    with pytest.raises(ValueError, match="unknown defence 'dp'"):
+    with pytest.raises(rc.RConvError, match="unknown defence 'dp'"):
         rc.defend(grads, "dp", 1)
-    with pytest.raises(ValueError, match="topk keeps a fraction"):
+    with pytest.raises(rc.RConvError, match="topk keeps a fraction"):
         rc.defend(grads, "topk", 1.5)
-    with pytest.raises(ValueError, match="whole number of bits"):
+    with pytest.raises(rc.RConvError, match="whole number of bits"):
         rc.defend(grads, "quantize", 2.5)
 
 
@@ -73,7 +73,7 @@ def test_absolute_relu_test_is_the_published_behaviour(setting, packs):
     grads32 = rc.client_gradients(c10, images[0], labels[0], dtype=torch.float32)
     paper = rc.reconstruct(c10, grads32, images.shape[1:], first_layer="weights", relu_test="absolute")
     assert not paper.exact and rc.image_metrics(images[0], paper.image)["psnr"] < 40
-    with pytest.raises(ValueError, match="relu_test must be"):
+    with pytest.raises(rc.RConvError, match="relu_test must be"):
         rc.reconstruct(model, grads, image.shape, relu_test="rounded")
 
 
@@ -83,7 +83,7 @@ def test_defences_keep_named_gradients_and_refuse_one_bit(setting):
     noisy = rc.defend(named, "gaussian", 1e-3, seed=3)
     assert list(noisy) == list(named)
     assert torch.equal(noisy["0.weight"], rc.defend(grads, "gaussian", 1e-3, seed=3)[0])
-    with pytest.raises(ValueError, match="bits >= 2"):
+    with pytest.raises(rc.RConvError, match="bits >= 2"):
         rc.defend(grads, "quantize", 1)
     two_bits = rc.defend(grads, "quantize", 2)
     assert all(len(torch.unique(q)) <= 3 for q in two_bits)

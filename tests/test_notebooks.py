@@ -29,6 +29,21 @@ HAS_BREACHING = importlib.util.find_spec("breaching") is not None
 QUICK_NAMES = [name for name in run_all.NOTEBOOKS if HAS_BREACHING or name != "Baselines"]
 
 
+def test_various_settings_notebooks_share_their_cells():
+    """Only the title, the description of the architecture and the parameters differ between the five."""
+    def shared(path):
+        notebook = nbformat.read(path, as_version=4)
+        return [cell.source for cell in notebook.cells
+                if not {"parameters", "injected-parameters", "specific"} & set(cell.metadata.get("tags", []))]
+
+    paths = sorted((REPO / "Various_settings").glob("*.ipynb"))
+    assert len(paths) == 5
+    reference = shared(paths[0])
+    assert len(reference) >= 14
+    for path in paths[1:]:
+        assert shared(path) == reference, f"{path.name} differs from {paths[0].name} outside its own cells"
+
+
 def test_every_notebook_is_run_by_run_all():
     listed = {REPO / path for path, _, _, _ in run_all.NOTEBOOKS.values()}
     assert listed == set(NOTEBOOK_PATHS)
@@ -86,6 +101,8 @@ def quick_run(tmp_path_factory, packs):
     return results, done
 
 
+@pytest.mark.slow
+@pytest.mark.notebooks
 def test_quick_run_executes_every_notebook(quick_run):
     results, done = quick_run
     assert done.returncode == 0, done.stderr[-3000:]
@@ -113,6 +130,8 @@ def test_quick_run_executes_every_notebook(quick_run):
     assert "quick" not in json.dumps(stored.metadata), "--results-dir must leave stored notebooks alone"
 
 
+@pytest.mark.slow
+@pytest.mark.notebooks
 def test_run_all_reports_the_failing_notebook_and_cell(tmp_path, monkeypatch, capsys, packs):
     path, subfolder, parameters, quick = run_all.NOTEBOOKS["Test_on_CIFAR10"]
     monkeypatch.setitem(run_all.NOTEBOOKS, "Test_on_CIFAR10", (path, subfolder, dict(parameters, model="resnet"),

@@ -6,13 +6,15 @@ import torch
 import torch.nn as nn
 
 import rconv_core as rc
+from rconv.geometry import conv_output_size
+from rconv.models import activation_module
 from conftest import attack, max_error, uniform_init
 
 EXACT = 1e-8
 
 
 def conv_block(c_in, c_out, kernel, stride, padding, activation):
-    return [nn.Conv2d(c_in, c_out, kernel, stride, padding), rc._activation_module(activation)]
+    return [nn.Conv2d(c_in, c_out, kernel, stride, padding), activation_module(activation)]
 
 
 def network(input_shape, blocks, classes=10, seed=0):
@@ -21,7 +23,7 @@ def network(input_shape, blocks, classes=10, seed=0):
     layers = []
     for c_out, kernel, stride, padding, activation in blocks:
         layers += conv_block(channels, c_out, kernel, stride, padding, activation)
-        height, width = rc._conv_output_size((height, width), kernel, stride, padding)
+        height, width = conv_output_size((height, width), kernel, stride, padding)
         channels = c_out
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * height * width, classes))
     return uniform_init(model, seed)
@@ -92,6 +94,7 @@ def test_mnist_native_28(packs):
         assert result.exact and max_error(result, image) <= EXACT
 
 
+@pytest.mark.slow
 def test_input_64_one_channel(samples):
     image = torch.nn.functional.interpolate(samples[0][2:3], size=64, mode="bilinear").mean(1)[0:1]
     # stride-2 5x5 layers need 64 filters on 32x32 inputs and 16 on 16x16 ones (min_filters)
@@ -102,6 +105,7 @@ def test_input_64_one_channel(samples):
     assert max_error(result, image) <= EXACT
 
 
+@pytest.mark.slow
 def test_input_64_three_channels_from_gradients_alone(samples):
     image = torch.nn.functional.interpolate(samples[0][0:1], size=64, mode="bilinear").clamp(0, 1)[0]
     filters = rc.min_filters(64, 7, 2, 3) + 8  # the counting bound is 114 filters of 7x7, stride 2

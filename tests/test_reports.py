@@ -72,6 +72,7 @@ def run_cli(*args, cwd):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_offline(tmp_path, packs):
     done = run_cli("-d", "CIFAR10", "-i", "0", "--data-root", str(packs), "--out", str(tmp_path / "r.png"), cwd=REPO)
     assert done.returncode == 0, done.stderr
