@@ -16,44 +16,43 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent
 
-# Every notebook: (path, results subfolder, the parameters run_all gives it, what --quick changes).
+class Notebook(NamedTuple):
+    """A notebook of the suite and how run_all runs it (its own parameters cell holds the full setting)."""
+
+    path: str  # relative to the repository
+    results: str  # subfolder of the results directory
+    parameters: dict  # what run_all gives it on a full run, beyond results_dir and data_root
+    quick: dict  # what --quick changes
+
+
 QUICK_IMAGES = dict(n_images=3)
 NOTEBOOKS = {
-    "LeNet": ("Various_settings/LeNet.ipynb", "various_settings/LeNet",
-              dict(dataset="cifar100", model="lenet", image_index=25, n_images=100), QUICK_IMAGES),
-    "LeNet_O": ("Various_settings/LeNet_O.ipynb", "various_settings/LeNet_O",
-                dict(dataset="cifar100", model="lenet_o", image_index=25, n_images=100), QUICK_IMAGES),
-    "O_CNN6": ("Various_settings/O_CNN6.ipynb", "various_settings/O_CNN6",
-               dict(dataset="cifar10", model="o_cnn6", image_index=25, n_images=100), QUICK_IMAGES),
-    "LeNet_4_ReLU": ("Various_settings/LeNet_4_ReLU.ipynb", "various_settings/LeNet_4_ReLU",
-                     dict(dataset="cifar100", model="lenet_4_relu", image_index=25, n_images=100), QUICK_IMAGES),
-    "LeNet_All_ReLU": ("Various_settings/LeNet_All_ReLU.ipynb", "various_settings/LeNet_All_ReLU",
-                       dict(dataset="cifar100", model="lenet_all_relu", image_index=25, n_images=100), QUICK_IMAGES),
-    "Test_on_MNIST": ("Testing/Test_on_MNIST.ipynb", "testing/mnist",
-                      dict(dataset="mnist", model="lenet", n_images=100), QUICK_IMAGES),
-    "Test_on_CIFAR10": ("Testing/Test_on_CIFAR10.ipynb", "testing/cifar10",
-                        dict(dataset="cifar10", model="lenet_c10", n_images=100), QUICK_IMAGES),
-    "Test_on_CIFAR100": ("Testing/Test_on_CIFAR100.ipynb", "testing/cifar100",
-                         dict(dataset="cifar100", model="lenet", n_images=100), QUICK_IMAGES),
-    "Precision": ("Experiments/Precision.ipynb", "experiments/precision",
-                  dict(n_images=30, dtypes=["float64", "float32", "bfloat16", "float16"]),
-                  dict(n_images=1, datasets={"cifar10": "lenet_c10"})),
-    "Defences": ("Experiments/Defences.ipynb", "experiments/defences",
-                 dict(n_images=20, gaussian=[1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]),
-                 dict(n_images=1, datasets={"cifar10": "lenet_c10"}, gaussian=[1e-6, 1e-2], topk=[1.0, 0.1],
-                      quantize=[12, 4])),
-    "Filters": ("Experiments/Filters.ipynb", "experiments/filters",
-                dict(n_images=10, n_seeds=3),
-                dict(n_images=1, n_seeds=1, models=["lenet"], positions=[3, 4], scales=[0.5, 1.0, 2.0])),
-    "Success_rates": ("Experiments/Success_rates.ipynb", "experiments/success_rates",
-                      dict(n_images=100, heavy_images=20, n_seeds=10),
-                      dict(n_images=2, heavy_images=1, n_seeds=1)),
-    "Baselines": ("Experiments/Baselines.ipynb", "experiments/baselines",
-                  dict(n_images=10, dlg_iterations=50, ig_iterations=500),
-                  dict(n_images=1, datasets=["cifar10"], models=["lenet"], dlg_iterations=3, ig_iterations=10)),
+    "LeNet": Notebook("Various_settings/LeNet.ipynb", "various_settings/LeNet", {}, QUICK_IMAGES),
+    "LeNet_O": Notebook("Various_settings/LeNet_O.ipynb", "various_settings/LeNet_O", {}, QUICK_IMAGES),
+    "O_CNN6": Notebook("Various_settings/O_CNN6.ipynb", "various_settings/O_CNN6", {}, QUICK_IMAGES),
+    "LeNet_4_ReLU": Notebook("Various_settings/LeNet_4_ReLU.ipynb", "various_settings/LeNet_4_ReLU", {},
+                             QUICK_IMAGES),
+    "LeNet_All_ReLU": Notebook("Various_settings/LeNet_All_ReLU.ipynb", "various_settings/LeNet_All_ReLU", {},
+                               QUICK_IMAGES),
+    "Test_on_MNIST": Notebook("Testing/Test_on_MNIST.ipynb", "testing/mnist", {}, QUICK_IMAGES),
+    "Test_on_CIFAR10": Notebook("Testing/Test_on_CIFAR10.ipynb", "testing/cifar10", {}, QUICK_IMAGES),
+    "Test_on_CIFAR100": Notebook("Testing/Test_on_CIFAR100.ipynb", "testing/cifar100", {}, QUICK_IMAGES),
+    "Precision": Notebook("Experiments/Precision.ipynb", "experiments/precision", {},
+                          dict(n_images=1, datasets=["cifar10"])),
+    "Defences": Notebook("Experiments/Defences.ipynb", "experiments/defences", {},
+                         dict(n_images=1, datasets=["cifar10"], gaussian=[1e-6, 1e-2], topk=[1.0, 0.1],
+                              quantize=[12, 4])),
+    "Filters": Notebook("Experiments/Filters.ipynb", "experiments/filters", {},
+                        dict(n_images=1, n_seeds=1, models=["lenet"], positions=[3, 4], scales=[0.5, 1.0, 2.0])),
+    "Success_rates": Notebook("Experiments/Success_rates.ipynb", "experiments/success_rates", {},
+                              dict(n_images=2, heavy_images=1, n_seeds=1)),
+    "Baselines": Notebook("Experiments/Baselines.ipynb", "experiments/baselines", {},
+                          dict(n_images=1, datasets=["cifar10"], models=["lenet"], dlg_iterations=3,
+                               ig_iterations=10)),
 }
 EXPERIMENTS = ("Precision", "Defences", "Filters", "Success_rates", "Baselines")
 

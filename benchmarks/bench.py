@@ -26,15 +26,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# setting -> (dataset, preset, images)
+# setting -> (dataset, preset, images); None picks the other from rc.TESTING_PRESETS or rc.PRESET_DATASETS
 SETTINGS = {
-    "Testing MNIST": ("mnist", "lenet", 100),
-    "Testing CIFAR10": ("cifar10", "lenet_c10", 100),
-    "Testing CIFAR100 / LeNet": ("cifar100", "lenet", 100),
-    "LeNet_O": ("cifar100", "lenet_o", 100),
-    "O_CNN6": ("cifar10", "o_cnn6", 100),
-    "LeNet_4_ReLU": ("cifar100", "lenet_4_relu", 100),
-    "LeNet_All_ReLU": ("cifar100", "lenet_all_relu", 20),
+    "Testing MNIST": ("mnist", None, 100),
+    "Testing CIFAR10": ("cifar10", None, 100),
+    "Testing CIFAR100 / LeNet": ("cifar100", None, 100),
+    "LeNet_O": (None, "lenet_o", 100),
+    "O_CNN6": (None, "o_cnn6", 100),
+    "LeNet_4_ReLU": (None, "lenet_4_relu", 100),
+    "LeNet_All_ReLU": (None, "lenet_all_relu", 20),
 }
 # (gradient precision, first layer): the paper's setting and the suite's default for real clients
 MODES = [("float64", "weights"), ("float32", "hybrid")]
@@ -63,10 +63,10 @@ def measure(setting, dtype, first_layer, images, repeats, device, data_root):
     import torch
     import rconv_core as rc
     dataset, preset, default_images = SETTINGS[setting]
+    preset = preset or rc.TESTING_PRESETS[dataset]
     count = images or default_images
-    info = rc.dataset_info(dataset)
-    pictures, labels = rc.load_images(dataset, range(count), root=data_root)
-    model = rc.build_model(preset, info["channels"], info["num_classes"])
+    pictures, labels, model, info = rc.setup(dataset, preset, range(count), data_root=data_root)
+    dataset = info["name"]
     grads = [[g.to(device) for g in rc.client_gradients(model, p, int(l), dtype=rc.as_dtype(dtype))]
              for p, l in zip(pictures, labels)]
     shape = tuple(pictures.shape[1:])
