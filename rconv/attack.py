@@ -3,7 +3,7 @@
 reconstruct() reads the Linear layer's input off its gradients (_linear_step), then
 recovers each conv layer's input from the last layer to the first (_conv_step), each
 step handing the next one its recovered output and output gradient, and finally
-decides whether the image can be trusted (_verdict).
+decides whether the image can be trusted, and if not, why (_verdict).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Reconstruction:
     features: torch.Tensor | None = None  # the recovered input of the Linear layer
     linear_misfit: float = 0.0  # |dL/dW - dL/db x^T| / |dL/dW|: zero for one image's gradients
     notes: list = field(default_factory=list)  # what limits this reconstruction, in words
+    reasons: list = field(default_factory=list)  # why it is not exact, layer by layer (empty when exact)
     inputs: list = field(default_factory=list)  # recovered input of each conv layer, first to last
     iterations: int = 0  # optimisation steps taken (the baselines); R-CONV takes none
 
@@ -214,10 +215,25 @@ def _conv_step(step, signal, grads, input_shape, options, cache, previous_activa
     return _ConvResult(x, report, _Signal(x, input_grad, noise))
 
 
+def _layer_reasons(report, tolerances):
+    """Why one layer's recovered input cannot be trusted, in words (none when it can)."""
+    where = f"conv layer {report.layer} ({report.method})"
+    reasons = []
+    if not report.full_rank:
+        reasons.append(f"{where}: rank {report.rank} of {report.unknowns} unknowns from {report.equations} "
+                       f"equations, so part of its input is undetermined")
+    if not report.residual <= tolerances.residual:
+        reasons.append(f"{where}: relative residual {report.residual:.2g} above the tolerance "
+                       f"{tolerances.residual:.2g} (condition number {report.cond:.2g})")
+    if not report.bias_residual <= tolerances.residual:
+        reasons.append(f"{where}: its recovered output gradient misses the bias gradient by {report.bias_residual:.2g} "
+                       f"(tolerance {tolerances.residual:.2g}), so an activation branch was misread above it")
+    return reasons
+
+
 def _verdict(reports, tolerances):
-    """Exact: every layer full rank, with residuals and bias misfits within the tolerance."""
-    return all(r.full_rank and r.residual <= tolerances.residual and r.bias_residual <= tolerances.residual
-               for r in reports)
+    """Why the image is not exact, layer by layer, last layer first; exact when there is no reason."""
+    return [reason for report in reversed(reports) for reason in _layer_reasons(report, tolerances)]
 
 
 def _check_methods(first_layer, relu_test):
@@ -272,8 +288,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         results[step.number] = _conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous)
         signal = results[step.number].signal
     reports = [results[n].report for n in sorted(results)]
-    return Reconstruction(image=signal.activated.detach().cpu()[None], layers=reports,
-                          exact=_verdict(reports, options.tolerances), seconds=time.perf_counter() - start,
+    reasons = _verdict(reports, options.tolerances)
+    return Reconstruction(image=signal.activated.detach().cpu()[None], layers=reports, exact=not reasons,
+                          reasons=reasons, seconds=time.perf_counter() - start,
                           features=top.features.cpu(), linear_misfit=top.misfit, notes=top.notes,
                           inputs=[results[n].input.cpu() for n in sorted(results)])
 

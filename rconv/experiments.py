@@ -34,10 +34,10 @@ def _attack_row(model, image, grads, setting, options):
         result = reconstruct(model, grads, image.shape, **options)
     except RConvError as error:  # e.g. top-k leaves no bias gradient: a row, not a crash
         return dict(setting, mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan, exact=False,
-                    rank_deficient=False, seconds=math.nan, notes=str(error)), None
+                    rank_deficient=False, seconds=math.nan, reason=str(error), notes=""), None
     return dict(setting, **image_metrics(image, result.image), exact=result.exact,
                 rank_deficient=not all(r.full_rank for r in result.layers), seconds=result.seconds,
-                notes="; ".join(result.notes)), result
+                reason="; ".join(result.reasons), notes="; ".join(result.notes)), result
 
 
 def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_layers=("hybrid",),
@@ -50,9 +50,10 @@ def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_laye
     layer method, ReLU test and projection. Returns a pandas DataFrame with one row per image
     and setting: dataset, model, activations, seed, index, label, dtype, first_layer,
     relu_test, defence, strength, project, mse, psnr, ssim, max_abs_err, exact,
-    rank_deficient, seconds, notes. With keep=True also the list of Reconstructions, one per
-    row. A setting R-CONV refuses (RConvError: say, top-k leaves no bias gradient) gets a row
-    with its error in notes and NaN metrics; settings that could never run (an unknown first
+    rank_deficient, seconds, reason (why not exact: which layer, what broke; empty when exact),
+    notes. With keep=True also the list of Reconstructions, one per row. A setting R-CONV
+    refuses (RConvError: say, top-k leaves no bias gradient) gets a row with its error as
+    the reason and NaN metrics; settings that could never run (an unknown first
     layer, ReLU test, defence or dtype) raise RConvError before any work.
     """
     import pandas as pd
