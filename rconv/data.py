@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 import os
+import zipfile
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,14 +51,42 @@ def dataset_info(dataset):
     return dict(DATASETS[key], name=key)
 
 
+def _whole_number(value):
+    """value as an int when it is a whole number (int, numpy or torch integer; never bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (numbers.Integral, np.integer)):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value)
+    return None
+
+
 def check_indices(indices):
-    """Image indices as a non-empty list of non-negative ints."""
-    values = [int(indices)] if np.ndim(indices) == 0 else [int(i) for i in indices]
+    """Image indices as a non-empty list of non-negative ints; strings, bools and floats are refused."""
+    if isinstance(indices, (str, bytes)) or np.ndim(indices) == 0:
+        indices = [indices]
+    values = []
+    for index in indices:
+        value = _whole_number(index)
+        if value is None:
+            raise RConvError(f"image indices must be whole numbers; got {index!r} ({type(index).__name__})")
+        values.append(value)
     if not values:
         raise RConvError("no image indices given")
     if any(i < 0 for i in values):
         raise RConvError(f"image indices must be non-negative; got {values}")
     return values
+
+
+def _check_size(size):
+    if size is None:
+        return None
+    side = _whole_number(size)
+    if side is None or side <= 0:
+        raise RConvError(f"size must be a whole number of pixels >= 1 (or None for the dataset's own); got {size!r}")
+    return side
 
 
 def _preprocess(picture, size):
@@ -73,15 +105,62 @@ def _sample_photo(name):
     return Image.fromarray(picture[..., :3].astype(np.uint8))
 
 
-def _from_pack(path, indices):
-    with np.load(path) as pack:
-        images, labels = pack["images"], pack["labels"]
-    if max(indices) >= len(images):
-        return None
+class _Pack(NamedTuple):
+    """A sample pack's arrays, checked: images uint8 (N, H, W, C), labels (N,) in [-1, num_classes)."""
+
+    path: Path
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def _read_pack(path):
+    """The arrays of a sample pack, or an error naming the file and what is wrong with it."""
+    if path.is_dir():
+        raise RConvError(f"sample pack {path} is a directory, not a .npz file")
+    unreadable = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except unreadable as error:
+        raise RConvError(f"sample pack {path} is not a readable .npz file ({type(error).__name__}: {error}); "
+                         f"it may be truncated or corrupt") from error
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise RConvError(f"sample pack {path} holds a single array, not a .npz with 'images' and 'labels'")
+    with loaded as pack:
+        missing = [key for key in ("images", "labels") if key not in pack.files]
+        if missing:
+            raise RConvError(f"sample pack {path} must hold arrays 'images' and 'labels'; it holds "
+                             f"{sorted(pack.files)}")
+        try:
+            return pack["images"], pack["labels"]
+        except unreadable as error:
+            raise RConvError(f"sample pack {path}: its arrays cannot be read ({type(error).__name__}: {error}); "
+                             f"it may be truncated or corrupt") from error
+
+
+def _load_pack(path, info):
+    """A checked sample pack of dataset `info`."""
+    images, labels = _read_pack(path)
+    if images.dtype != np.uint8:
+        raise RConvError(f"sample pack {path}: images must be uint8 (0-255), as torchvision's dataset.data; "
+                         f"got {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] != info["channels"]:
+        raise RConvError(f"sample pack {path}: images must have shape (N, H, W, {info['channels']}) for "
+                         f"{info['name']} (channels last); got {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise RConvError(f"sample pack {path}: labels must be integers of shape ({len(images)},); got "
+                         f"{labels.dtype} of shape {labels.shape}")
+    bad = labels[(labels < -1) | (labels >= info["num_classes"])]
+    if len(bad):
+        raise RConvError(f"sample pack {path}: labels must lie in 0..{info['num_classes'] - 1} for "
+                         f"{info['name']} (-1: unknown); got {bad[:5].tolist()}")
+    return _Pack(path, images, labels)
+
+
+def _from_pack(pack, indices):
     from PIL import Image
-    pictures = [Image.fromarray(images[i].squeeze(-1) if images.shape[-1] == 1 else images[i])
+    pictures = [Image.fromarray(pack.images[i].squeeze(-1) if pack.images.shape[-1] == 1 else pack.images[i])
                 for i in indices]
-    return pictures, [int(labels[i]) for i in indices]
+    return pictures, [int(pack.labels[i]) for i in indices]
 
 
 def _from_torchvision(name, root, indices, download):
@@ -99,16 +178,27 @@ def _from_torchvision(name, root, indices, download):
 def _find(info, indices, root, download):
     """The pictures and labels from the first place that holds them, or an error listing the places."""
     places = [data_place(p) for p in (root, os.environ.get("RCONV_DATA")) if p]
-    looked = []
+    looked, short = [], None
     for place in places:
-        pack = place / f"{info['name']}_train_first100.npz"
-        looked.append(str(pack))
-        found = _from_pack(pack, indices) if pack.exists() else None
+        path = place / f"{info['name']}_train_first100.npz"
+        looked.append(str(path))
+        found = None
+        if path.exists():
+            pack = _load_pack(path, info)
+            if max(indices) < len(pack.images):
+                found = _from_pack(pack, indices)
+            else:
+                short = short or pack
         if found is None:
             looked.append(f"{place} (torchvision {info['torchvision']} folder)")
             found = _from_torchvision(info["torchvision"], place, indices, download=False)
         if found is not None:
             return found
+    if short is not None:
+        # A pack was meant to serve these images: say why it cannot, rather than download into data/.
+        raise RConvError(f"the sample pack {short.path} holds only {len(short.images)} images; index "
+                         f"{max(indices)} is out of range. For more images point root= (or RCONV_DATA) at "
+                         f"torchvision's {info['torchvision']} dataset folder")
     default = _default_data_root()
     looked.append(f"{default} (torchvision, download={download})")
     found = _from_torchvision(info["torchvision"], default, indices, download=download)
@@ -133,6 +223,7 @@ def load_images(dataset, indices, root=None, download=True, size=32):
     """
     info = dataset_info(dataset)
     indices = check_indices(indices)
+    size = _check_size(size)
     if info["name"] == "samples":
         if size is None:
             raise RConvError("sample photos have no native size; pass size=32 (or another side)")

@@ -60,9 +60,9 @@ def test_offline_error_says_where_it_looked(tmp_path, monkeypatch):
     assert "RCONV_DATA" in message and str(tmp_path) in message and "cifar10_train_first100.npz" in message
 
 
-def test_pack_too_short_falls_through_to_the_error(packs, monkeypatch):
+def test_pack_too_short_says_how_many_images_it_holds(packs, monkeypatch):
     monkeypatch.delenv("RCONV_DATA", raising=False)
-    with pytest.raises(rc.RConvError, match="could not load CIFAR10 images"):
+    with pytest.raises(rc.RConvError, match="cifar10_train_first100.npz holds only 100 images; index 150"):
         rc.load_images("cifar10", [150], root=packs, download=False)
 
 
