@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,8 @@ DEFENCES = ("none", "gaussian", "topk", "quantize")
 def as_dtype(dtype):
     """A torch floating dtype from a name in DTYPES ("float32", ...) or a torch.dtype."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise RConvError(f"gradients need a real floating dtype ({', '.join(DTYPES)}); got {dtype}")
         return dtype
     key = str(dtype).replace("torch.", "").lower()
     if key not in DTYPES:
@@ -30,28 +33,71 @@ def dtype_name(dtype):
     return str(as_dtype(dtype)).replace("torch.", "")
 
 
-def client_gradients(model, image, label, dtype=torch.float32):
-    """The gradients a federated-learning client shares for one image: cross-entropy, computed in `dtype`.
+def _as_label(label):
+    """One class label as an int64 tensor of shape (1,); floats, bools and strings are refused."""
+    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point() \
+            and not label.is_complex() and label.dtype != torch.bool:
+        return label.reshape(1).to(torch.int64)
+    if isinstance(label, numbers.Integral) and not isinstance(label, bool):
+        return torch.tensor([int(label)])
+    if isinstance(label, torch.Tensor) and label.numel() != 1:
+        raise RConvError(f"client_gradients takes one label; got {label.numel()}")
+    raise RConvError(f"label must be a whole number (a class index); got {label!r} ({type(label).__name__})")
 
-    Returns a list of tensors in the order of model.parameters().
-    """
+
+def _first_conv(model):
+    return next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+
+
+def _check_image(model, image):
+    """One real floating image (1, C, H, W) that fits the model's first conv layer and input size."""
     image = torch.as_tensor(image)
     if image.dim() == 3:
         image = image[None]
     if image.dim() != 4 or image.shape[0] != 1:
         raise RConvError(f"client_gradients takes one image of shape (C, H, W) or (1, C, H, W); "
                          f"got shape {tuple(image.shape)}")
-    label = torch.as_tensor(label, dtype=torch.int64).reshape(-1)
-    if label.numel() != 1:
-        raise RConvError(f"client_gradients takes one label; got {label.numel()}")
+    if not image.is_floating_point():
+        raise RConvError(f"the image must be a real floating-point tensor (float32 in [0, 1], as load_images "
+                         f"gives); got {image.dtype}")
+    conv = _first_conv(model)
+    if conv is not None and image.shape[1] != conv.in_channels:
+        raise RConvError(f"the model's first conv layer takes {conv.in_channels} channels; the image has "
+                         f"{image.shape[1]} (shape {tuple(image.shape[1:])})")
+    config = getattr(model, "config", None)  # ConvNet records the input side it was built for
+    side = config.get("input_size") if isinstance(config, dict) else None
+    if side is not None and tuple(image.shape[2:]) != (side, side):
+        raise RConvError(f"the model was built for {side}x{side} images; the image is "
+                         f"{image.shape[2]}x{image.shape[3]}")
+    return image
+
+
+def client_gradients(model, image, label, dtype=torch.float32):
+    """The gradients a federated-learning client shares for one image: cross-entropy, computed in `dtype`.
+
+    Returns a list of tensors in the order of model.parameters().
+    """
+    image = _check_image(model, image)
+    label = _as_label(label)
     dtype = as_dtype(dtype)
     client = copy.deepcopy(model).to(dtype)
     client.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(client(image.to(dtype)), label.to(image.device))
+    try:
+        logits = client(image.to(dtype))
+    except RuntimeError as error:  # a size no layer of a general model accepts
+        raise RConvError(f"the model cannot take an image of shape {tuple(image.shape[1:])}: "
+                         f"{str(error).splitlines()[0]}") from error
+    classes = logits.shape[-1]
+    if not 0 <= int(label) < classes:
+        raise RConvError(f"label {int(label)} is out of range for a model with {classes} classes (0..{classes - 1})")
+    loss = F.cross_entropy(logits, label.to(logits.device))
     return [g.detach() for g in torch.autograd.grad(loss, list(client.parameters()))]
 
 
 def _check_strength(defence, strength):
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
+        raise RConvError(f"the strength of {defence} must be a finite number; got {strength!r} "
+                         f"({type(strength).__name__})")
     if defence == "gaussian" and strength < 0:
         raise RConvError(f"gaussian noise needs strength >= 0; got {strength}")
     if defence == "topk" and not 0 < strength <= 1:
