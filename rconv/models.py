@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 
@@ -67,6 +69,7 @@ class ConvNet(nn.Sequential):
         if not (len(channels) == len(strides) == len(activations)):
             raise RConvError(f"channels, strides and activations need one entry per conv layer; got "
                              f"{len(channels)}, {len(strides)} and {len(activations)}")
+        _check_sizes(channels, strides, in_channels, num_classes, kernel_size, padding, input_size)
         padding = kernel_size // 2 if padding is None else padding
         layers, size, previous = [], (input_size, input_size), in_channels
         for i, (out, stride, act) in enumerate(zip(channels, strides, activations)):
@@ -83,6 +86,26 @@ class ConvNet(nn.Sequential):
                            activations=tuple(activation_name(a) for a in activations),
                            in_channels=in_channels, num_classes=num_classes, kernel_size=kernel_size,
                            padding=padding, input_size=input_size)
+
+
+def _check_count(what, value, least=1):
+    """value as an int when it is a whole number >= least (bools refused), else an error naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise RConvError(f"{what} must be a whole number >= {least}; got {value!r}")
+    return int(value)
+
+
+def _check_sizes(channels, strides, in_channels, num_classes, kernel_size, padding, input_size):
+    """Refuse sizes no conv layer can have (0 filters, stride 0, ...) before torch divides by them."""
+    for number, (out, stride) in enumerate(zip(channels, strides), start=1):
+        _check_count(f"conv layer {number}: channels (filters)", out)
+        _check_count(f"conv layer {number}: stride", stride)
+    _check_count("in_channels", in_channels)
+    _check_count("num_classes", num_classes)
+    _check_count("kernel_size", kernel_size)
+    _check_count("input_size", input_size)
+    if padding is not None:
+        _check_count("padding", padding, least=0)
 
 
 def preset_name(name):
