@@ -9,7 +9,9 @@ decides whether the image can be trusted, and if not, why (_verdict).
 from __future__ import annotations
 
 import math
+import numbers
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -49,6 +51,7 @@ class LayerReport:
     bias_residual: float  # |sum dL/dO - dL/db| / |dL/db|: checks the recovered output gradient
     known_outputs: float  # fraction of pre-activation outputs the activation reveals
     seconds: float = 0.0
+    clipped: float = 0.0  # project=True: the largest change clipping made to the input, relative to its largest value
 
     @property
     def full_rank(self):
@@ -190,11 +193,16 @@ def _conv_step(step, signal, grads, input_shape, options, cache, previous_activa
     method, solved = _solve(step, equations, options)
     x = solved.x.reshape(channels, height, width)
     negative = max(0.0, -float(x.min())) if x.numel() else 0.0
+    clipped = 0.0
     if options.project:
         low, high = VALUE_RANGES.get(previous_activation, (None, None)) if previous_activation \
             else options.image_range
         if low is not None or high is not None:
-            x = x.clamp(low, high)
+            projected = x.clamp(low, high)
+            # The verdict below judges the unclipped solve; how far clipping moved it says whether the
+            # returned input still solves the layer's equations.
+            clipped = float((projected - x).abs().max() / x.abs().max().clamp_min(TINY)) if x.numel() else 0.0
+            x = projected
     bias_residual = 0.0
     if bias_grad is not None:
         bias_residual = float(torch.linalg.norm(output_grad.sum((1, 2)) - bias_grad) /
@@ -206,7 +214,8 @@ def _conv_step(step, signal, grads, input_shape, options, cache, previous_activa
                                                                   if method != "gradients" else 0),
         unknowns=channels * height * width, rank=solved.spectrum.rank, cond=solved.spectrum.cond,
         residual=solved.residual, bias_residual=bias_residual,
-        known_outputs=float(equations.known.double().mean()), seconds=time.perf_counter() - start)
+        known_outputs=float(equations.known.double().mean()), seconds=time.perf_counter() - start,
+        clipped=clipped)
     weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
     input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
                                             stride=step.conv.stride, padding=step.padding)[0]
@@ -228,6 +237,10 @@ def _layer_reasons(report, tolerances):
     if not report.bias_residual <= tolerances.residual:
         reasons.append(f"{where}: its recovered output gradient misses the bias gradient by {report.bias_residual:.2g} "
                        f"(tolerance {tolerances.residual:.2g}), so an activation branch was misread above it")
+    if not report.clipped <= tolerances.residual:
+        reasons.append(f"{where}: project=True clipped its recovered input by up to {report.clipped:.2g} of its "
+                       f"largest value (tolerance {tolerances.residual:.2g}), so the clipped input no longer solves "
+                       f"the layer's equations; for the image, is image_range right?")
     return reasons
 
 
@@ -241,6 +254,40 @@ def _check_methods(first_layer, relu_test):
         raise RConvError(f"first_layer must be one of {', '.join(FIRST_LAYER_METHODS)}; got {first_layer!r}")
     if relu_test not in RELU_TESTS:
         raise RConvError(f"relu_test must be one of {', '.join(RELU_TESTS)}; got {relu_test!r}")
+
+
+def _check_arguments(grads, input_shape, relu_tol, image_range, device):
+    """Refuse reconstruct()'s arguments of the wrong kind, each by name, before any work."""
+    def number(value):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+    def sequence(value):
+        return not isinstance(value, (str, bytes, torch.Tensor)) and isinstance(value, Iterable)
+
+    if grads is None or not sequence(grads):
+        raise RConvError(f"grads must be a list of gradient tensors in model.parameters() order, or a dict by "
+                         f"parameter name; got {type(grads).__name__}")
+    if not sequence(input_shape) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                            for s in input_shape):
+        raise RConvError(f"input_shape must be (C, H, W) of whole numbers; got {input_shape!r}")
+    if relu_tol is not None and not (number(relu_tol) and math.isfinite(relu_tol) and relu_tol >= 0):
+        raise RConvError(f"relu_tol must be a finite number >= 0, or None for the dtype's default; got {relu_tol!r}")
+    bounds = tuple(image_range) if sequence(image_range) else ()
+    if len(bounds) != 2 or not all(number(v) for v in bounds) or not bounds[0] < bounds[1]:
+        raise RConvError(f"image_range must be two numbers (low, high) with low < high; got {image_range!r}")
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise RConvError(f"unknown device {device!r}; use 'cpu', 'cuda' or None (the gradients' device)") from error
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RConvError(f"device={device!r} asks for a GPU, but torch finds none on this machine; use "
+                         f"device='cpu' or None (the gradients' device)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # a GPU index that does not exist, a backend not built
+        raise RConvError(f"device={device!r} cannot be used here: {str(error).splitlines()[0]}") from error
 
 
 def _options(grads, first_layer, relu_test, relu_tol, project, image_range, device):
@@ -276,6 +323,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
     Returns a Reconstruction.
     """
     start = time.perf_counter()
+    _check_arguments(grads, input_shape, relu_tol, image_range, device)
     _check_methods(first_layer, relu_test)
     network = parse_network(model)
     grads = check_gradients(model, network, grads)

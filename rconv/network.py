@@ -139,6 +139,13 @@ def check_gradients(model, network, grads):
                              f"{tuple(parameter.shape)}")
         if not torch.isfinite(grad).all():
             raise RConvError(f"gradient of {name} holds NaN or infinite values")
+    first = {}  # the first parameter whose gradient has each dtype
+    for name, grad in zip(network.parameter_names, grads):
+        first.setdefault(grad.dtype, name)
+    if len(first) > 1:
+        found = ", ".join(f"{name} is {str(dtype).replace('torch.', '')}" for dtype, name in first.items())
+        raise RConvError(f"the gradients mix dtypes ({found}); pass every tensor in the one precision the client "
+                         f"computed them in")
     return Gradients(parameters, grads)
 
 
