@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 from .attack import FIRST_LAYER_METHODS, reconstruct
 from .cases import setup
@@ -27,8 +29,39 @@ def _parser():
     parser.add_argument("--seed", type=int, default=50, help="seed of the model's initialisation")
     parser.add_argument("--data-root", default=None, help="folder with datasets or sample packs "
                                                            "(default: $RCONV_DATA, then data/)")
-    parser.add_argument("--out", default="reconstruction.png", help="where to save the figure")
+    parser.add_argument("--out", default=_DEFAULT_OUT, help="where to save the figure (a file, or an existing "
+                                                             "folder to hold reconstruction.png)")
     return parser
+
+
+_DEFAULT_OUT = "reconstruction.png"
+
+
+def _figure_path(out):
+    """Where the figure will go, checked before the attack: its folder must exist and take a new file."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        path = path / _DEFAULT_OUT
+    if not path.suffix:
+        path = path.with_suffix(".png")  # matplotlib would add it; say so up front
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise RConvError(f"--out {out}: matplotlib cannot write {path.suffix} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise RConvError(f"--out {out}: {folder} is a file, not a folder")
+    if not folder.is_dir():
+        raise RConvError(f"--out {out}: the folder {folder} does not exist (it is not created for you)")
+    if path.exists() and not path.is_file():
+        raise RConvError(f"--out {out}: {path} exists and is not a file")
+    try:  # a real write: permissions alone miss read-only file systems, /proc and the like
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise RConvError(f"--out {out}: cannot create files in {folder} ({error.strerror or error})") from error
+    return path
 
 
 def _overrides(args):
@@ -58,6 +91,7 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        out = _figure_path(args.out)
         case = setup(args.dataset, args.model, [args.index], args.seed, data_root=args.data_root,
                      **_overrides(args))
         grads = client_gradients(case.model, case.images[0], case.labels[0], dtype=as_dtype(args.dtype))
@@ -65,7 +99,10 @@ def main(argv=None):
     except RConvError as error:
         parser.exit(2, f"error: {error}\n")
     _print_result(args, case, result)
-    plot_reconstruction(case.images[0], result.image, path=args.out,
-                        title=f"R-CONV on {case.info['name']} #{args.index} ({args.model}, {args.dtype})")
-    print(f"saved {args.out}")
+    try:
+        plot_reconstruction(case.images[0], result.image, path=out,
+                            title=f"R-CONV on {case.info['name']} #{args.index} ({args.model}, {args.dtype})")
+    except OSError as error:  # the folder changed since the check (removed, disk full)
+        parser.exit(1, f"error: could not save {out}: {error}\n")
+    print(f"saved {out}")
     return 0

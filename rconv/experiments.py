@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 
 import torch
 
@@ -134,6 +135,10 @@ def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,),
     if not 1 <= position <= len(base["channels"]):
         raise RConvError(f"position must be 1..{len(base['channels'])} for {model_name}; got {position}")
     indices = check_indices(indices)
+    wrong = [count for count in counts if isinstance(count, bool) or not isinstance(count, numbers.Integral)
+             or count < 1]
+    if wrong or not len(counts):
+        raise RConvError(f"counts must be a non-empty list of filter counts, whole numbers >= 1; got {list(counts)}")
     rows = []
     bar = progress_bar(total=len(counts) * len(seeds) * len(indices), desc=f"{model_name} layer {position}",
                        unit="image", enabled=progress)
@@ -218,7 +223,16 @@ def success_rates(table):
 def summarize(table, by=("dataset", "model", "dtype", "first_layer")):
     """Per setting: attacks (rows; images when a setting holds one seed and defence), exact count,
     rank-deficient count, median PSNR and SSIM, median seconds."""
+    missing = [column for column in ("psnr", "ssim", "exact", "seconds") if column not in table.columns]
+    if missing:
+        raise RConvError(f"summarize needs a results table with columns psnr, ssim, exact and seconds; "
+                         f"missing {missing}")
+    if table.empty:
+        raise RConvError("summarize got an empty table: no attacks to summarise")
     by = [column for column in by if column in table.columns]
+    if not by:
+        raise RConvError(f"summarize needs at least one of its `by` columns in the table; it has "
+                         f"{list(table.columns)}")
     grouped = table.groupby(by, sort=False)
     summary = grouped.agg(images=("psnr", "size"), exact=("exact", "sum"),
                           median_psnr=("psnr", "median"), median_ssim=("ssim", "median"),
