@@ -5,20 +5,43 @@
     python run_all.py --quick --results-dir DIR   # a few images each; stored notebooks stay untouched
     python run_all.py --list
 
-A stored notebook is replaced only when its run succeeded. With --results-dir, CSVs, figures
-and the executed notebooks all go under DIR. The exit status is non-zero when a notebook
-failed, and the message names the notebook and the cell.
+Each notebook runs into its own staging folder inside the results folder. Only when it succeeds
+do its executed notebook and its results subfolder (CSVs, figures) replace the stored ones,
+together, with summary.csv and README.md rebuilt from the stored results; a notebook that fails,
+or a run stopped with Ctrl-C, leaves everything as it was. run_all marks the results folders it
+makes (.run_all.json says whether they hold quick or full results) and refuses a folder that is
+not empty and not its own, a quick run into full results (or into the repository's results/),
+and a second run on the same folder while one holds its lock (.run_all.lock). The exit status is
+non-zero when a notebook failed, and the message names the notebook and the cell.
 """
 
 import argparse
-import concurrent.futures
+import contextlib
+import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent
+STORED_RESULTS = ROOT / "results"  # the full results the repository keeps, beside the stored notebooks
+MARKER = ".run_all.json"  # in every results folder run_all made: {"kind": "full" or "quick"}
+LOCK = ".run_all.lock"  # held by the run writing to a results folder
+STAGING = ".staging-"  # prefix of a notebook's staging folder inside the results folder
+KINDS = ("full", "quick")
+INTERRUPTED = 130  # the shell's exit status after Ctrl-C
+# A stopped worker's kernel sees its parent gone within about a second (ipykernel polls once a
+# second) and exits; its staging folder is removed only after that, so no late write recreates it.
+_KERNEL_EXIT_SECONDS = 1.5
+_POLL_SECONDS = 0.2  # how often the main process looks at its workers
+_STOP_SECONDS = 10  # a worker asked to stop gets this long before it is killed
+
 
 class Notebook(NamedTuple):
     """A notebook of the suite and how run_all runs it (its own parameters cell holds the full setting)."""
@@ -57,10 +80,48 @@ NOTEBOOKS = {
 EXPERIMENTS = ("Precision", "Defences", "Filters", "Success_rates", "Baselines")
 
 
-def _clean(path):
-    """Drop what changes on every run (timings, execution counts) so a rerun gives a small diff."""
+class _Refused(Exception):
+    """A results folder run_all must not (or cannot) write to; the message says why."""
+
+
+class _Job(NamedTuple):
+    """One notebook to run: where it stages, and what it replaces when it succeeds."""
+
+    name: str
+    notebook: str  # relative to the repository
+    stage: Path  # its staging folder: job.json, worker.log, results/, notebook.ipynb, outcome.json
+    folder: Path  # the results subfolder its staged results/ replaces
+    output: Path  # where its executed notebook is stored
+    parameters: dict  # results_dir points at stage/results
+
+
+class _Outcome(NamedTuple):
+    """How a notebook's run ended."""
+
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""  # where it failed: the cell and its exception
+
+
+class _Summary(NamedTuple):
+    """What summary.csv and README.md will hold."""
+
+    table: object  # a pandas DataFrame, or None when no Testing or Various_settings results are stored
+    readme: str
+
+
+def _clean(path, staged=None, final=None):
+    """Drop what changes on every run (timings, execution counts) so a rerun gives a small diff.
+
+    The staging folder's path (`staged`), wherever papermill recorded it, becomes the stored
+    results folder's (`final`), so that stored notebooks never name a staging folder.
+    """
     import nbformat
     notebook = nbformat.read(path, as_version=4)
+    if staged is not None:
+        text = nbformat.writes(notebook).replace(json.dumps(staged)[1:-1], json.dumps(final)[1:-1])
+        notebook = nbformat.reads(text, as_version=4)
     parameters = notebook.metadata.get("papermill", {}).get("parameters")
     notebook.metadata.pop("papermill", None)
     notebook.metadata.pop("widgets", None)
@@ -98,22 +159,46 @@ def _settle_streams(outputs):
     return settled
 
 
-def _execute(name, notebook, output, parameters):
-    """Run one notebook (in a worker process); returns a result record instead of raising."""
-    partial = output.with_name(f".{output.stem}.running.ipynb")
+def _where(error):
+    """Where a notebook run failed, in a line: the cell and its exception, or the exception."""
+    if hasattr(error, "cell_index"):
+        return f"cell {error.cell_index} ({error.ename}: {str(error.evalue)[:300]})"
+    return f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def _worker(stage):
+    """A worker process's work: run the job staged in `stage` and write its outcome there.
+
+    main() starts one per notebook, in its own session, so that Ctrl-C reaches only main(),
+    which decides what happens to the workers.
+    """
+    stage = Path(stage)
+    job = json.loads((stage / "job.json").read_text())
     start = time.perf_counter()
+    error = ""
     try:
         import papermill
-        output.parent.mkdir(parents=True, exist_ok=True)
-        papermill.execute_notebook(str(ROOT / notebook), str(partial), parameters=parameters, kernel_name="python3",
-                                   cwd=str(ROOT), progress_bar=False, log_output=False)
-        _clean(partial)
-        os.replace(partial, output)
-    except Exception as error:  # a failing cell, a dead kernel, an unreadable notebook, a full disk, ...
-        where = (f"cell {error.cell_index} ({error.ename}: {str(error.evalue)[:300]})"
-                 if hasattr(error, "cell_index") else f"{type(error).__name__}: {str(error)[:300]}")
-        return dict(notebook=name, ok=False, seconds=time.perf_counter() - start, error=where, partial=str(partial))
-    return dict(notebook=name, ok=True, seconds=time.perf_counter() - start, error="")
+        papermill.execute_notebook(str(ROOT / job["notebook"]), str(stage / "notebook.ipynb"),
+                                   parameters=job["parameters"], kernel_name="python3", cwd=str(ROOT),
+                                   progress_bar=False, log_output=False)
+        _clean(stage / "notebook.ipynb", job["staged"], job["final"])
+    except Exception as failure:  # a failing cell, a dead kernel, an unreadable notebook, a full disk, ...
+        error = _where(failure)
+    outcome = dict(ok=not error, seconds=time.perf_counter() - start, error=error)
+    _write_atomically(stage / "outcome.json", json.dumps(outcome))
+
+
+def _write_atomically(path, text):
+    """Write a file so that a reader (or a crash) sees the old content or the new, never a part."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _relative(path):
@@ -124,41 +209,239 @@ def _relative(path):
         return str(path)
 
 
-def summarize_results(results_dir, names):
-    """summary.csv (one row per notebook and precision) and README.md under results_dir."""
+def _read_marker(folder):
+    """The kind of results a folder of run_all's holds ("full" or "quick"), or None when it is not one."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        kind = json.loads(marker.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError) as error:
+        raise _Refused(f"{marker} cannot be read ({error}); remove it only if {folder} holds nothing you "
+                       f"need") from error
+    if kind not in KINDS:
+        raise _Refused(f"{marker} names kind {kind!r}, not one of {', '.join(KINDS)}")
+    return kind
+
+
+def _check_results_dir(results_dir, kind):
+    """Refuse, before anything is written, a results folder this run must not write to."""
+    if kind == "quick" and results_dir == STORED_RESULTS:
+        raise _Refused(f"a quick run never writes into {_relative(STORED_RESULTS)}/, which holds the full "
+                       f"results beside the stored notebooks; give another --results-dir")
+    for parent in results_dir.parents:
+        if (parent / MARKER).is_file():
+            raise _Refused(f"{results_dir} lies inside the results folder {parent} of run_all.py; give a "
+                           f"folder outside it")
+    if results_dir.exists() and not results_dir.is_dir():
+        raise _Refused(f"--results-dir {results_dir} is a file, not a folder")
+    if not results_dir.is_dir():
+        return
+    held = _read_marker(results_dir)
+    try:
+        empty = all(entry.name == LOCK for entry in results_dir.iterdir())  # a lock alone holds no results
+    except OSError as error:
+        raise _Refused(f"cannot read {results_dir} ({error.strerror or error})") from error
+    if held is None and not empty:
+        raise _Refused(f"{results_dir} is not empty and is not a results folder of run_all.py (it has no "
+                       f"{MARKER}); give an empty or new folder")
+    if held is not None and held != kind:
+        raise _Refused(f"{results_dir} holds {held} results; a {kind} run never writes over them, so give "
+                       f"another folder (or remove {results_dir})")
+
+
+def _hold_lock(handle, results_dir):
+    """Lock the open lock file and write this process's id in it, or refuse: another run holds it.
+
+    The operating system releases the lock when its holder exits, however it exits.
+    """
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+            msvcrt.locking(handle, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.read(handle, 32).decode(errors="replace").strip()
+        raise _Refused(f"another run_all.py{f' (process {holder})' if holder else ''} is writing to "
+                       f"{results_dir} (it holds {LOCK}); wait for it to finish") from error
+    os.ftruncate(handle, 0)
+    os.write(handle, str(os.getpid()).encode())
+
+
+@contextlib.contextmanager
+def _results_folder(results_dir, kind):
+    """The results folder, created if need be, marked as run_all's, and locked for this run."""
+    _check_results_dir(results_dir, kind)
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        handle = os.open(results_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise _Refused(f"cannot write results to {results_dir} ({error.strerror or error})") from error
+    try:
+        _hold_lock(handle, results_dir)
+        _check_results_dir(results_dir, kind)  # again, now that no other run can change it
+        if _read_marker(results_dir) is None:
+            _write_atomically(results_dir / MARKER, json.dumps({"kind": kind}) + "\n")
+        for leftover in results_dir.glob(f"{STAGING}*"):  # of runs that failed or were killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        yield results_dir
+    finally:
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold Ctrl-C (and SIGTERM) until the block is done, then raise KeyboardInterrupt: a commit is all or
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def hold(number, frame):
+        received.append(number)
+
+    previous = {number: signal.signal(number, hold) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            raise KeyboardInterrupt
+
+
+def _interrupt(number, frame):
+    raise KeyboardInterrupt
+
+
+def _stage(name, results_dir, notebook, subfolder, parameters, output):
+    """A job with its staging folder made, its parameters pointing the notebook's results there."""
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{name}-", dir=results_dir))
+    staged, final = _relative(stage / "results"), _relative(results_dir / subfolder)
+    job = _Job(name, notebook, stage, results_dir / subfolder, output, dict(parameters, results_dir=staged))
+    (stage / "job.json").write_text(json.dumps(dict(notebook=notebook, parameters=job.parameters, staged=staged,
+                                                    final=final)))
+    return job
+
+
+def _start(job):
+    """Start the worker process of a job, in its own session (Ctrl-C goes to main() alone)."""
+    with open(job.stage / "worker.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-c", "import sys, run_all; run_all._worker(sys.argv[1])",
+                                 str(job.stage)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _outcome(job, process):
+    """What the worker of a finished job reported, or why it reported nothing."""
+    try:
+        return _Outcome(job.name, **json.loads((job.stage / "outcome.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        log = (job.stage / "worker.log").read_text(errors="replace").strip().splitlines()[-3:] \
+            if (job.stage / "worker.log").exists() else []
+        return _Outcome(job.name, False, 0.0, f"the worker exited with status {process.returncode} without a "
+                                              f"result: {' / '.join(log)[:300]}")
+
+
+def _stop(processes):
+    """Stop running workers; their kernels follow them out."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if processes:
+        time.sleep(_KERNEL_EXIT_SECONDS)
+
+
+def _commit(job, summary, results_dir):
+    """Put a succeeded job's results subfolder and executed notebook in place, both or neither, then
+    summary.csv and README.md. Run with interrupts held."""
+    staged = job.stage / "results"
+    staged.mkdir(exist_ok=True)  # a notebook that wrote nothing still replaces its folder
+    job.folder.parent.mkdir(parents=True, exist_ok=True)
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    # The notebook is copied beside its destination first, so that putting it in place is a rename.
+    handle, beside = tempfile.mkstemp(prefix=f".{job.output.stem}.staged-", suffix=".ipynb", dir=job.output.parent)
+    os.close(handle)
+    replaced, moved_old, moved_new = job.stage / "replaced", False, False
+    try:
+        shutil.copyfile(job.stage / "notebook.ipynb", beside)
+        os.chmod(beside, 0o644)
+        if job.folder.exists():
+            os.rename(job.folder, replaced)
+            moved_old = True
+        os.rename(staged, job.folder)
+        moved_new = True
+        os.replace(beside, job.output)
+    except OSError:
+        if moved_new:
+            os.rename(job.folder, staged)
+        if moved_old:
+            os.rename(replaced, job.folder)
+        Path(beside).unlink(missing_ok=True)
+        raise
+    if summary.table is not None:
+        _write_atomically(results_dir / "summary.csv", summary.table.to_csv(index=False))
+    _write_atomically(results_dir / "README.md", summary.readme)
+    shutil.rmtree(job.stage, ignore_errors=True)
+
+
+def _render(results_dir, folders=None):
+    """summary.csv's table and README.md's text from the results under results_dir, where `folders`
+    (name -> folder) stands in for the stored subfolders of the notebooks about to be stored."""
     import pandas as pd
     import rconv_core as rc
+    folders = folders or {}
+    located = {name: Path(folders.get(name, results_dir / NOTEBOOKS[name][1])) for name in NOTEBOOKS}
     rows = []
-    for name in names:
-        notebook, subfolder, _, _ = NOTEBOOKS[name]
-        csv = results_dir / subfolder / "metrics.csv"
+    for name, folder in located.items():
+        csv = folder / "metrics.csv"
         if name in EXPERIMENTS or not csv.exists():
             continue
         table = pd.read_csv(csv)
         summary = rc.summarize(table, by=("dataset", "model", "first_layer", "dtype"))
         summary.insert(0, "notebook", name)
         rows.append(summary)
-    summary = pd.concat(rows, ignore_index=True) if rows else None
-    if summary is not None:
-        summary.to_csv(results_dir / "summary.csv", index=False)
-    _write_readme(results_dir, summary)
-    return summary
+    table = pd.concat(rows, ignore_index=True) if rows else None
+    return _Summary(table, _readme(results_dir, table, located))
 
 
-def _write_readme(results_dir, summary):
+def summarize_results(results_dir, names=None):
+    """Rebuild summary.csv (one row per notebook and precision) and README.md from the results stored
+    under results_dir; returns the summary table (None when there is none). `names` is kept for
+    compatibility: every notebook with stored results is summarised."""
+    summary = _render(Path(results_dir))
+    if summary.table is not None:
+        _write_atomically(Path(results_dir) / "summary.csv", summary.table.to_csv(index=False))
+    _write_atomically(Path(results_dir) / "README.md", summary.readme)
+    return summary.table
+
+
+def _readme(results_dir, summary, located):
     import pandas as pd
     lines = ["# Results", "",
              "Regenerated by `run_all.py` from the notebooks; do not edit by hand. PSNR in dB with data range 1; "
              "`exact` counts images whose every layer was full rank with small residuals. Seconds are per image "
-             "on the machine that ran it (the first image also pays the per-model factorisation).", "",
-             "| notebook | dataset | model | first layer | images | exact float64 | exact float32 "
-             "| median PSNR float64 | median PSNR float32 | median s/image | figures |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "on the machine that ran it (the first image also pays the per-model factorisation).", ""]
+    if _read_marker(results_dir) == "quick":
+        lines += ["These are quick results (`run_all.py --quick`): a few images per notebook, for testing; "
+                  "the paper's 100 images are in a full run.", ""]
+    lines += ["| notebook | dataset | model | first layer | images | exact float64 | exact float32 "
+              "| median PSNR float64 | median PSNR float32 | median s/image | figures |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, group in summary.groupby("notebook", sort=False) if summary is not None else ():
         by_dtype = {row.dtype: row for row in group.itertuples()}
         first = group.iloc[0]
         notebook, subfolder, _, _ = NOTEBOOKS[name]
-        figures = sorted((results_dir / subfolder).glob("*.png"))
+        figures = sorted(located[name].glob("*.png"))
         links = ", ".join(f"[{figure.stem}]({subfolder}/{figure.name})" for figure in figures)
 
         def cell(dtype, field, fmt="{}"):
@@ -173,14 +456,14 @@ def _write_readme(results_dir, summary):
     lines += ["", "## Experiments", "", "| notebook | rows | finding | summary | figures |", "| --- | --- | --- | --- | --- |"]
     for name in EXPERIMENTS:
         notebook, subfolder, _, _ = NOTEBOOKS[name]
-        folder = results_dir / subfolder
+        folder = located[name]
         if not (folder / "metrics.csv").exists():
             continue
         rows = len(pd.read_csv(folder / "metrics.csv"))
         figures = ", ".join(f"[{f.stem}]({subfolder}/{f.name})" for f in sorted(folder.glob("*.png")))
         lines.append(f"| [{name}](../{notebook}) | {rows} | {_finding(name, folder)} | "
                      f"[summary.csv]({subfolder}/summary.csv) | {figures} |")
-    (results_dir / "README.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _finding(name, folder):
@@ -217,13 +500,73 @@ def _finding(name, folder):
     return ""
 
 
+def _jobs(names, results_dir, quick, in_place, data_root):
+    """A staged job per notebook."""
+    jobs = []
+    for name in names:
+        notebook, subfolder, parameters, quick_parameters = NOTEBOOKS[name]
+        parameters = dict(parameters, **(quick_parameters if quick else {}))
+        if data_root:
+            # relative to the repository, where the kernels run: stored notebooks keep no machine's paths
+            parameters["data_root"] = os.path.relpath(Path(data_root).resolve(), ROOT)
+        output = ROOT / notebook if in_place else results_dir / "notebooks" / notebook
+        try:
+            jobs.append(_stage(name, results_dir, notebook, subfolder, parameters, output))
+        except BaseException as error:  # an unwritable folder, or Ctrl-C: leave no staging folder behind
+            for job in jobs:
+                shutil.rmtree(job.stage, ignore_errors=True)
+            if isinstance(error, OSError):
+                raise _Refused(f"cannot write results to {results_dir} ({error.strerror or error})") from error
+            raise
+    return jobs
+
+
+def _run(jobs, results_dir, parallel):
+    """Run the jobs, storing each one that succeeds; returns (outcomes, summary table or None, interrupted)."""
+    from tqdm import tqdm
+    pending, workers, outcomes, table, interrupted = list(jobs), {}, [], None, False
+    bar = tqdm(total=len(jobs), desc="notebooks", unit="notebook")
+    try:
+        while pending or workers:
+            while pending and len(workers) < parallel:
+                job = pending.pop(0)
+                workers[job.name] = (job, _start(job))
+            time.sleep(_POLL_SECONDS)
+            for name in [name for name, (_, process) in workers.items() if process.poll() is not None]:
+                job, process = workers.pop(name)
+                outcome = _outcome(job, process)
+                if outcome.ok:
+                    try:
+                        summary = _render(results_dir, {job.name: job.stage / "results"})
+                        with _interrupts_held():
+                            _commit(job, summary, results_dir)
+                            table = summary.table
+                    except Exception as error:  # results the summary cannot read, a full disk, ...
+                        outcome = outcome._replace(ok=False, error=f"storing its results failed: "
+                                                                   f"{type(error).__name__}: {error}"[:400])
+                outcomes.append(outcome)
+                bar.update()
+                tqdm.write(f"{'ok    ' if outcome.ok else 'FAILED'} {outcome.name} ({outcome.seconds:.0f} s)")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:  # after Ctrl-C (or a fault in run_all itself): stop the workers, drop the unfinished stages
+        _stop([process for _, process in workers.values()])
+        finished = {outcome.name for outcome in outcomes}
+        for job in jobs:
+            if job.name not in finished:
+                shutil.rmtree(job.stage, ignore_errors=True)
+        bar.close()
+    return outcomes, table, interrupted
+
+
 def main(argv=None):
     """The command line; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few images per notebook, for tests")
     parser.add_argument("--only", action="append", metavar="NAME", help="a notebook's name; repeatable")
     parser.add_argument("--data-root", help="folder with datasets or sample packs (default: $RCONV_DATA, then data/)")
-    parser.add_argument("--results-dir", help="where CSVs, figures and the executed notebooks go "
+    parser.add_argument("--results-dir", help="where CSVs, figures and the executed notebooks go: a new or empty "
+                                              "folder, or one run_all made for results of the same kind "
                                               "(default: results/, with the stored notebooks updated in place)")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks run in parallel processes")
     parser.add_argument("--list", action="store_true", help="list the notebooks and exit")
@@ -237,51 +580,55 @@ def main(argv=None):
     unknown = [name for name in names if name not in NOTEBOOKS]
     if unknown:
         parser.error(f"unknown notebook {', '.join(unknown)}; choose from {', '.join(NOTEBOOKS)}")
-
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1; got {args.jobs}")
     if args.quick and args.results_dir is None:
         parser.error("--quick runs a few images only; give --results-dir so that the stored notebooks and "
                      "results/ stay untouched")
-    in_place = args.results_dir is None
-    results_dir = (ROOT / "results") if in_place else Path(args.results_dir).resolve()
-    jobs = []
-    for name in names:
-        notebook, subfolder, parameters, quick = NOTEBOOKS[name]
-        parameters = dict(parameters, results_dir=_relative(results_dir / subfolder))
-        if args.quick:
-            parameters.update(quick)
-        if args.data_root:
-            # relative to the repository, where the kernels run: stored notebooks keep no machine's paths
-            parameters["data_root"] = os.path.relpath(Path(args.data_root).resolve(), ROOT)
-        output = ROOT / notebook if in_place else results_dir / "notebooks" / notebook
-        jobs.append((name, notebook, output, parameters))
+    results_dir = STORED_RESULTS if args.results_dir is None else Path(args.results_dir).expanduser().resolve()
+    kind = "quick" if args.quick else "full"
+    # the stored notebooks are updated only by a full run into the repository's results/
+    in_place = results_dir == STORED_RESULTS and not args.quick
 
     if args.jobs > 1:
         # Kernels inherit this: several multi-threaded kernels on few cores would spin against each other.
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
         for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(variable, threads)
-    from tqdm import tqdm
-    records = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(_execute, *job) for job in jobs]
-        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="notebooks",
-                           unit="notebook"):
-            record = future.result()
-            records.append(record)
-            tqdm.write(f"{'ok    ' if record['ok'] else 'FAILED'} {record['notebook']} ({record['seconds']:.0f} s)")
+    previous = signal.signal(signal.SIGTERM, _interrupt) \
+        if threading.current_thread() is threading.main_thread() else None
+    jobs, outcomes, table, interrupted = [], [], None, False
+    try:
+        with _results_folder(results_dir, kind):
+            jobs = _jobs(names, results_dir, args.quick, in_place, args.data_root)
+            outcomes, table, interrupted = _run(jobs, results_dir, args.jobs)
+    except _Refused as error:
+        parser.error(str(error))
+    except KeyboardInterrupt:  # before any notebook started: no results were touched
+        interrupted = True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return _report(outcomes, table, interrupted, jobs, results_dir)
 
-    # every notebook with results in results_dir, in the table's order, not only those run now
-    summary = summarize_results(results_dir, list(NOTEBOOKS))
+
+def _report(outcomes, table, interrupted, jobs, results_dir):
+    """Print the stored summary and every failure; returns the exit status."""
     print()
-    if summary is not None:
+    if table is not None:
         columns = [column for column in ("notebook", "dtype", "images", "exact", "rank_deficient", "median_psnr",
-                                          "median_seconds") if column in summary.columns]
-        print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+                                          "median_seconds") if column in table.columns]
+        print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(f"\nsummary: {_relative(results_dir / 'summary.csv')}")
-    failed = [r for r in records if not r["ok"]]
-    for record in failed:
-        print(f"FAILED: {record['notebook']} at {record['error']}; partial run in {_relative(record['partial'])}",
-              file=sys.stderr)
+    stages = {job.name: job.stage for job in jobs}
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    for outcome in failed:
+        print(f"FAILED: {outcome.name} at {outcome.error}; its stored notebook and results are unchanged, and "
+              f"its partial run is kept in {_relative(stages[outcome.name])} until the next run", file=sys.stderr)
+    if interrupted:
+        print("interrupted: every notebook that had not finished left its stored notebook and results as they "
+              "were", file=sys.stderr)
+        return INTERRUPTED
     return 1 if failed else 0
 
 
