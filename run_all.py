@@ -188,17 +188,22 @@ def _worker(stage):
     _write_atomically(stage / "outcome.json", json.dumps(outcome))
 
 
-def _write_atomically(path, text):
-    """Write a file so that a reader (or a crash) sees the old content or the new, never a part."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _beside(path, text):
+    """A new file next to `path` holding `text`, ready to replace it with a rename."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.staged-", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as file:
             file.write(text)
         os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return Path(temporary)
+
+
+def _write_atomically(path, text):
+    """Write a file so that a reader (or a crash) sees the old content or the new, never a part."""
+    os.replace(_beside(path, text), path)
 
 
 def _relative(path):
@@ -362,35 +367,35 @@ def _stop(processes):
 
 
 def _commit(job, summary, results_dir):
-    """Put a succeeded job's results subfolder and executed notebook in place, both or neither, then
-    summary.csv and README.md. Run with interrupts held."""
+    """Put a succeeded job's results subfolder and executed notebook in place, with summary.csv and
+    README.md. Every file is first written beside its destination, so that what remains is renames;
+    run with interrupts held."""
     staged = job.stage / "results"
     staged.mkdir(exist_ok=True)  # a notebook that wrote nothing still replaces its folder
     job.folder.parent.mkdir(parents=True, exist_ok=True)
     job.output.parent.mkdir(parents=True, exist_ok=True)
-    # The notebook is copied beside its destination first, so that putting it in place is a rename.
-    handle, beside = tempfile.mkstemp(prefix=f".{job.output.stem}.staged-", suffix=".ipynb", dir=job.output.parent)
-    os.close(handle)
-    replaced, moved_old, moved_new = job.stage / "replaced", False, False
-    try:
-        shutil.copyfile(job.stage / "notebook.ipynb", beside)
-        os.chmod(beside, 0o644)
-        if job.folder.exists():
-            os.rename(job.folder, replaced)
-            moved_old = True
-        os.rename(staged, job.folder)
-        moved_new = True
-        os.replace(beside, job.output)
-    except OSError:
-        if moved_new:
-            os.rename(job.folder, staged)
-        if moved_old:
-            os.rename(replaced, job.folder)
-        Path(beside).unlink(missing_ok=True)
-        raise
+    texts = {job.output: (job.stage / "notebook.ipynb").read_text(), results_dir / "README.md": summary.readme}
     if summary.table is not None:
-        _write_atomically(results_dir / "summary.csv", summary.table.to_csv(index=False))
-    _write_atomically(results_dir / "README.md", summary.readme)
+        texts[results_dir / "summary.csv"] = summary.table.to_csv(index=False)
+    ready = {}
+    try:
+        for destination, text in texts.items():
+            ready[destination] = _beside(destination, text)
+        replaced = job.stage / "replaced"
+        had_folder = job.folder.exists()
+        if had_folder:
+            os.rename(job.folder, replaced)
+        try:
+            os.rename(staged, job.folder)
+        except OSError:
+            if had_folder:
+                os.rename(replaced, job.folder)
+            raise
+        for destination, temporary in ready.items():
+            os.replace(temporary, destination)
+    finally:
+        for temporary in ready.values():
+            temporary.unlink(missing_ok=True)
     shutil.rmtree(job.stage, ignore_errors=True)
 
 
