@@ -64,7 +64,7 @@ class Reconstruction:
 
     image: torch.Tensor  # (1, C, H, W) float64
     layers: list = field(default_factory=list)  # LayerReport per conv layer, first to last
-    exact: bool = False  # every layer full rank with small residuals
+    exact: bool = False  # every layer full rank with small residuals, and not moved by project's clipping
     seconds: float = 0.0
     method: str = "rconv"
     features: torch.Tensor | None = None  # the recovered input of the Linear layer
@@ -316,7 +316,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         project: clip every recovered layer input to the values it can take (the image to
             image_range, ReLU outputs to >= 0, Sigmoid to [0, 1], Tanh to [-1, 1]). The truth
             lies in that box, so clipping never moves an estimate away from it: a regularisation
-            for noisy or defended gradients. Off by default, so exactness is judged unaided.
+            for noisy or defended gradients. Off by default, so exactness is judged unaided; a
+            layer input that clipping moves beyond the residual tolerance is not exact.
+        image_range: (low, high) with low < high, the values of the image's pixels, for project.
         device: where to solve ("cpu", "cuda"); None means the gradients' device.
         check_batch: refuse gradients whose Linear layer is not rank one (a batch of several images).
         cache: a dict shared between calls on the same model, holding what depends only on the weights.
