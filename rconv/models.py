@@ -88,6 +88,9 @@ class ConvNet(nn.Sequential):
                            padding=padding, input_size=input_size)
 
 
+_SEEDS = (-2 ** 63, 2 ** 64 - 1)  # the seeds torch.manual_seed takes
+
+
 def _check_count(what, value, least=1):
     """value as an int when it is a whole number >= least (bools refused), else an error naming `what`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
@@ -125,6 +128,8 @@ def build_model(name, in_channels=3, num_classes=10, seed=50, **overrides):
     if "dtype" in overrides:
         raise RConvError("build_model always returns float32 weights; convert the model afterwards "
                          "(model.double()) or pass dtype to client_gradients")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not _SEEDS[0] <= seed <= _SEEDS[1]:
+        raise RConvError(f"seed must be a whole number from {_SEEDS[0]} to {_SEEDS[1]} (torch's seeds); got {seed!r}")
     settings = {**MODELS[preset_name(name)], **overrides}
     # The published code seeds PyTorch, builds the network in float64 (PyTorch's default
     # initialisation draws first), then redraws every weight and bias from U(-0.5, 0.5).

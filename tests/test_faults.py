@@ -275,6 +275,12 @@ def test_convnet_refuses_sizes_no_layer_can_have(change, problem):
         rc.ConvNet(**{**settings, **change})
 
 
+@pytest.mark.parametrize("seed", [2 ** 70, 1.5, "50", None])
+def test_build_model_refuses_seeds_torch_cannot_take(seed):
+    with pytest.raises(rc.RConvError, match="seed must be a whole number"):
+        rc.build_model("lenet", seed=seed)
+
+
 @pytest.mark.parametrize("defence,strength", [("quantize", math.nan), ("quantize", "8"), ("gaussian", "0.1"),
                                               ("gaussian", math.inf), ("topk", None), ("topk", True)])
 def test_defend_refuses_strengths_that_are_no_number(grads, defence, strength):
@@ -347,7 +353,8 @@ def test_cli_writes_inside_an_existing_folder(tmp_path, capsys):
 @pytest.mark.parametrize("argv,problem", [(["--dtype", "int8"], "unknown dtype 'int8'"),
                                           (["-i", "-1"], "image indices must be non-negative"),
                                           (["--model", "resnet"], "unknown model 'resnet'"),
-                                          (["-d", "imagenet"], "unknown dataset 'imagenet'")])
+                                          (["-d", "imagenet"], "unknown dataset 'imagenet'"),
+                                          (["--seed", str(10 ** 30)], "seed must be a whole number")])
 def test_cli_user_mistakes_get_one_line(capsys, argv, problem):
     status, _, err = cli(capsys, "-d", "samples", "-i", "0", *argv)
     assert status == 2 and problem in err and "Traceback" not in err
