@@ -20,6 +20,7 @@ from rconv.experiments import (attack_grid, attack_images, breaking_points, filt
                                success_rates, summarize)
 from rconv.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TESTING_PRESETS, ConvNet,
                           activation_name, build_model)
+from rconv.paths import resolve_path
 from rconv.plotting import (plot_defences, plot_filters, plot_grid, plot_methods, plot_precision, plot_psnr,
                             plot_reconstruction, plot_success)
 from rconv.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, output_gradients,
@@ -31,6 +32,7 @@ __all__ = [
     "ConvNet", "MODELS", "build_model", "ACTIVATIONS", "activation_name", "LEAKY_SLOPE",  # models
     "PRESET_DATASETS", "TESTING_PRESETS",
     "load_images", "dataset_info", "DATASETS", "SAMPLE_PHOTOS", "setup", "Case",  # data and cases
+    "resolve_path",  # where relative paths point
     "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
     "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport",  # the attack
