@@ -9,7 +9,7 @@ is known, its weight constraints). This module is the suite's public API; the pa
 
 from rconv.activations import RELU_TESTS
 from rconv.attack import FIRST_LAYER_METHODS, LayerReport, Reconstruction, reconstruct, reconstruct_batch
-from rconv.baselines import BASELINES, compare_baselines, run_baseline
+from rconv.baselines import BASELINES, breaching_missing, compare_baselines, run_baseline
 from rconv.cases import Case, setup
 from rconv.cli import main
 from rconv.client import DEFENCES, DTYPES, as_dtype, client_gradients, defend
@@ -37,7 +37,7 @@ __all__ = [
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
     "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport",  # the attack
     "FIRST_LAYER_METHODS", "RELU_TESTS",
-    "BASELINES", "run_baseline", "compare_baselines",  # optimisation baselines
+    "BASELINES", "run_baseline", "compare_baselines", "breaching_missing",  # optimisation baselines
     "image_metrics", "constraint_report", "solve_steps", "layer_inputs", "output_gradients",  # metrics, reports
     "attack_grid", "attack_images", "filter_sweep", "summarize", "success_rates", "breaking_points",
     "filter_summary", "BROKEN_PSNR",  # experiment loops
