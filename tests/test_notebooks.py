@@ -2,6 +2,7 @@
 import ast
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,55 @@ def test_stored_notebooks_hold_outputs_from_run_all():
         assert all(a["name"] != b["name"] for c in code for a, b in zip(c.outputs, c.outputs[1:])
                    if a.get("output_type") == b.get("output_type") == "stream"), f"{path.name}: streams not merged"
         assert "/work/" not in json.dumps(notebook.metadata), f"{path.name} stores a machine's absolute path"
+
+
+def test_no_stored_notebook_keeps_an_injected_parameters_cell():
+    """papermill's injected cell would silently override what a reader edits in the parameters cell."""
+    for path in NOTEBOOK_PATHS:
+        notebook = nbformat.read(path, as_version=4)
+        assert not [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])], path.name
+
+
+def test_injected_parameters_are_baked_into_the_parameters_cell():
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('n_images = 100  # first n images\nname = "caf\u00e9"  # a label\nseed = 50\n',
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('# Parameters\nn_images = 3\nname = "x"\nresults_dir = "out/x"\n',
+                                  metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("print(n_images)")])
+    run_all._bake_parameters(notebook)
+    assert [c.source for c in notebook.cells] == [
+        'n_images = 3  # first n images\nname = "x"  # a label\nseed = 50\n\nresults_dir = "out/x"', "print(n_images)"]
+
+
+def test_the_machine_s_paths_are_scrubbed_from_outputs():
+    output = dict(output_type="stream", name="stderr",
+                  text=f"/opt/env/lib/python3.11/site-packages/torch/jit/_script.py:9: Warning\nin {run_all.ROOT}/results\n"
+                       f"{run_all.ROOT} and {run_all.ROOT}x")
+    run_all._scrub_output(output)
+    assert output["text"] == (f"site-packages/torch/jit/_script.py:9: Warning\nin results\n. and {run_all.ROOT}x")
+    data = dict(output_type="display_data", data={"text/plain": f"{run_all.ROOT}/a", "image/png": "iVBOR/x/y/"})
+    run_all._scrub_output(data)
+    assert data["data"] == {"text/plain": "a", "image/png": "iVBOR/x/y/"}
+
+
+# An absolute path of two folders or more (in text outputs: images are base64, where '/' is a letter).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/<-])/(?:[\w.-]+/){2,}")
+
+
+def test_stored_outputs_hold_no_absolute_paths():
+    for path in NOTEBOOK_PATHS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            for output in cell.get("outputs", []):
+                texts = [output.get("text", "")] + [v for k, v in output.get("data", {}).items() if k.startswith("text/")]
+                found = [m.group(0) for text in texts for m in ABSOLUTE_PATH.finditer("".join(text))]
+                assert not found, f"{path.name} stores the machine's paths {found[:3]}"
+
+
+def test_results_readme_links_reach_the_notebooks(tmp_path):
+    stored = run_all._notebook_link("Various_settings/LeNet.ipynb", in_place=True)
+    assert (REPO / "results" / stored).resolve() == REPO / "Various_settings/LeNet.ipynb"
+    assert run_all._notebook_link("Testing/Test_on_MNIST.ipynb", in_place=False) == "notebooks/Testing/Test_on_MNIST.ipynb"
 
 
 def test_progress_bar_redraws_settle_to_their_final_state():
