@@ -25,9 +25,11 @@ EXPERIMENT_COLUMNS = {"Precision": {"dtype", "first_layer", "relu_test", "psnr",
                       "Filters": {"position", "filters", "seed", "index", "rank", "full_rank", "min_filters"},
                       "Success_rates": {"model", "seed", "index", "dtype", "exact", "rank_deficient", "psnr"},
                       "Baselines": {"dataset", "model", "method", "index", "psnr", "ssim", "seconds"}}
-# Without the optional breaching package the Baselines notebook cannot run; the rest still must.
-HAS_BREACHING = importlib.util.find_spec("breaching") is not None
-QUICK_NAMES = [name for name in run_all.NOTEBOOKS if HAS_BREACHING or name != "Baselines"]
+# Every notebook runs without the optional breaching package (Baselines then runs R-CONV alone).
+QUICK_NAMES = list(run_all.NOTEBOOKS)
+# The reference notebooks' step-by-step images (dataset, index) per Various_settings architecture.
+REFERENCE_IMAGES = {"LeNet": ("cifar100", 12), "LeNet_O": ("cifar100", 12), "LeNet_4_ReLU": ("cifar100", 12),
+                    "O_CNN6": ("cifar10", 6), "LeNet_All_ReLU": ("cifar100", 2)}
 
 
 def test_various_settings_notebooks_share_their_cells():
@@ -35,7 +37,7 @@ def test_various_settings_notebooks_share_their_cells():
     def shared(path):
         notebook = nbformat.read(path, as_version=4)
         return [cell.source for cell in notebook.cells
-                if not {"parameters", "injected-parameters", "specific"} & set(cell.metadata.get("tags", []))]
+                if not {"parameters", "specific"} & set(cell.metadata.get("tags", []))]
 
     paths = sorted((REPO / "Various_settings").glob("*.ipynb"))
     assert len(paths) == 5
@@ -59,7 +61,9 @@ def test_notebook_structure(path):
         assert isinstance(statement, ast.Assign), ast.dump(statement)
         ast.literal_eval(statement.value)
     code = [c for c in notebook.cells if c.cell_type == "code"]
-    assert "find_spec(\"rconv_core\")" in code[0].source, "the first code cell is the Colab install cell"
+    assert "find_spec(\"rconv_core\")" in code[0].source, "the first code cell is the setup cell"
+    installs = [c.source for c in code[1:] if re.search(r"\bpip\b|subprocess", c.source)]
+    assert not installs, "only the setup cell may install, and only the suite, only in Colab"
     for cell in code:
         tree = ast.parse(cell.source)
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))], \
@@ -67,6 +71,38 @@ def test_notebook_structure(path):
     inspected = papermill.inspect_notebook(str(path))
     _, _, table_parameters, quick = next(v for v in run_all.NOTEBOOKS.values() if REPO / v[0] == path)
     assert set(table_parameters) | set(quick) | {"results_dir", "data_root"} <= set(inspected)
+
+
+def repository_address():
+    """The suite's one address: pyproject's [project.urls] Repository."""
+    import tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+def test_the_notebooks_and_the_readme_derive_from_the_one_repository_address():
+    address = repository_address()
+    setup_cells = {next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+                   for path in NOTEBOOK_PATHS}
+    assert len(setup_cells) == 1, "every notebook opens with the same setup cell"
+    sources = "\n".join(c.source for path in NOTEBOOK_PATHS for c in nbformat.read(path, as_version=4).cells)
+    assert set(re.findall(r"git\+https://[^\s\"'`]+", sources)) == {f"git+{address}.git"}, \
+        f"pyproject.toml says {address}: replace the notebooks' old address in their setup cell"
+    readme = (REPO / "README.md").read_text()
+    assert f"git+{address}.git" in readme
+    owner_and_name = address.removeprefix("https://github.com/")
+    badges = re.findall(r"\[!\[Open In Colab\]\(https://colab\.research\.google\.com/assets/colab-badge\.svg\)\]"
+                        r"\(https://colab\.research\.google\.com/github/([^)]+)\)", readme)
+    assert sorted(badges) == sorted(f"{owner_and_name}/blob/main/{path.relative_to(REPO).as_posix()}"
+                                    for path in NOTEBOOK_PATHS), "one Colab badge per notebook, from the address"
+
+
+def test_various_settings_default_to_the_reference_images():
+    for name, (dataset, index) in REFERENCE_IMAGES.items():
+        defaults = {key: ast.literal_eval(value["default"]) for key, value in
+                    papermill.inspect_notebook(str(REPO / "Various_settings" / f"{name}.ipynb")).items()}
+        assert (defaults["dataset"], defaults["image_index"]) == (dataset, index), name
+    all_relu = papermill.inspect_notebook(str(REPO / "Various_settings" / "LeNet_All_ReLU.ipynb"))
+    assert {"gradients", "hybrid"} <= set(ast.literal_eval(all_relu["example_first_layers"]["default"]))
 
 
 def test_stored_notebooks_hold_outputs_from_run_all():
