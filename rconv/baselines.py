@@ -35,7 +35,8 @@ _QUIET_CALLBACK = 100000
 
 
 _INSTALL_HINT = ("the baselines (DLG, iDLG, Inverting Gradients) need the optional breaching package, which is not "
-                 "installed here: pip install -r requirements-baselines.txt (or pip install \"rconv-suite[baselines]\")")
+                 "installed here: pip install -r requirements-baselines.txt in the repository's root (in Colab: "
+                 "%pip install breaching==0.1.2)")
 
 
 def breaching_missing():

@@ -40,3 +40,11 @@ def test_compare_baselines_runs_rconv_alone_without_breaching(no_breaching, pack
 def test_compare_baselines_refuses_an_unknown_method():
     with pytest.raises(rc.RConvError, match="unknown baseline 'gan'; choose from dlg, idlg, inverting_gradients"):
         rc.compare_baselines("samples", "lenet", [0], methods=["gan"])
+
+
+def test_the_install_hints_name_the_pinned_version(no_breaching):
+    from conftest import REPO
+    pin = next(line for line in (REPO / "requirements-baselines.txt").read_text().splitlines()
+               if line.startswith("breaching=="))
+    assert pin in rc.breaching_missing()
+    assert pin in (REPO / "Experiments" / "Baselines.ipynb").read_text()

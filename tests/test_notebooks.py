@@ -208,10 +208,22 @@ def test_quick_run_executes_every_notebook(quick_run):
             assert COLUMNS <= set(table.columns), name
             assert len(table) == quick["n_images"] * 2, name
             assert (results / subfolder / "psnr.png").exists()
+        parameters = next(c for c in executed.cells if "parameters" in c.metadata.get("tags", [])).source
+        assert not [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])], name
+        baked = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(parameters).body}
+        assert {key: baked[key] for key in quick} == quick, f"{name}: quick values baked into its parameters cell"
     summary = pd.read_csv(results / "summary.csv")
     assert set(summary.notebook) == set(run_all.NOTEBOOKS) - set(run_all.EXPERIMENTS)
+    readme = (results / "README.md").read_text()
+    for link in re.findall(r"\]\((notebooks/[^)]+\.ipynb)\)", readme):
+        assert (results / link).exists(), f"results/README.md links to {link}, which is not there"
     assert "| notebook |" in (results / "README.md").read_text()
     assert "## Experiments" in (results / "README.md").read_text()
+    tables = [pd.read_csv(path, keep_default_na=False) for path in results.rglob("metrics.csv")]
+    judged = pd.concat([t for t in tables if {"exact", "reason"} <= set(t.columns)], ignore_index=True)
+    not_exact = judged[~judged.exact.astype(str).eq("True")]
+    assert len(not_exact) > 0, "the quick run has attacks that fail (Precision's half precisions), to check"
+    assert (not_exact.reason.str.len() > 0).all(), "every not-exact row of every table says why"
     stored = nbformat.read(REPO / run_all.NOTEBOOKS["LeNet"][0], as_version=4)
     assert "quick" not in json.dumps(stored.metadata), "--results-dir must leave stored notebooks alone"
 
