@@ -232,7 +232,8 @@ def _write_readme(results_dir, summary, in_place):
             return fmt.format(getattr(row, field)) if row is not None else "-"
 
         seconds = group.median_seconds.median()
-        lines.append(f"| [{name}]({_notebook_link(notebook, in_place)}) | {first.dataset} | {first.model} | {first.first_layer} "
+        link = _notebook_link(notebook, in_place)
+        lines.append(f"| [{name}]({link}) | {first.dataset} | {first.model} | {first.first_layer} "
                      f"| {int(group.images.max())} | {cell('float64', 'exact')} | {cell('float32', 'exact')} "
                      f"| {cell('float64', 'median_psnr', '{:.1f}')} | {cell('float32', 'median_psnr', '{:.1f}')} "
                      f"| {seconds:.3f} | {links} |")
@@ -271,14 +272,14 @@ def _finding(name, folder):
                      for row in summary.itertuples() if row.model == summary.model.iloc[0]]
             return f"{summary.model.iloc[0]}, filters the gradient constraints need vs a weight-constraint count: " + \
                 ", ".join(parts)
-        if name == "Baselines":  # per network: R-CONV's time differs twenty-fold between them
+        if name == "Baselines":  # per network: R-CONV's time per image differs 25-fold between them
             medians = pd.read_csv(folder / "metrics.csv").groupby(["model", "method"], sort=False).agg(
                 psnr=("psnr", "median"), seconds=("seconds", "median"))
             return "; ".join(f"{model}: " + ", ".join(f"{method} {row.psnr:.0f} dB in {row.seconds:.3g} s"
                                                       for (_, method), row in part.iterrows())
                              for model, part in medians.groupby(level="model", sort=False))
         if name == "Success_rates":
-            parts = [f"{row.model} {row.dtype} {row.exact:.0%}" for row in summary.itertuples()]
+            parts = [f"{row.model} {row.dtype} {row.exact:.1%}" for row in summary.itertuples()]  # as the figure
             return "exact: " + ", ".join(parts)
     except (OSError, KeyError, ValueError, AttributeError):
         return "see the notebook"

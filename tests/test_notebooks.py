@@ -140,7 +140,8 @@ def test_injected_parameters_are_baked_into_the_parameters_cell():
 
 def test_the_machine_s_paths_are_scrubbed_from_outputs():
     output = dict(output_type="stream", name="stderr",
-                  text=f"/opt/env/lib/python3.11/site-packages/torch/jit/_script.py:9: Warning\nin {run_all.ROOT}/results\n"
+                  text="/opt/env/lib/python3.11/site-packages/torch/jit/_script.py:9: Warning\n"
+                       f"in {run_all.ROOT}/results\n"
                        f"{run_all.ROOT} and {run_all.ROOT}x")
     run_all._scrub_output(output)
     assert output["text"] == (f"site-packages/torch/jit/_script.py:9: Warning\nin results\n. and {run_all.ROOT}x")
@@ -157,7 +158,8 @@ def test_stored_outputs_hold_no_absolute_paths():
     for path in NOTEBOOK_PATHS:
         for cell in nbformat.read(path, as_version=4).cells:
             for output in cell.get("outputs", []):
-                texts = [output.get("text", "")] + [v for k, v in output.get("data", {}).items() if k.startswith("text/")]
+                data = output.get("data", {})
+                texts = [output.get("text", "")] + [value for mime, value in data.items() if mime.startswith("text/")]
                 found = [m.group(0) for text in texts for m in ABSOLUTE_PATH.finditer("".join(text))]
                 assert not found, f"{path.name} stores the machine's paths {found[:3]}"
 
@@ -165,7 +167,8 @@ def test_stored_outputs_hold_no_absolute_paths():
 def test_results_readme_links_reach_the_notebooks(tmp_path):
     stored = run_all._notebook_link("Various_settings/LeNet.ipynb", in_place=True)
     assert (REPO / "results" / stored).resolve() == REPO / "Various_settings/LeNet.ipynb"
-    assert run_all._notebook_link("Testing/Test_on_MNIST.ipynb", in_place=False) == "notebooks/Testing/Test_on_MNIST.ipynb"
+    executed = run_all._notebook_link("Testing/Test_on_MNIST.ipynb", in_place=False)
+    assert executed == "notebooks/Testing/Test_on_MNIST.ipynb"
 
 
 def test_progress_bar_redraws_settle_to_their_final_state():

@@ -82,8 +82,9 @@ def fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        capture_output=True, text=True, check=True).stdout.strip())
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site_packages = Path(subprocess.run([str(python), "-c", where], capture_output=True, text=True,
+                                        check=True).stdout.strip())
     ours = Path(sysconfig.get_paths()["purelib"])
     assert site_packages != ours
     for entry in ours.iterdir():
@@ -150,8 +151,8 @@ def test_in_colab_the_setup_cell_installs_the_suite_from_its_address(fresh_venv,
     shutil.copytree(REPO / "rconv", suite / "rconv", ignore=shutil.ignore_patterns("__pycache__"))
     content = tmp_path / "content"  # Colab's working directory
     content.mkdir()
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(setup_cell()),
-                                               nbformat.v4.new_code_cell("import rconv_core\nprint(rconv_core.__file__)")])
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(setup_cell()), nbformat.v4.new_code_cell(
+        "import rconv_core\nprint(rconv_core.__file__)")])
     # offline: the suite's dependencies are all linked in already, and setuptools builds it in place
     env = kernel_env(COLAB_RELEASE_TAG="test", RCONV_SUITE=str(suite), PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0")
     execute(notebook, content, fresh_kernel(fresh_venv), env)
