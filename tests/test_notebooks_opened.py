@@ -121,7 +121,8 @@ def test_a_fresh_clone_runs_a_notebook_in_place_with_nothing_installed(fresh_ven
     assert printed(probe.cells[0]) == "None\n", "the fresh environment must not hold the suite"
 
     installed = sorted(path.name for path in fresh_venv.site_packages.iterdir())
-    notebook = edited(REPO / "Various_settings" / "LeNet.ipynb", n_images=2, results_dir=str(tmp_path / "lenet"))
+    notebook = edited(REPO / "Various_settings" / "LeNet.ipynb", n_images=2, example_first_layers=["hybrid"],
+                      results_dir=str(tmp_path / "lenet"))
     notebook.cells.append(nbformat.v4.new_code_cell("print(rc.__file__)"))
     execute(notebook, REPO / "Various_settings", fresh_kernel(fresh_venv), env)
 
