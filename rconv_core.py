@@ -9,7 +9,7 @@ is known, its weight constraints). This module is the suite's public API; the pa
 
 from rconv.activations import RELU_TESTS
 from rconv.attack import FIRST_LAYER_METHODS, LayerReport, Reconstruction, reconstruct, reconstruct_batch
-from rconv.baselines import BASELINES, compare_baselines, run_baseline
+from rconv.baselines import BASELINES, breaching_missing, compare_baselines, run_baseline
 from rconv.cases import Case, setup
 from rconv.cli import main
 from rconv.client import DEFENCES, DTYPES, as_dtype, client_gradients, defend
@@ -20,6 +20,7 @@ from rconv.experiments import (attack_grid, attack_images, breaking_points, filt
                                success_rates, summarize)
 from rconv.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TESTING_PRESETS, ConvNet,
                           activation_name, build_model)
+from rconv.paths import resolve_path
 from rconv.plotting import (plot_defences, plot_filters, plot_grid, plot_methods, plot_precision, plot_psnr,
                             plot_reconstruction, plot_success)
 from rconv.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, output_gradients,
@@ -31,11 +32,12 @@ __all__ = [
     "ConvNet", "MODELS", "build_model", "ACTIVATIONS", "activation_name", "LEAKY_SLOPE",  # models
     "PRESET_DATASETS", "TESTING_PRESETS",
     "load_images", "dataset_info", "DATASETS", "SAMPLE_PHOTOS", "setup", "Case",  # data and cases
+    "resolve_path",  # where relative paths point
     "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
     "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport",  # the attack
     "FIRST_LAYER_METHODS", "RELU_TESTS",
-    "BASELINES", "run_baseline", "compare_baselines",  # optimisation baselines
+    "BASELINES", "run_baseline", "compare_baselines", "breaching_missing",  # optimisation baselines
     "image_metrics", "constraint_report", "solve_steps", "layer_inputs", "output_gradients",  # metrics, reports
     "attack_grid", "attack_images", "filter_sweep", "summarize", "success_rates", "breaking_points",
     "filter_summary", "BROKEN_PSNR",  # experiment loops

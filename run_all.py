@@ -16,9 +16,11 @@ non-zero when a notebook failed, and the message names the notebook and the cell
 """
 
 import argparse
+import ast
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -112,7 +114,8 @@ class _Summary(NamedTuple):
 
 
 def _clean(path, staged=None, final=None):
-    """Drop what changes on every run (timings, execution counts) so a rerun gives a small diff.
+    """Drop what changes on every run (timings, execution counts, the machine's paths) so a rerun gives
+    a small diff, and bake papermill's injected parameters into the parameters cell.
 
     The staging folder's path (`staged`), wherever papermill recorded it, becomes the stored
     results folder's (`final`), so that stored notebooks never name a staging folder.
@@ -122,6 +125,7 @@ def _clean(path, staged=None, final=None):
     if staged is not None:
         text = nbformat.writes(notebook).replace(json.dumps(staged)[1:-1], json.dumps(final)[1:-1])
         notebook = nbformat.reads(text, as_version=4)
+    _bake_parameters(notebook)
     parameters = notebook.metadata.get("papermill", {}).get("parameters")
     notebook.metadata.pop("papermill", None)
     notebook.metadata.pop("widgets", None)
@@ -136,7 +140,60 @@ def _clean(path, staged=None, final=None):
             for output in cell.outputs:
                 if "execution_count" in output:
                     output["execution_count"] = None
+                _scrub_output(output)
     nbformat.write(notebook, path)
+
+
+def _bake_parameters(notebook):
+    """Write papermill's injected values into the parameters cell, and drop the injected cell.
+
+    Stored, the injected cell would silently override whatever a reader edits in the parameters
+    cell; baked in, the parameters cell shows what the stored outputs were computed with.
+    """
+    def tagged(tag):
+        return [cell for cell in notebook.cells if tag in cell.metadata.get("tags", [])]
+
+    injected, parameters = tagged("injected-parameters"), tagged("parameters")
+    if not injected or not parameters:
+        return
+    values = {}
+    for cell in injected:
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                values[node.targets[0].id] = ast.get_source_segment(cell.source, node.value)
+    source = parameters[0].source.encode()  # ast's column offsets count bytes
+    line_starts = [0] + [k + 1 for k, byte in enumerate(source) if byte == ord("\n")]
+    spans = [(line_starts[node.value.lineno - 1] + node.value.col_offset,
+              line_starts[node.value.end_lineno - 1] + node.value.end_col_offset, values.pop(node.targets[0].id))
+             for node in ast.parse(source).body
+             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in values]
+    for start, end, value in reversed(spans):
+        source = source[:start] + value.encode() + source[end:]
+    parameters[0].source = source.decode() + "".join(f"\n{name} = {value}" for name, value in values.items())
+    notebook.cells = [cell for cell in notebook.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
+
+
+# An absolute path into an environment's packages, as warnings print it: shown from site-packages on.
+_PACKAGES_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"<>:]*?/((?:site|dist)-packages)/")
+_ROOT_PATH = re.compile(re.escape(str(ROOT)) + r"(/|(?![\w.-]))")
+
+
+def _scrub(text):
+    """text without the absolute paths of the machine that ran it: the repository's become relative."""
+    text = _PACKAGES_PATH.sub(r"\1/", text)
+    return _ROOT_PATH.sub(lambda match: "" if match.group(1) else ".", text)
+
+
+def _scrub_output(output):
+    """_scrub() on every text an output holds (streams, text/* data, tracebacks), not on images."""
+    for key in ("text", "evalue"):
+        if key in output:
+            output[key] = _scrub("".join(output[key]) if isinstance(output[key], list) else output[key])
+    if "traceback" in output:
+        output["traceback"] = [_scrub(line) for line in output["traceback"]]
+    for mime, value in output.get("data", {}).items():
+        if mime.startswith("text/"):
+            output["data"][mime] = _scrub("".join(value) if isinstance(value, list) else value)
 
 
 def _settle_streams(outputs):
@@ -430,8 +487,15 @@ def summarize_results(results_dir, names=None):
     return summary.table
 
 
+def _notebook_link(notebook, in_place):
+    """A notebook as the README under the results folder links to it: the stored one beside results/,
+    else the executed copy under the results folder's notebooks/ (a --results-dir run)."""
+    return f"../{notebook}" if in_place else f"notebooks/{notebook}"
+
+
 def _readme(results_dir, summary, located):
     import pandas as pd
+    in_place = Path(results_dir).resolve() == STORED_RESULTS
     lines = ["# Results", "",
              "Regenerated by `run_all.py` from the notebooks; do not edit by hand. PSNR in dB with data range 1; "
              "`exact` counts images whose every layer was full rank with small residuals. Seconds are per image "
@@ -454,7 +518,7 @@ def _readme(results_dir, summary, located):
             return fmt.format(getattr(row, field)) if row is not None else "-"
 
         seconds = group.median_seconds.median()
-        lines.append(f"| [{name}](../{notebook}) | {first.dataset} | {first.model} | {first.first_layer} "
+        lines.append(f"| [{name}]({_notebook_link(notebook, in_place)}) | {first.dataset} | {first.model} | {first.first_layer} "
                      f"| {int(group.images.max())} | {cell('float64', 'exact')} | {cell('float32', 'exact')} "
                      f"| {cell('float64', 'median_psnr', '{:.1f}')} | {cell('float32', 'median_psnr', '{:.1f}')} "
                      f"| {seconds:.3f} | {links} |")
@@ -466,7 +530,7 @@ def _readme(results_dir, summary, located):
             continue
         rows = len(pd.read_csv(folder / "metrics.csv"))
         figures = ", ".join(f"[{f.stem}]({subfolder}/{f.name})" for f in sorted(folder.glob("*.png")))
-        lines.append(f"| [{name}](../{notebook}) | {rows} | {_finding(name, folder)} | "
+        lines.append(f"| [{name}]({_notebook_link(notebook, in_place)}) | {rows} | {_finding(name, folder)} | "
                      f"[summary.csv]({subfolder}/summary.csv) | {figures} |")
     return "\n".join(lines) + "\n"
 
@@ -493,12 +557,14 @@ def _finding(name, folder):
                      for row in summary.itertuples() if row.model == summary.model.iloc[0]]
             return f"{summary.model.iloc[0]}, filters the gradient constraints need vs a weight-constraint count: " + \
                 ", ".join(parts)
-        if name == "Baselines":
-            overall = pd.read_csv(folder / "metrics.csv").groupby("method").agg(
+        if name == "Baselines":  # per network: R-CONV's time per image differs 25-fold between them
+            medians = pd.read_csv(folder / "metrics.csv").groupby(["model", "method"], sort=False).agg(
                 psnr=("psnr", "median"), seconds=("seconds", "median"))
-            return ", ".join(f"{method} {row.psnr:.0f} dB in {row.seconds:.3g} s" for method, row in overall.iterrows())
+            return "; ".join(f"{model}: " + ", ".join(f"{method} {row.psnr:.0f} dB in {row.seconds:.3g} s"
+                                                      for (_, method), row in part.iterrows())
+                             for model, part in medians.groupby(level="model", sort=False))
         if name == "Success_rates":
-            parts = [f"{row.model} {row.dtype} {row.exact:.0%}" for row in summary.itertuples()]
+            parts = [f"{row.model} {row.dtype} {row.exact:.1%}" for row in summary.itertuples()]  # as the figure
             return "exact: " + ", ".join(parts)
     except (OSError, KeyError, ValueError, AttributeError):
         return "see the notebook"

@@ -34,13 +34,26 @@ BASELINES = {
 _QUIET_CALLBACK = 100000
 
 
+_INSTALL_HINT = ("the baselines (DLG, iDLG, Inverting Gradients) need the optional breaching package, which is not "
+                 "installed here: pip install -r requirements-baselines.txt in the repository's root (in Colab: "
+                 "%pip install breaching==0.1.2)")
+
+
+def breaching_missing():
+    """Why the baselines cannot run here, in one sentence naming the install command; "" when they can."""
+    try:
+        _breaching()
+    except ImportError as error:
+        return str(error)
+    return ""
+
+
 def _breaching():
     try:
         import breaching
         from omegaconf import OmegaConf
     except ImportError as error:
-        raise ImportError("the baselines need the breaching package: pip install -r requirements-baselines.txt") \
-            from error
+        raise ImportError(_INSTALL_HINT) from error
     return breaching, OmegaConf
 
 
@@ -105,16 +118,22 @@ def run_baseline(name, model, grads, input_shape, label=None, iterations=None, s
                           notes=[f"label found: {found}", *notes])
 
 
-def compare_baselines(dataset, model_name, indices, *, iterations=None, dtype="float32", first_layer="hybrid",
-                      seed=50, data_root=None, progress=True):
+def compare_baselines(dataset, model_name, indices, *, methods=None, iterations=None, dtype="float32",
+                      first_layer="hybrid", seed=50, data_root=None, progress=True):
     """R-CONV and the BASELINES on the same clients' gradients.
 
+    methods: the baselines to run beside R-CONV (None: all of BASELINES; [] runs R-CONV alone,
+        which needs no breaching package).
     iterations: a dict baseline name -> optimisation steps (missing: breaching's default).
     Returns (table, reconstructions): one row per image and method (dataset, model, method,
     index, label, psnr, ssim, seconds, iterations, exact; reconstructions clipped to [0, 1]
     before they are measured) and a dict method -> list of recovered images, "original" first.
     """
     import pandas as pd
+    methods = list(BASELINES) if methods is None else list(methods)
+    unknown = [name for name in methods if name not in BASELINES]
+    if unknown:
+        raise RConvError(f"unknown baseline {', '.join(map(repr, unknown))}; choose from {', '.join(BASELINES)}")
     indices = check_indices(indices)
     case = setup(dataset, model_name, indices, seed, data_root=data_root)
     iterations = dict(iterations or {})
@@ -124,7 +143,7 @@ def compare_baselines(dataset, model_name, indices, *, iterations=None, dtype="f
     for index, image, label in items:
         grads = client_gradients(case.model, image, label, dtype=as_dtype(dtype))
         results = {"rconv": reconstruct(case.model, grads, image.shape, first_layer=first_layer, cache=cache)}
-        for name in BASELINES:
+        for name in methods:
             results[name] = run_baseline(name, case.model, grads, image.shape, iterations=iterations.get(name),
                                          seed=index)
         for method, result in results.items():

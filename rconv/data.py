@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from .errors import RConvError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .paths import repository_root, resolve_path
 
 DATASETS = {
     "mnist": dict(torchvision="MNIST", channels=1, num_classes=10),
@@ -31,16 +30,15 @@ SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep
 def _default_data_root():
     # torchvision downloads land in data/ of the checkout, or of the working directory
     # when the package is installed elsewhere (as in Colab).
-    return REPO_ROOT / "data" if (REPO_ROOT / "run_all.py").exists() else Path("data")
+    root = repository_root()
+    return root / "data" if root is not None else Path("data")
 
 
 def data_place(path):
-    """A data folder as given: absolute, or relative to the working directory or else to the project's root."""
-    # RCONV_DATA is documented relative to the project's root; accept the working directory too.
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    return REPO_ROOT / path
+    """A data folder: absolute as given, relative to the project's root (whatever the working directory),
+    or relative to the working directory when only that holds it."""
+    resolved, as_given = resolve_path(path), Path(path).expanduser()
+    return as_given if not resolved.exists() and as_given.exists() else resolved
 
 
 def dataset_info(dataset):

@@ -47,8 +47,11 @@ def plot_reconstruction(original, reconstructed, path=None, title=None):
     return _save(figure, path, rect=(0, 0, 1, 0.93 if title else 1))
 
 
-def plot_grid(originals, reconstructions, path=None, columns=10, title=None):
-    """Originals (odd rows) above their reconstructions (even rows); saved to path if given."""
+def plot_grid(originals, reconstructions, path=None, columns=10, title=None, indices=None):
+    """Originals (odd rows) above their reconstructions (even rows); saved to path if given.
+
+    indices: the images' dataset indices, written above each original.
+    """
     plt = _pyplot()
     originals = [getattr(image, "image", image) for image in originals]
     reconstructions = [getattr(image, "image", image) for image in reconstructions]
@@ -56,6 +59,9 @@ def plot_grid(originals, reconstructions, path=None, columns=10, title=None):
         raise RConvError(f"plot_grid needs as many reconstructions as originals, at least one; got "
                          f"{len(originals)} and {len(reconstructions)}")
     count = len(originals)
+    indices = list(indices) if indices is not None else None
+    if indices is not None and len(indices) != count:
+        raise RConvError(f"plot_grid needs one index per image; got {len(indices)} for {count} images")
     columns = min(columns, count)
     blocks = math.ceil(count / columns)
     figure, axes = plt.subplots(2 * blocks, columns, figsize=(columns * 0.9, blocks * 1.9), squeeze=False)
@@ -67,6 +73,8 @@ def plot_grid(originals, reconstructions, path=None, columns=10, title=None):
             axis = axes[row + offset, column]
             axis.axis("on")
             _show_image(axis, image)
+        if indices is not None:
+            axes[row, column].set_title(f"#{indices[k]}", fontsize=7, pad=2)
         if column == 0:
             axes[row, 0].set_ylabel("orig.", fontsize=7)
             axes[row + 1, 0].set_ylabel("recon.", fontsize=7)
@@ -98,26 +106,39 @@ def plot_methods(originals, reconstructions, path=None, title=None, columns=10):
     return _save(figure, path)
 
 
+def _broken_line(axis, threshold=BROKEN_PSNR):
+    """The dotted PSNR line below which an attack counts as failed, labelled for the legend."""
+    return axis.axhline(threshold, color="grey", linestyle=":", linewidth=1,
+                        label=f"{threshold:g} dB: below it the attack failed")
+
+
 def plot_psnr(table, path=None, by="dtype", title=None):
     """PSNR of every image (dots) per group of `by` (e.g. dtype), from a results table or CSV path."""
+    from matplotlib.lines import Line2D
     plt = _pyplot()
     table = _table(table)
     groups = list(dict.fromkeys(table[by]))
-    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 3.6))
+    figure, axis = plt.subplots(figsize=(4.2 + 1.6 * len(groups), 3.6))
     generator = np.random.default_rng(0)
+    judged = "exact" in table
     for k, group in enumerate(groups):
         values = table.loc[table[by] == group, "psnr"].to_numpy(dtype=float)
         values = np.where(np.isfinite(values), values, np.nan)
-        exact = table.loc[table[by] == group, "exact"].to_numpy(dtype=bool) if "exact" in table else None
+        exact = table.loc[table[by] == group, "exact"].to_numpy(dtype=bool) if judged else None
         jitter = k + generator.uniform(-0.18, 0.18, len(values))
-        colours = np.where(exact, "tab:green", "tab:red") if exact is not None else "tab:blue"
+        colours = np.where(exact, "tab:green", "tab:red") if judged else "tab:blue"
         axis.scatter(jitter, values, s=9, c=colours, alpha=0.7, linewidths=0)
         if np.isfinite(values).any():
             axis.hlines(np.nanmedian(values), k - 0.3, k + 0.3, colors="black", linewidth=1.5)
     axis.set_xticks(range(len(groups)), [str(g) for g in groups])
     axis.set_ylabel("PSNR (dB, data range 1)")
-    axis.axhline(BROKEN_PSNR, color="grey", linestyle=":", linewidth=1)
-    axis.set_title(title or "PSNR per image (green: exact, red: not; bar: median)", fontsize=9)
+    dot = dict(marker="o", linestyle="", markersize=4)
+    handles = ([Line2D([], [], color="tab:green", label="image, exact", **dot),
+                Line2D([], [], color="tab:red", label="image, not exact", **dot)] if judged
+               else [Line2D([], [], color="tab:blue", label="image", **dot)])
+    handles += [Line2D([], [], color="black", linewidth=1.5, label="median"), _broken_line(axis)]
+    axis.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.set_title(title or "PSNR per image", fontsize=9)
     return _save(figure, path)
 
 
@@ -157,7 +178,7 @@ def plot_precision(table, path=None):
                     axis.hlines(np.median(values), x - width / 2, x + width / 2, color=colours(m), linewidth=2,
                                 label=f"{first_layer}, {relu_test} ReLU test" if d == 0 else None)
         axis.set_xticks(range(len(dtypes)), dtypes)
-        axis.axhline(BROKEN_PSNR, color="grey", linestyle=":", linewidth=1)
+        _broken_line(axis)
         axis.set_title(dataset)
     axes[0, 0].set_ylabel("PSNR (dB, data range 1; floored at -50)")
     axes[0, -1].legend(fontsize=7, loc="upper right")
@@ -192,36 +213,67 @@ def plot_defences(table, path=None, threshold=BROKEN_PSNR):
             if defence != "gaussian":
                 axis.invert_xaxis()  # stronger defence to the right
             axis.set_xlabel(labels[defence])
-        axes[0, column].axhline(threshold, color="grey", linestyle=":", linewidth=1)
+        _broken_line(axes[0, column], threshold)
         axes[0, column].set_title(defence)
     axes[0, 0].set_ylabel("median PSNR (dB)")
     axes[1, 0].set_ylabel("median SSIM")
     axes[0, -1].legend(fontsize=7)
-    figure.suptitle(f"R-CONV under defences (right: stronger; dotted: {threshold:g} dB)", fontsize=10)
+    figure.suptitle("R-CONV under defences (right: stronger)", fontsize=10)
     return _save(figure, path)
 
 
+# A weight-constraint count beyond this multiple of the largest count swept is drawn as a note at
+# the panel's edge: LeNet_All_ReLU's layer 2 asks 308 filters where the curves live at 16-30.
+_OFF_AXIS_FACTOR = 2.0
+
+
+def _weight_count_marker(axis, model, count, colour, right_edge):
+    """The model's weight-constraint count: a dotted line, or an arrow at the edge when it lies far beyond."""
+    from matplotlib.lines import Line2D
+    label = f"{model}: weight-constraint count ({count})"
+    if count <= right_edge:
+        axis.axvline(count, color=colour, linestyle=":", linewidth=1.5, label=label)
+        return
+    axis.annotate(f"{count} \u2192", xy=(0.99, 0.12), xycoords="axes fraction", ha="right", va="center",
+                  color=colour, fontsize=8)
+    axis.add_artist(Line2D([], [], color=colour, linestyle=":", linewidth=1.5, label=f"{label}, off the axis \u2192"))
+
+
 def plot_filters(table, path=None):
-    """Fraction of images and seeds whose gradient constraints are full rank, against filter count."""
+    """Fraction of images and seeds whose gradient constraints are full rank, against filter count.
+
+    One panel per conv layer, each with its own legend: a curve per model, labelled with that
+    layer's activation, the model's weight-constraint count and the counting bound. A weight-
+    constraint count far beyond the counts swept is noted at the panel's right edge.
+    """
     plt = _pyplot()
     table = _table(table)
     positions = sorted(set(table.position))
-    figure, axes = plt.subplots(1, len(positions), figsize=(3.6 * len(positions), 3.4), squeeze=False)
+    figure, axes = plt.subplots(1, len(positions), figsize=(3.7 * len(positions), 4.4), squeeze=False)
     colours = plt.get_cmap("tab10")
+    models = list(dict.fromkeys(table.model))
     for axis, position in zip(axes[0], positions):
         part = table[table.position == position]
-        for k, (model, rows) in enumerate(part.groupby("model", sort=False)):
+        bound = int(part.min_filters.iloc[0])
+        swept = max(int(part.filters.max()), bound)
+        right_edge = max([swept] + [count for count in part.rgap_filters if count <= _OFF_AXIS_FACTOR * swept])
+        for model, rows in part.groupby("model", sort=False):
+            colour = colours(models.index(model))
             fraction = rows.groupby("filters").full_rank.mean()
-            axis.plot(fraction.index, fraction.values, marker="o", color=colours(k),
-                      label=f"{model} ({rows.activation.iloc[0]})")
-            axis.axvline(rows.rgap_filters.iloc[0], color=colours(k), linestyle=":", linewidth=1.5,
-                         label="weight-constraint count" if k == 0 else None)
-        axis.axvline(part.min_filters.iloc[0], color="black", linestyle="--", linewidth=1, label="counting bound")
+            axis.plot(fraction.index, fraction.values, marker="o", color=colour,
+                      label=f"{model}, layer {position} {rows.activation.iloc[0]}")
+            _weight_count_marker(axis, model, int(rows.rgap_filters.iloc[0]), colour, right_edge)
+        axis.axvline(bound, color="black", linestyle="--", linewidth=1, label=f"counting bound ({bound})")
+        left = min(int(part.filters.min()), bound, int(part.rgap_filters.min()))
+        margin = 0.05 * (right_edge - left) + 0.5
+        off_axis = bool((part.rgap_filters > right_edge).any())  # room for the note at the edge
+        axis.set_xlim(left - margin, right_edge + margin * (3 if off_axis else 1))
         axis.set_title(f"conv layer {position}")
         axis.set_xlabel("filters")
         axis.set_ylim(-0.05, 1.05)
+        handles = [artist for artist in axis.get_lines() + axis.artists if not artist.get_label().startswith("_")]
+        axis.legend(handles=handles, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     axes[0, 0].set_ylabel("fraction full rank")
-    axes[0, -1].legend(fontsize=7)
     figure.suptitle("How many filters the gradient constraints need", fontsize=10)
     return _save(figure, path)
 
@@ -242,7 +294,7 @@ def plot_success(table, path=None):
             axis.barh(k, share, left=left, color=colour, label=label if k == 0 else None)
             left += share
         rest = rows[~rows.exact].psnr
-        note = f"{exact:.0%} exact" + (f"; rest median {rest.median():.0f} dB" if len(rest) else "")
+        note = f"{exact:.1%} exact" + (f"; rest median {rest.median():.0f} dB" if len(rest) else "")
         axis.text(1.01, k, note, va="center", fontsize=7)
     axis.set_yticks(range(len(groups)), [f"{m} {d}" for (m, d), _ in groups], fontsize=8)
     axis.set_xlim(0, 1)

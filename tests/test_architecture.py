@@ -8,7 +8,7 @@ from conftest import REPO
 
 # ARCHITECTURE.md's layers, top first: a module imports only from layers above its own.
 LAYERS = [
-    {"errors", "geometry", "progress", "solvers"},
+    {"errors", "geometry", "paths", "progress", "solvers"},
     {"models", "data", "client", "constraints", "tolerances", "network", "activations"},
     {"systems"},
     {"attack"},

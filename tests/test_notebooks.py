@@ -2,6 +2,7 @@
 import ast
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -24,9 +25,11 @@ EXPERIMENT_COLUMNS = {"Precision": {"dtype", "first_layer", "relu_test", "psnr",
                       "Filters": {"position", "filters", "seed", "index", "rank", "full_rank", "min_filters"},
                       "Success_rates": {"model", "seed", "index", "dtype", "exact", "rank_deficient", "psnr"},
                       "Baselines": {"dataset", "model", "method", "index", "psnr", "ssim", "seconds"}}
-# Without the optional breaching package the Baselines notebook cannot run; the rest still must.
-HAS_BREACHING = importlib.util.find_spec("breaching") is not None
-QUICK_NAMES = [name for name in run_all.NOTEBOOKS if HAS_BREACHING or name != "Baselines"]
+# Every notebook runs without the optional breaching package (Baselines then runs R-CONV alone).
+QUICK_NAMES = list(run_all.NOTEBOOKS)
+# The reference notebooks' step-by-step images (dataset, index) per Various_settings architecture.
+REFERENCE_IMAGES = {"LeNet": ("cifar100", 12), "LeNet_O": ("cifar100", 12), "LeNet_4_ReLU": ("cifar100", 12),
+                    "O_CNN6": ("cifar10", 6), "LeNet_All_ReLU": ("cifar100", 2)}
 
 
 def test_various_settings_notebooks_share_their_cells():
@@ -34,7 +37,7 @@ def test_various_settings_notebooks_share_their_cells():
     def shared(path):
         notebook = nbformat.read(path, as_version=4)
         return [cell.source for cell in notebook.cells
-                if not {"parameters", "injected-parameters", "specific"} & set(cell.metadata.get("tags", []))]
+                if not {"parameters", "specific"} & set(cell.metadata.get("tags", []))]
 
     paths = sorted((REPO / "Various_settings").glob("*.ipynb"))
     assert len(paths) == 5
@@ -58,7 +61,9 @@ def test_notebook_structure(path):
         assert isinstance(statement, ast.Assign), ast.dump(statement)
         ast.literal_eval(statement.value)
     code = [c for c in notebook.cells if c.cell_type == "code"]
-    assert "find_spec(\"rconv_core\")" in code[0].source, "the first code cell is the Colab install cell"
+    assert "find_spec(\"rconv_core\")" in code[0].source, "the first code cell is the setup cell"
+    installs = [c.source for c in code[1:] if re.search(r"\bpip\b|subprocess", c.source)]
+    assert not installs, "only the setup cell may install, and only the suite, only in Colab"
     for cell in code:
         tree = ast.parse(cell.source)
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))], \
@@ -66,6 +71,38 @@ def test_notebook_structure(path):
     inspected = papermill.inspect_notebook(str(path))
     _, _, table_parameters, quick = next(v for v in run_all.NOTEBOOKS.values() if REPO / v[0] == path)
     assert set(table_parameters) | set(quick) | {"results_dir", "data_root"} <= set(inspected)
+
+
+def repository_address():
+    """The suite's one address: pyproject's [project.urls] Repository."""
+    import tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+def test_the_notebooks_and_the_readme_derive_from_the_one_repository_address():
+    address = repository_address()
+    setup_cells = {next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+                   for path in NOTEBOOK_PATHS}
+    assert len(setup_cells) == 1, "every notebook opens with the same setup cell"
+    sources = "\n".join(c.source for path in NOTEBOOK_PATHS for c in nbformat.read(path, as_version=4).cells)
+    assert set(re.findall(r"git\+https://[^\s\"'`]+", sources)) == {f"git+{address}.git"}, \
+        f"pyproject.toml says {address}: replace the notebooks' old address in their setup cell"
+    readme = (REPO / "README.md").read_text()
+    assert f"git+{address}.git" in readme
+    owner_and_name = address.removeprefix("https://github.com/")
+    badges = re.findall(r"\[!\[Open In Colab\]\(https://colab\.research\.google\.com/assets/colab-badge\.svg\)\]"
+                        r"\(https://colab\.research\.google\.com/github/([^)]+)\)", readme)
+    assert sorted(badges) == sorted(f"{owner_and_name}/blob/main/{path.relative_to(REPO).as_posix()}"
+                                    for path in NOTEBOOK_PATHS), "one Colab badge per notebook, from the address"
+
+
+def test_various_settings_default_to_the_reference_images():
+    for name, (dataset, index) in REFERENCE_IMAGES.items():
+        defaults = {key: ast.literal_eval(value["default"]) for key, value in
+                    papermill.inspect_notebook(str(REPO / "Various_settings" / f"{name}.ipynb")).items()}
+        assert (defaults["dataset"], defaults["image_index"]) == (dataset, index), name
+    all_relu = papermill.inspect_notebook(str(REPO / "Various_settings" / "LeNet_All_ReLU.ipynb"))
+    assert {"gradients", "hybrid"} <= set(ast.literal_eval(all_relu["example_first_layers"]["default"]))
 
 
 def test_stored_notebooks_hold_outputs_from_run_all():
@@ -80,6 +117,58 @@ def test_stored_notebooks_hold_outputs_from_run_all():
         assert all(a["name"] != b["name"] for c in code for a, b in zip(c.outputs, c.outputs[1:])
                    if a.get("output_type") == b.get("output_type") == "stream"), f"{path.name}: streams not merged"
         assert "/work/" not in json.dumps(notebook.metadata), f"{path.name} stores a machine's absolute path"
+
+
+def test_no_stored_notebook_keeps_an_injected_parameters_cell():
+    """papermill's injected cell would silently override what a reader edits in the parameters cell."""
+    for path in NOTEBOOK_PATHS:
+        notebook = nbformat.read(path, as_version=4)
+        assert not [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])], path.name
+
+
+def test_injected_parameters_are_baked_into_the_parameters_cell():
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('n_images = 100  # first n images\nname = "caf\u00e9"  # a label\nseed = 50\n',
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('# Parameters\nn_images = 3\nname = "x"\nresults_dir = "out/x"\n',
+                                  metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("print(n_images)")])
+    run_all._bake_parameters(notebook)
+    assert [c.source for c in notebook.cells] == [
+        'n_images = 3  # first n images\nname = "x"  # a label\nseed = 50\n\nresults_dir = "out/x"', "print(n_images)"]
+
+
+def test_the_machine_s_paths_are_scrubbed_from_outputs():
+    output = dict(output_type="stream", name="stderr",
+                  text="/opt/env/lib/python3.11/site-packages/torch/jit/_script.py:9: Warning\n"
+                       f"in {run_all.ROOT}/results\n"
+                       f"{run_all.ROOT} and {run_all.ROOT}x")
+    run_all._scrub_output(output)
+    assert output["text"] == (f"site-packages/torch/jit/_script.py:9: Warning\nin results\n. and {run_all.ROOT}x")
+    data = dict(output_type="display_data", data={"text/plain": f"{run_all.ROOT}/a", "image/png": "iVBOR/x/y/"})
+    run_all._scrub_output(data)
+    assert data["data"] == {"text/plain": "a", "image/png": "iVBOR/x/y/"}
+
+
+# An absolute path of two folders or more (in text outputs: images are base64, where '/' is a letter).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/<-])/(?:[\w.-]+/){2,}")
+
+
+def test_stored_outputs_hold_no_absolute_paths():
+    for path in NOTEBOOK_PATHS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            for output in cell.get("outputs", []):
+                data = output.get("data", {})
+                texts = [output.get("text", "")] + [value for mime, value in data.items() if mime.startswith("text/")]
+                found = [m.group(0) for text in texts for m in ABSOLUTE_PATH.finditer("".join(text))]
+                assert not found, f"{path.name} stores the machine's paths {found[:3]}"
+
+
+def test_results_readme_links_reach_the_notebooks(tmp_path):
+    stored = run_all._notebook_link("Various_settings/LeNet.ipynb", in_place=True)
+    assert (REPO / "results" / stored).resolve() == REPO / "Various_settings/LeNet.ipynb"
+    executed = run_all._notebook_link("Testing/Test_on_MNIST.ipynb", in_place=False)
+    assert executed == "notebooks/Testing/Test_on_MNIST.ipynb"
 
 
 def test_progress_bar_redraws_settle_to_their_final_state():
@@ -122,10 +211,22 @@ def test_quick_run_executes_every_notebook(quick_run):
             assert COLUMNS <= set(table.columns), name
             assert len(table) == quick["n_images"] * 2, name
             assert (results / subfolder / "psnr.png").exists()
+        parameters = next(c for c in executed.cells if "parameters" in c.metadata.get("tags", [])).source
+        assert not [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])], name
+        baked = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(parameters).body}
+        assert {key: baked[key] for key in quick} == quick, f"{name}: quick values baked into its parameters cell"
     summary = pd.read_csv(results / "summary.csv")
     assert set(summary.notebook) == set(run_all.NOTEBOOKS) - set(run_all.EXPERIMENTS)
+    readme = (results / "README.md").read_text()
+    for link in re.findall(r"\]\((notebooks/[^)]+\.ipynb)\)", readme):
+        assert (results / link).exists(), f"results/README.md links to {link}, which is not there"
     assert "| notebook |" in (results / "README.md").read_text()
     assert "## Experiments" in (results / "README.md").read_text()
+    tables = [pd.read_csv(path, keep_default_na=False) for path in results.rglob("metrics.csv")]
+    judged = pd.concat([t for t in tables if {"exact", "reason"} <= set(t.columns)], ignore_index=True)
+    not_exact = judged[~judged.exact.astype(str).eq("True")]
+    assert len(not_exact) > 0, "the quick run has attacks that fail (Precision's half precisions), to check"
+    assert (not_exact.reason.str.len() > 0).all(), "every not-exact row of every table says why"
     stored = nbformat.read(REPO / run_all.NOTEBOOKS["LeNet"][0], as_version=4)
     assert "quick" not in json.dumps(stored.metadata), "--results-dir must leave stored notebooks alone"
 

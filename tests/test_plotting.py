@@ -1,0 +1,127 @@
+"""Every figure explains its colours and line styles in a legend, and its numbers match the table it is drawn from."""
+import inspect
+
+import matplotlib
+import pandas as pd
+import pytest
+import torch
+
+import rconv_core as rc
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend)
+
+# Figures of images only: no colour or line style carries a meaning there.
+IMAGE_FIGURES = {"plot_reconstruction", "plot_grid", "plot_methods"}
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def legend_texts(figure):
+    """Every label in the figure's legends, per axes legend and figure legend."""
+    legends = [axis.get_legend() for axis in figure.axes] + list(figure.legends)
+    return [text.get_text() for legend in legends if legend is not None for text in legend.get_texts()]
+
+
+def rows(**columns):
+    return pd.DataFrame(columns)
+
+
+def psnr_table():
+    return rows(dtype=["float64"] * 3 + ["float32"] * 3, psnr=[300.0, 290.0, 310.0, 100.0, 45.0, 5.0],
+                exact=[True, True, True, True, False, False])
+
+
+def precision_table():
+    settings = [(d, f, t) for d in ("float64", "float32") for f in ("weights", "hybrid") for t in ("absolute",
+                                                                                                   "relative")]
+    return pd.DataFrame([dict(dataset=dataset, dtype=d, first_layer=f, relu_test=t, psnr=psnr)
+                         for dataset in ("mnist", "cifar10") for d, f, t in settings for psnr in (10.0, 110.0)])
+
+
+def defences_table():
+    return pd.DataFrame([dict(dataset=dataset, defence=defence, strength=strength, project=project, psnr=psnr,
+                              ssim=0.5)
+                         for dataset in ("cifar10", "cifar100") for project in (False, True)
+                         for defence, strengths in (("gaussian", (1e-6, 1e-2)), ("topk", (1.0, 0.1)))
+                         for strength, psnr in zip(strengths, (90.0, 5.0))])
+
+
+def filters_table():
+    """lenet's layer 1 behind LeakyReLU, lenet_all_relu's behind ReLU; layer 2 with a count far off the sweep."""
+    table = []
+    for model, activation, rgap in (("lenet", "leaky_relu", 48), ("lenet_all_relu", "relu", 308)):
+        for position, counts, bound in ((1, (32, 64, 128), 64), (2, (8, 16, 24, 32), 16)):
+            for filters in counts:
+                table.append(dict(model=model, activation=activation if position == 1 else "relu",
+                                  position=position, filters=filters, seed=50, index=0, full_rank=filters >= bound,
+                                  min_filters=bound, rgap_filters=rgap if position == 2 else 12))
+    return pd.DataFrame(table)
+
+
+def success_table():
+    exact = [True] * 997 + [False] * 3
+    return rows(model=["lenet"] * 1000, dtype=["float32"] * 1000, exact=exact, rank_deficient=[False] * 1000,
+                psnr=[100.0] * 997 + [-40.0] * 3)
+
+
+def test_psnr_strip_plot_explains_its_dots_and_lines():
+    figure = rc.plot_psnr(psnr_table())
+    assert legend_texts(figure) == ["image, exact", "image, not exact", "median",
+                                    f"{rc.BROKEN_PSNR:g} dB: below it the attack failed"]
+
+
+def test_precision_figure_names_every_method_and_the_failure_line():
+    texts = legend_texts(rc.plot_precision(precision_table()))
+    assert {"weights, absolute ReLU test", "weights, relative ReLU test", "hybrid, absolute ReLU test",
+            "hybrid, relative ReLU test"} <= set(texts)
+    assert f"{rc.BROKEN_PSNR:g} dB: below it the attack failed" in texts
+
+
+def test_defences_figure_names_datasets_projection_and_the_failure_line():
+    texts = legend_texts(rc.plot_defences(defences_table()))
+    assert {"cifar10", "cifar10, projected", "cifar100", "cifar100, projected"} <= set(texts)
+    assert f"{rc.BROKEN_PSNR:g} dB: below it the attack failed" in texts
+
+
+def test_filters_panels_each_name_their_own_layer_activation_and_weight_count():
+    figure = rc.plot_filters(filters_table())
+    first, second = figure.axes
+    first_texts = [t.get_text() for t in first.get_legend().get_texts()]
+    assert "lenet, layer 1 leaky_relu" in first_texts and "lenet_all_relu, layer 1 relu" in first_texts
+    assert "lenet: weight-constraint count (12)" in first_texts
+    assert "counting bound (64)" in first_texts
+    second_texts = [t.get_text() for t in second.get_legend().get_texts()]
+    assert "lenet, layer 2 relu" in second_texts
+    assert "lenet: weight-constraint count (48)" in second_texts
+    assert any(text.startswith("lenet_all_relu: weight-constraint count (308)") for text in second_texts)
+    low, high = second.get_xlim()
+    assert 48 <= high < 100, "a count of 308 must not stretch the axis over the curves at 8-32"
+
+
+def test_success_figure_states_rates_at_the_precision_it_shows():
+    figure = rc.plot_success(success_table())
+    assert {"exact", "rank-deficient", "full rank, not exact"} <= set(legend_texts(figure))
+    notes = [text.get_text() for text in figure.axes[0].texts]
+    assert notes[0].startswith("99.7% exact"), notes
+
+
+def test_grid_shows_the_image_indices():
+    images = torch.rand(3, 3, 8, 8)
+    figure = rc.plot_grid(images, images, indices=[12, 40, 7])
+    assert [axis.get_title() for axis in figure.axes[:3]] == ["#12", "#40", "#7"]
+    with pytest.raises(rc.RConvError, match="one index per image"):
+        rc.plot_grid(images, images, indices=[1, 2])
+
+
+def test_every_figure_function_is_checked_for_its_legend():
+    """A new plot_ function must get a legend test above, or be an image-only figure."""
+    tested = {"plot_psnr", "plot_precision", "plot_defences", "plot_filters", "plot_success"}
+    figures = {name for name in rc.__all__ if name.startswith("plot_")}
+    assert figures == tested | IMAGE_FIGURES
+    source = inspect.getsource(inspect.getmodule(test_every_figure_function_is_checked_for_its_legend))
+    assert all(f"rc.{name}(" in source for name in tested)
