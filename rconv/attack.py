@@ -23,7 +23,10 @@ from .errors import RConvError
 from .network import check_gradients, check_input_shape, parse_network
 from .progress import progress_bar
 from .solvers import TINY, eps
-from .systems import JOINT_MAX_UNKNOWNS, GradientSystem, LayerEquations, solve_layer, weight_system
+from .constraints import min_filters
+from .equations import GradientSystem, LayerEquations, weight_system
+from .memory import default_limit
+from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
 from .tolerances import Tolerances
 
 FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
@@ -51,11 +54,12 @@ class LayerReport:
     bias_residual: float  # |sum dL/dO - dL/db| / |dL/db|: checks the recovered output gradient
     known_outputs: float  # fraction of pre-activation outputs the activation reveals
     seconds: float = 0.0
+    estimated: bool = False  # the layer could not be determined: rank is a counting bound, the input an estimate
     clipped: float = 0.0  # project=True: the largest change clipping made to the input, relative to its largest value
 
     @property
     def full_rank(self):
-        return self.rank == self.unknowns
+        return self.rank == self.unknowns and not self.estimated
 
 
 @dataclass
@@ -86,11 +90,13 @@ class _Options:
     """reconstruct()'s settings, as every step needs them."""
 
     first_layer: str
+    methods: dict  # conv layer number -> method forced on it
     relu_test: str
     project: bool
     image_range: tuple
     tolerances: Tolerances
     device: torch.device
+    memory_limit: int | None  # bytes the solves may take
 
 
 class _Signal(NamedTuple):
@@ -99,6 +105,7 @@ class _Signal(NamedTuple):
     activated: torch.Tensor  # (F, P, Q)
     activated_grad: torch.Tensor  # dL/d(activated)
     noise: Noise
+    determined: bool = True  # every layer above was determined (full rank); else these data are wrong
 
 
 class _LinearStep(NamedTuple):
@@ -109,11 +116,12 @@ class _LinearStep(NamedTuple):
 
 
 class _ConvResult(NamedTuple):
-    """One conv layer's recovered input, its report, and what it hands the layer below."""
+    """One conv layer's recovered input, its report, what it hands the layer below, and notes."""
 
     input: torch.Tensor  # (C, H, W)
     report: LayerReport
     signal: _Signal
+    notes: tuple
 
 
 def fc_features(weight_grad, bias_grad):
@@ -164,25 +172,74 @@ def _equations(step, signal, grads, input_shape, options, cache):
     known_rows = known.reshape(-1)
     weight = conv.weight.detach().to(**wide)
     equations = LayerEquations(
-        gradients=GradientSystem.build(output_grad, grads.of(conv.weight).to(**wide), input_shape[1:],
-                                       conv.kernel_size, conv.stride, step.padding),
+        gradients=GradientSystem(output_grad, grads.of(conv.weight).to(**wide), input_shape[1:],
+                                 conv.kernel_size, conv.stride, step.padding),
         weights=weight_system(weight, conv.bias, conv.stride, step.padding, input_shape, cache),
         known=known_rows, output=(output - bias).reshape(-1)[known_rows])
     return equations, output_grad, bias_grad
 
 
-def _solve(step, equations, options):
-    """The layer's method and LayerSolve: the chosen method, or weight constraints added when
-    gradient constraints alone leave a hidden layer rank-deficient."""
-    dtype, unknowns = options.tolerances.dtype, equations.weights.shape[1]
-    method = options.first_layer if step.number == 1 else "gradients"
-    solved = solve_layer(equations, method, dtype)
-    if solved.spectrum.rank < unknowns and step.number > 1 and bool(equations.known.any()) \
-            and unknowns <= JOINT_MAX_UNKNOWNS:
-        repaired = solve_layer(equations, "hybrid", dtype, fallback=True)
-        if repaired is not None and repaired.spectrum.rank > solved.spectrum.rank:
-            return "gradients+weights", repaired
-    return method, solved
+def _gradients_could_suffice(step, equations):
+    """The counting bound: enough filters for the gradient constraints to determine every channel."""
+    return step.conv.out_channels >= min_filters(equations.gradients.input_size, step.conv.kernel_size,
+                                                 step.conv.stride, step.padding)
+
+
+def _system_method(method):
+    """The system a reported method solves: "gradients+weights" is the hybrid stack."""
+    return "hybrid" if method == "gradients+weights" else method
+
+
+def _candidates(step, equations, options):
+    """The methods to try on a layer, in order, until one determines its input.
+
+    A forced method (methods= or, for the first layer, first_layer=) is tried alone, except
+    that a large hybrid layer first tries its weight constraints alone, whose factorisation is
+    cached per model. Otherwise the gradient constraints go first (the paper's way), then, on
+    large layers, the weight constraints when the counting allows, then both jointly.
+    """
+    forced = options.methods.get(step.number, options.first_layer if step.number == 1 else None)
+    large = equations.unknowns > DENSE_MAX_UNKNOWNS
+    weights_could = int(equations.known.sum()) >= equations.unknowns
+    if forced is not None:
+        return ["weights", "hybrid"] if forced == "hybrid" and large and weights_could else [forced]
+    order = ["gradients"] if not large or _gradients_could_suffice(step, equations) else []
+    if large and weights_could:
+        order.append("weights")
+    if bool(equations.known.any()) or not order:
+        order.append("gradients+weights")
+    return order
+
+
+def _solve(step, equations, options, determined_above):
+    """The layer's method and LayerSolve: the first candidate that determines its input, else the
+    one that came closest (the highest rank).
+
+    A large layer is only estimated (cheaply, see estimate_layer) when no candidate offers as many
+    equations as it has unknowns, or when a layer above it was not determined: its data are wrong.
+    """
+    candidates = _candidates(step, equations, options)
+    if equations.unknowns > DENSE_MAX_UNKNOWNS:
+        if not determined_above:
+            return candidates[-1], estimate_layer(equations, _system_method(candidates[-1]), step.label,
+                                                  "the layer above it was not determined")
+        counted = [m for m in candidates if counted_equations(equations, _system_method(m)) >= equations.unknowns]
+        if not counted:
+            bound = counted_equations(equations, _system_method(candidates[-1]))
+            return candidates[-1], estimate_layer(equations, _system_method(candidates[-1]), step.label,
+                                                  f"it has {equations.unknowns:,} unknowns and at most {bound:,} "
+                                                  f"equations")
+        candidates = counted
+    best = None
+    for method in candidates:
+        solved = solve_layer(equations, _system_method(method),
+                             options.tolerances.dtype, memory_limit=options.memory_limit, label=step.label,
+                             fallback=method == "gradients+weights" and best is not None)
+        if solved is not None and (best is None or solved.spectrum.rank > best[1].spectrum.rank):
+            best = (method, solved)
+        if best is not None and best[1].spectrum.rank == equations.unknowns:
+            break
+    return best
 
 
 def _conv_step(step, signal, grads, input_shape, options, cache, previous_activation):
@@ -190,7 +247,7 @@ def _conv_step(step, signal, grads, input_shape, options, cache, previous_activa
     start = time.perf_counter()
     channels, height, width = input_shape
     equations, output_grad, bias_grad = _equations(step, signal, grads, input_shape, options, cache)
-    method, solved = _solve(step, equations, options)
+    method, solved = _solve(step, equations, options, signal.determined)
     x = solved.x.reshape(channels, height, width)
     negative = max(0.0, -float(x.min())) if x.numel() else 0.0
     clipped = 0.0
@@ -207,7 +264,7 @@ def _conv_step(step, signal, grads, input_shape, options, cache, previous_activa
     if bias_grad is not None:
         bias_residual = float(torch.linalg.norm(output_grad.sum((1, 2)) - bias_grad) /
                               torch.linalg.norm(bias_grad).clamp_min(TINY))
-    gradient_rows = equations.gradients.matrix.shape[0] * channels
+    gradient_rows = equations.gradients.shape[0] * channels
     report = LayerReport(
         layer=step.number, method=method,
         equations=(gradient_rows if method != "weights" else 0) + (int(equations.known.sum())
@@ -215,19 +272,23 @@ def _conv_step(step, signal, grads, input_shape, options, cache, previous_activa
         unknowns=channels * height * width, rank=solved.spectrum.rank, cond=solved.spectrum.cond,
         residual=solved.residual, bias_residual=bias_residual,
         known_outputs=float(equations.known.double().mean()), seconds=time.perf_counter() - start,
-        clipped=clipped)
+        clipped=clipped, estimated=solved.estimated)
     weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
     input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
                                             stride=step.conv.stride, padding=step.padding)[0]
     noise = Noise(gain=_SOLVE_NOISE_MARGIN * min(solved.spectrum.cond, 1.0 / eps(options.tolerances.dtype)),
                   negative=negative)
-    return _ConvResult(x, report, _Signal(x, input_grad, noise))
+    determined = signal.determined and report.full_rank
+    return _ConvResult(x, report, _Signal(x, input_grad, noise, determined), solved.notes)
 
 
 def _layer_reasons(report, tolerances):
     """Why one layer's recovered input cannot be trusted, in words (none when it can)."""
     where = f"conv layer {report.layer} ({report.method})"
     reasons = []
+    if report.estimated:  # its residuals say nothing more: see the notes for why it was only estimated
+        return [f"{where}: not determined, only a minimum-norm estimate (rank at most {report.rank} of "
+                f"{report.unknowns} unknowns)"]
     if not report.full_rank:
         reasons.append(f"{where}: rank {report.rank} of {report.unknowns} unknowns from {report.equations} "
                        f"equations, so part of its input is undetermined")
@@ -249,11 +310,16 @@ def _verdict(reports, tolerances):
     return [reason for report in reversed(reports) for reason in _layer_reasons(report, tolerances)]
 
 
-def _check_methods(first_layer, relu_test):
+def _check_methods(first_layer, relu_test, methods):
     if first_layer not in FIRST_LAYER_METHODS:
         raise RConvError(f"first_layer must be one of {', '.join(FIRST_LAYER_METHODS)}; got {first_layer!r}")
     if relu_test not in RELU_TESTS:
         raise RConvError(f"relu_test must be one of {', '.join(RELU_TESTS)}; got {relu_test!r}")
+    if not isinstance(methods, dict):
+        raise RConvError(f"methods must be a dict conv layer number -> method, e.g. {{2: 'weights'}}; got {methods!r}")
+    for layer, method in methods.items():
+        if method not in FIRST_LAYER_METHODS:
+            raise RConvError(f"methods[{layer!r}] must be one of {', '.join(FIRST_LAYER_METHODS)}; got {method!r}")
 
 
 def _check_arguments(grads, input_shape, relu_tol, image_range, device):
@@ -290,16 +356,24 @@ def _check_arguments(grads, input_shape, relu_tol, image_range, device):
         raise RConvError(f"device={device!r} cannot be used here: {str(error).splitlines()[0]}") from error
 
 
-def _options(grads, first_layer, relu_test, relu_tol, project, image_range, device):
+def _options(network, grads, settings):
+    """The _Options of a call, checked against the network and its gradients."""
     if not grads.dtype.is_floating_point:
         raise RConvError(f"gradients must be floating point; got {grads.dtype}")
-    device = torch.device(device) if device is not None else grads.device
-    return _Options(first_layer, relu_test, project, image_range, Tolerances.for_dtype(grads.dtype, relu_tol),
-                    device)
+    layers = len(network.steps)
+    wrong = [layer for layer in settings["methods"] if not (isinstance(layer, int) and 1 <= layer <= layers)]
+    if wrong:
+        raise RConvError(f"methods names conv layers {wrong}; this network's conv layers are 1..{layers}")
+    device = torch.device(settings["device"]) if settings["device"] is not None else grads.device
+    memory_limit = settings["memory_limit"] if settings["memory_limit"] is not None else default_limit()
+    return _Options(settings["first_layer"], dict(settings["methods"]), settings["relu_test"], settings["project"],
+                    settings["image_range"], Tolerances.for_dtype(grads.dtype, settings["relu_tol"]), device,
+                    memory_limit)
 
 
-def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=None, relu_test="relative",
-                project=False, image_range=(0.0, 1.0), device=None, check_batch=True, cache=None):
+def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None, relu_tol=None,
+                relu_test="relative", project=False, image_range=(0.0, 1.0), device=None, check_batch=True,
+                cache=None, memory_limit=None):
     """Recover the training image behind one client's gradients with R-CONV.
 
     Args:
@@ -308,6 +382,10 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         input_shape: (C, H, W) of the image.
         first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),
             "gradients" (gradient constraints only) or "hybrid" (both, each scaled to unit norm).
+        methods: a dict conv layer number (1 = first) -> "weights", "gradients" or "hybrid", forcing a
+            method on that layer. Layers not named choose for themselves: gradient constraints, then
+            (large layers) weight constraints where the counting allows, then both, until the
+            layer's input is determined (full numerical rank).
         relu_tol: the ReLU test's floor: outputs at or below relu_tol * (the layer's largest output), or
             three times the layer's noise floor if that is larger, count as inactive; None picks
             default_relu_tol for the gradients' dtype. Ignored by relu_test="absolute".
@@ -322,15 +400,20 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         device: where to solve ("cpu", "cuda"); None means the gradients' device.
         check_batch: refuse gradients whose Linear layer is not rank one (a batch of several images).
         cache: a dict shared between calls on the same model, holding what depends only on the weights.
+        memory_limit: bytes the solves may take (None: three quarters of the memory available); a
+            solve that would need more raises RConvError naming the layer before allocating it.
     Returns a Reconstruction.
     """
     start = time.perf_counter()
     _check_arguments(grads, input_shape, relu_tol, image_range, device)
-    _check_methods(first_layer, relu_test)
+    methods = {} if methods is None else methods
+    _check_methods(first_layer, relu_test, methods)
     network = parse_network(model)
     grads = check_gradients(model, network, grads)
     sizes = check_input_shape(network, input_shape)
-    options = _options(grads, first_layer, relu_test, relu_tol, project, image_range, device)
+    options = _options(network, grads, dict(first_layer=first_layer, methods=methods, relu_test=relu_test,
+                                            relu_tol=relu_tol, project=project, image_range=image_range,
+                                            device=device, memory_limit=memory_limit))
     top = _linear_step(network, grads, sizes[-1], options, check_batch)
     signal, results = top.signal, {}
     for step in reversed(network.steps):
@@ -339,9 +422,10 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", relu_tol=Non
         signal = results[step.number].signal
     reports = [results[n].report for n in sorted(results)]
     reasons = _verdict(reports, options.tolerances)
+    notes = top.notes + [note for n in sorted(results, reverse=True) for note in results[n].notes]
     return Reconstruction(image=signal.activated.detach().cpu()[None], layers=reports, exact=not reasons,
                           reasons=reasons, seconds=time.perf_counter() - start,
-                          features=top.features.cpu(), linear_misfit=top.misfit, notes=top.notes,
+                          features=top.features.cpu(), linear_misfit=top.misfit, notes=notes,
                           inputs=[results[n].input.cpu() for n in sorted(results)])
 
 

@@ -113,15 +113,44 @@ def solve_steps(result, model=None, image=None):
     return pd.DataFrame(rows)
 
 
+def _determined_by(row):
+    """Which constraints can determine a layer's input by counting, in words."""
+    if row["gradients_suffice"]:
+        return "gradients"
+    if row["uncovered_pixels"]:
+        return "none: pixels no kernel position reaches"
+    if row["weight_constraints"] >= row["unknowns"]:
+        return "weights where active (ReLU)" if row["activation"] == "relu" else "weights"
+    if row["max_equations"] >= row["unknowns"]:
+        return "both jointly"
+    return "none: too few equations"
+
+
+def _verdict(rows):
+    """The counting verdict for the whole network, naming the first layer that cannot be determined."""
+    for row in rows:
+        if row["determined_by"].startswith("none"):
+            return (f"not: layer {row['layer']} has {row['unknowns']:,} unknowns and at most "
+                    f"{row['max_equations']:,} equations" if "few" in row["determined_by"] else
+                    f"not: layer {row['layer']} has {row['uncovered_pixels']:,} input values no kernel "
+                    f"position reaches")
+    return "recoverable"
+
+
 def constraint_report(model, input_shape):
-    """What each conv layer offers R-CONV: unknowns against gradient and weight constraints.
+    """What each conv layer offers R-CONV before any gradient exists: unknowns against constraints.
 
     One row per conv layer. gradient_constraints counts dL/dW entries (F*k*k per input
-    channel, all channels); weight_constraints counts pre-activation outputs (F*P*Q).
-    min_filters is the counting bound of min_filters(); gradients_suffice / weights_suffice
-    say whether the counts alone could determine the input (a necessary condition; ReLU
-    reveals the pre-activation only where active, so weights_need_active gives the
-    fraction of outputs that must be active).
+    channel, all channels); weight_constraints counts pre-activation outputs (F*P*Q);
+    max_equations counts the independent equations both can offer together (gradient
+    constraints give at most H*W per channel). min_filters is the counting bound of
+    min_filters(); gradients_suffice / weights_suffice say whether one kind alone could
+    determine the input, and determined_by which constraints can ("gradients", "weights",
+    "both jointly", or "none: ..."). These are necessary conditions: ReLU reveals the
+    pre-activation only where active (weights_need_active is the share of outputs that must
+    be), and the numerical rank decides in the end. The table's attrs hold the network's
+    verdict: attrs["recoverable"] (bool) and attrs["verdict"] ("recoverable", or "not: layer 2
+    has 12,288 unknowns and at most 8,896 equations").
     """
     import pandas as pd
     network = parse_network(model)
@@ -137,12 +166,18 @@ def constraint_report(model, input_shape):
         needed = min_filters((height, width), (kh, kw), step.conv.stride, step.padding)
         gradient_constraints = filters * kh * kw * channels
         weight_constraints = filters * out_h * out_w
-        rows.append(dict(
+        row = dict(
             layer=step.number, input=f"{channels}x{height}x{width}", filters=filters, kernel=f"{kh}x{kw}",
             stride=step.conv.stride[0], padding=step.padding[0], activation=step.activation,
             unknowns=unknowns, gradient_constraints=gradient_constraints,
-            weight_constraints=weight_constraints, uncovered_pixels=uncovered * channels,
-            min_filters=needed, gradients_suffice=filters >= needed,
+            weight_constraints=weight_constraints,
+            max_equations=channels * min(filters * kh * kw, height * width) + weight_constraints,
+            uncovered_pixels=uncovered * channels, min_filters=needed, gradients_suffice=filters >= needed,
             weights_suffice=weight_constraints >= unknowns and uncovered == 0 and step.activation != "relu",
-            weights_need_active=min(1.0, unknowns / weight_constraints)))
-    return pd.DataFrame(rows)
+            weights_need_active=min(1.0, unknowns / weight_constraints))
+        row["determined_by"] = _determined_by(row)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.attrs["verdict"] = _verdict(rows)
+    table.attrs["recoverable"] = table.attrs["verdict"] == "recoverable"
+    return table

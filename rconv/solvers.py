@@ -388,3 +388,89 @@ def solve(system, rtol, fast_only=False):
     factor = Factor(system.shape, rtol, lambda: system.matrix, system.apply, system.apply_t,
                     deficient=rtol >= GRAM_RESOLVES and system.shape[1] > EIGH_MAX)
     return factor.solve(system), factor.spectrum
+
+
+# Normal equations resolve K's singular values down to about sqrt(eps) of the largest; corrected
+# semi-normal equations keep the error near cond(K) * eps while cond(K) stays below this bound.
+NORMAL_EQUATIONS_COND = 1e7
+
+
+class NormalFactor:
+    """Least squares with a large sparse K through a sparse factorisation of its Gram matrix K^T K.
+
+    When K^T K is positive definite and K's condition number (power and inverse iteration
+    through the factorisation) is within reach, solves are corrected semi-normal equations.
+    Otherwise K is rank-deficient at the tolerance: its rank is counted from the inertia of
+    K^T K - t I (Sylvester's law), and solves are a ridge (iterated Tikhonov) at the cut t.
+
+    Args:
+        gram: K^T K as a scipy sparse matrix; apply, apply_t: K @ v and K^T @ v on tensors (n, r).
+        like: a tensor whose dtype and device the solutions take.
+        memory_limit: bytes the factorisations may take (a larger one raises MemoryError(bytes)).
+    """
+
+    def __init__(self, gram, apply, apply_t, rtol, like, memory_limit=None):
+        from .sparse import SparseFactor
+        self.apply, self.apply_t, self.like, self.n = apply, apply_t, like, gram.shape[0]
+        cut = max(rtol, 1.0 / NORMAL_EQUATIONS_COND)
+        self.factor = SparseFactor(gram, positive_definite=True, memory_limit=memory_limit)
+        if not self.factor.failed:
+            estimates = power_estimates(self.n, like, lambda v: apply_t(apply(v)), self._solve_gram)
+            cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
+            if cond < 1.0 / cut:
+                self.kind, self.spectrum = "cholesky", Spectrum(self.n, cond)
+                return
+        self._ridge(gram, cut, memory_limit)
+
+    def _ridge(self, gram, cut, memory_limit):
+        import scipy.sparse
+        from .sparse import SparseFactor, count_below
+        as_tensor = self._tensor
+        estimates = power_estimates(self.n, self.like, lambda v: as_tensor(gram @ v.detach().cpu().numpy()),
+                                    lambda v: v)
+        largest = estimates[0] if estimates else 0.0
+        shift = cut * cut * largest if largest > 0 else 1.0
+        below = count_below(gram, shift, memory_limit) if largest > 0 else self.n
+        self.kind = "ridge"
+        # SuperLU cannot count past an exactly zero pivot: then at least that one direction is lost
+        self.spectrum = Spectrum(self.n - (below if below is not None else 1), math.inf)
+        self.factor = SparseFactor(gram + shift * scipy.sparse.identity(self.n, format="csr"),
+                                   memory_limit=memory_limit)
+
+    def _tensor(self, array):
+        return torch.from_numpy(array).to(dtype=self.like.dtype, device=self.like.device)
+
+    def _solve_gram(self, y):
+        """(K^T K)^-1 y (shifted by the ridge when rank-deficient)."""
+        return self._tensor(self.factor.solve(y.detach().cpu().numpy()))
+
+    def solve(self, system):
+        """The least-squares (ridge when rank-deficient) solution of `system`, whose K this factorises."""
+        x = self._solve_gram(system.apply_t(system.rhs))
+        if self.kind == "cholesky":
+            return system.refine(x, self._solve_gram)
+        for _ in range(REFINE_STEPS - 1):  # iterated Tikhonov: towards the minimum-norm solution
+            x = x + self._solve_gram(system.apply_t(system.rhs - system.apply(x)))
+        return x
+
+
+def cg_least_squares(system, iterations):
+    """The minimum-norm least-squares solution of a System, approximately, by CGLS from zero.
+
+    Matrix-free and cheap (two products with K per step): for systems known to be
+    underdetermined, whose exact solution would not be the truth anyway.
+    """
+    x = system.rhs.new_zeros(system.shape[1], system.rhs.shape[1])
+    residual = system.rhs.clone()
+    direction = system.apply_t(residual)
+    gradient, energy = direction, float((direction * direction).sum())
+    for _ in range(iterations):
+        if energy <= TINY:
+            break
+        image = system.apply(direction)
+        step = energy / max(float((image * image).sum()), TINY)
+        x, residual = x + step * direction, residual - step * image
+        gradient = system.apply_t(residual)
+        energy, previous = float((gradient * gradient).sum()), energy
+        direction = gradient + (energy / previous) * direction
+    return x

@@ -1,151 +1,48 @@
-"""The linear systems of one conv layer, assembled from its constraints and solved.
+"""Solving one conv layer's equations for its input, by the method asked for.
 
-A layer's input x (C, H, W) satisfies its gradient constraints A x[c] = dL/dW[:, c] (A shared
-by every channel) and, where the pre-activation output is known, its weight constraints
-M x + b = O. This module stacks them as the method asks ("gradients", "weights", "hybrid")
-and solves them with the solvers; what depends only on the weights is cached per model.
+"gradients": A x[c] = dL/dW[:, c] channel by channel (split by stride residue class when large);
+"weights": M x = O - b at the known outputs; "hybrid": both, each scaled to unit norm. Layers
+up to DENSE_MAX_UNKNOWNS unknowns use dense factorisations (the paper's 32-px networks); larger
+ones the sparse normal equations, factorised once per model where they depend only on the weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from .constraints import grad_constraints, weight_entries
-from .errors import RConvError
-from .geometry import conv_output_size
-from .solvers import TINY, Factor, Spectrum, System, norm_2, rank_rtol, solve
+from .memory import check, size
+from .solvers import TINY, NormalFactor, Spectrum, System, cg_least_squares, norm_2, rank_rtol, solve
 
-# Systems that couple all channels (weight constraints) are solved densely; beyond this many
-# unknowns (a 64x64 greyscale image) a rank-deficient one would take minutes to analyse.
-JOINT_MAX_UNKNOWNS = 4096
+# Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
+# a dense system would take minutes and gigabytes, and the sparse normal equations take over.
+DENSE_MAX_UNKNOWNS = 4096
+# Gradient-constraint matrices up to this many columns are solved whole; wider ones with a stride
+# split into their residue classes, which A never mixes (a quarter of the columns each at stride 2).
+_WHOLE_GRADIENT_COLUMNS = 1100
 # The hybrid first layer corrects the weight-constraint solution within the span of this many
 # of M's smallest singular directions (see _deflated_hybrid).
 DEFLATION_SIZE = 128
 # Correction steps of the deflated hybrid solve.
 _DEFLATION_STEPS = 2
-
-
-class WeightSystem:
-    """A conv layer's weight constraints M x + b = O, and what depends only on its weights.
-
-    M is applied as a convolution and stored by its nonzeros; dense and sparse copies,
-    factorisations and the deflation subspace are built when first needed and then reused.
-    """
-
-    def __init__(self, weight, input_shape, stride, padding):
-        self.weight, self.input_shape, self.stride, self.padding = weight, tuple(input_shape), stride, padding
-        self.entries = weight_entries(weight, input_shape[1:], stride, padding)
-        self.shape = self.entries.shape
-        self.output_shape = (weight.shape[0], *conv_output_size(input_shape[1:], weight.shape[2:], stride, padding))
-        self.row_norms = torch.zeros(self.shape[0], dtype=weight.dtype, device=weight.device).index_add_(
-            0, self.entries.rows, self.entries.values * self.entries.values)
-        self.factors, self._gram = {}, None
-
-    def apply(self, x):
-        """M x for x of shape (C*H*W, r)."""
-        images = x.T.reshape(x.shape[1], *self.input_shape)
-        return F.conv2d(images, self.weight, stride=self.stride, padding=self.padding).reshape(x.shape[1], -1).T
-
-    def apply_t(self, y):
-        """M^T y for y of shape (F*P*Q, r)."""
-        outputs = y.T.reshape(y.shape[1], *self.output_shape)
-        inputs = torch.nn.grad.conv2d_input((y.shape[1], *self.input_shape), self.weight, outputs,
-                                            stride=self.stride, padding=self.padding)
-        return inputs.reshape(y.shape[1], -1).T
-
-    def dense(self):
-        return self.entries.dense()
-
-    def sparse(self, known=None):
-        """M (or its rows in `known`) as a scipy CSR matrix."""
-        import scipy.sparse
-        rows, cols, values = (t.cpu().numpy() for t in self.entries[:3])
-        matrix = scipy.sparse.csr_matrix((values, (rows, cols)), shape=self.shape)
-        return matrix if known is None else matrix[known.cpu().numpy()]
-
-    def gram(self, known):
-        """M^T M over the rows in `known`, through sparse products on the CPU."""
-        everything = bool(known.all())
-        if everything and self._gram is not None:
-            return self._gram
-        if self.weight.device.type == "cpu":
-            selected = self.sparse(None if everything else known)
-            gram = torch.from_numpy((selected.T @ selected).toarray())
-        else:
-            selected = self.dense() if everything else self.dense()[known]
-            gram = selected.T @ selected
-        if everything:
-            self._gram = gram
-        return gram
-
-    def factor(self, rtol):
-        """A cached Factor of M with all rows (M does not depend on the image)."""
-        if rtol not in self.factors:
-            square_on_cpu = self.shape[0] == self.shape[1] and self.weight.device.type == "cpu"
-            self.factors[rtol] = Factor(self.shape, rtol, self.dense, self.apply, self.apply_t,
-                                        sparse=self.sparse() if square_on_cpu else None)
-        return self.factors[rtol]
-
-
-def _weights_key(weight, bias, stride, padding, input_shape):
-    # Keyed on the weights' bytes, so a cache entry can never outlive a change of weights.
-    digest = hashlib.sha1(weight.detach().cpu().numpy().tobytes())
-    if bias is not None:
-        digest.update(bias.detach().cpu().numpy().tobytes())
-    return ("weights", digest.hexdigest(), tuple(stride), tuple(padding), tuple(input_shape), str(weight.device))
-
-
-def weight_system(weight, bias, stride, padding, input_shape, cache):
-    """The WeightSystem of a conv layer, from `cache` (a dict shared across images) when it holds it."""
-    key = _weights_key(weight, bias, stride, padding, input_shape)
-    if cache is not None and key in cache:
-        return cache[key]
-    system = WeightSystem(weight, input_shape, tuple(stride), tuple(padding))
-    if cache is not None:
-        cache[key] = system
-    return system
-
-
-class GradientSystem(NamedTuple):
-    """A conv layer's gradient constraints: A (F*k*k, H*W), shared by all channels, and dL/dW per channel."""
-
-    matrix: torch.Tensor
-    rhs: torch.Tensor  # (F*k*k, C)
-
-    @classmethod
-    def build(cls, output_grad, weight_grad, input_size, kernel_size, stride, padding):
-        matrix = grad_constraints(output_grad, input_size, kernel_size, stride, padding)
-        return cls(matrix, weight_grad.permute(0, 2, 3, 1).reshape(matrix.shape[0], -1))
-
-
-class LayerEquations(NamedTuple):
-    """Everything one conv layer's input must satisfy."""
-
-    gradients: GradientSystem
-    weights: WeightSystem
-    known: torch.Tensor  # rows of M whose pre-activation output is known (bool, F*P*Q)
-    output: torch.Tensor  # O - b at the known rows, (known rows,)
-
-    @property
-    def channels(self):
-        return self.weights.input_shape[0]
-
-    @property
-    def pixels(self):
-        return self.gradients.matrix.shape[1]
+_FLOAT64_BYTES = 8
+# A sparse matrix in scipy's COO and CSR forms takes about this many bytes per nonzero at its peak.
+_SPARSE_BYTES_PER_ENTRY = 40
+# CGLS steps for a large layer that cannot be determined (too few equations, or wrong data from an
+# undetermined layer above): a minimum-norm estimate for the picture, not a solution to trust.
+_ESTIMATE_STEPS = 50
 
 
 class LayerSolve(NamedTuple):
-    """A solved conv layer: its input (C, H*W), the system's Spectrum, and its relative residual."""
+    """A solved conv layer: its input (C, H*W), the system's Spectrum, its relative residual, and notes."""
 
     x: torch.Tensor
     spectrum: Spectrum
     residual: float
+    notes: tuple = ()
+    estimated: bool = False  # a cheap estimate of an undeterminable layer: the rank is only a counting bound
 
 
 class _Block(NamedTuple):
@@ -163,20 +60,26 @@ def _hybrid_scales(equations):
     # Each kind of constraint is scaled to unit Frobenius norm so that neither dominates. A kind
     # that offers no equation at all (every ReLU unit off) keeps scale 1: scaling zero up would
     # overflow its Gram matrix into NaN instead of reporting rank 0.
-    grad_norm = math.sqrt(equations.channels) * float(torch.linalg.norm(equations.gradients.matrix))
+    gradients = equations.gradients
+    frobenius = float(torch.linalg.norm(gradients.matrix)) if equations.unknowns <= DENSE_MAX_UNKNOWNS \
+        else gradients.frobenius()
+    grad_norm = math.sqrt(equations.channels) * frobenius
     weight_norm = float(equations.weights.row_norms[equations.known].sum().sqrt())
     return (1.0 / grad_norm if grad_norm > 0 else 1.0), (1.0 / weight_norm if weight_norm > 0 else 1.0)
 
 
 def _gradient_block(equations, scale):
-    matrix, rhs = equations.gradients
-    channels, pixels = equations.channels, equations.pixels
-    return _Block(scale,
-                  lambda x: (matrix @ x.view(channels, pixels).T).T.reshape(-1, 1),
-                  lambda y: (matrix.T @ y.view(channels, -1).T).T.reshape(-1, 1),
-                  rhs.T.reshape(-1, 1),
-                  lambda: torch.block_diag(*[matrix.T @ matrix] * channels),
-                  lambda: torch.block_diag(*[matrix] * channels))
+    gradients, channels, pixels = equations.gradients, equations.channels, equations.pixels
+    if equations.unknowns <= DENSE_MAX_UNKNOWNS:
+        matrix = gradients.matrix
+        apply = lambda x: (matrix @ x.view(channels, pixels).T).T.reshape(-1, 1)  # noqa: E731
+        apply_t = lambda y: (matrix.T @ y.view(channels, -1).T).T.reshape(-1, 1)  # noqa: E731
+    else:
+        apply = lambda x: gradients.apply(x.view(channels, pixels).T).T.reshape(-1, 1)  # noqa: E731
+        apply_t = lambda y: gradients.apply_t(y.view(channels, -1).T).T.reshape(-1, 1)  # noqa: E731
+    return _Block(scale, apply, apply_t, gradients.rhs.T.reshape(-1, 1),
+                  lambda: torch.block_diag(*[gradients.matrix.T @ gradients.matrix] * channels),
+                  lambda: torch.block_diag(*[gradients.matrix] * channels))
 
 
 def _weight_block(equations, scale):
@@ -241,21 +144,93 @@ def _deflated_hybrid(equations, dtype):
     return x, spectrum, system
 
 
-def solve_layer(equations, method, dtype, fallback=False):
-    """Solve one conv layer for its input with `method`: a LayerSolve.
-
-    fallback: an attempt to repair rank-deficient gradient constraints; gives up (None) rather
-    than analyse a large system that is rank-deficient too.
-    """
-    matrix, rhs = equations.gradients
-    channels, pixels, known = equations.channels, equations.pixels, equations.known
-    if method == "hybrid" and not bool(known.any()):
-        method = "gradients"  # no weight constraint left (every ReLU unit off): the per-channel solve is the same
-    if method == "gradients":
+def _solve_gradients(equations, dtype, memory_limit, label):
+    """Gradient constraints alone, all channels at once: whole A, or one residue class at a time."""
+    gradients, channels = equations.gradients, equations.channels
+    check(3 * gradients.dense_bytes(), f"{label}: the gradient-constraint matrix ({gradients.shape[0]:,} x "
+                                       f"{gradients.shape[1]:,}, dense)", memory_limit)
+    matrix, rhs = gradients.matrix, gradients.rhs
+    if gradients.shape[1] <= _WHOLE_GRADIENT_COLUMNS or max(gradients.stride) == 1:
+        check(3 * gradients.shape[1] ** 2 * _FLOAT64_BYTES,
+              f"{label}: the Gram matrix of its gradient constraints ({gradients.shape[1]:,} pixels)", memory_limit)
         system = System(matrix.shape, lambda x: matrix @ x, lambda y: matrix.T @ y, rhs, matrix=matrix)
         x, spectrum = solve(system, rank_rtol(dtype, matrix.shape))
         return LayerSolve(x.T, Spectrum(spectrum.rank * channels, spectrum.cond), system.residual(x))
-    weights = equations.weights
+    x = rhs.new_zeros(gradients.shape[1], channels)
+    rank, cond = 0, 0.0
+    for residue in gradients.residue_classes():
+        block = matrix[residue.rows][:, residue.pixels]
+        system = System(block.shape, lambda v, b=block: b @ v, lambda v, b=block: b.T @ v, rhs[residue.rows],
+                        matrix=block)
+        x[residue.pixels], spectrum = solve(system, rank_rtol(dtype, matrix.shape))
+        rank, cond = rank + spectrum.rank, max(cond, spectrum.cond)
+    residual = float(torch.linalg.norm(matrix @ x - rhs) / torch.linalg.norm(rhs).clamp_min(TINY))
+    return LayerSolve(x.T, Spectrum(rank * channels, cond), residual)
+
+
+def _gradient_gram(equations, scale):
+    """scale^2 (I_C (x) A^T A) as a scipy sparse matrix, from A's dense residue-class blocks."""
+    import numpy as np
+    import scipy.sparse
+    gradients, channels, pixels = equations.gradients, equations.channels, equations.pixels
+    rows, cols, values = [], [], []
+    for residue in gradients.residue_classes():
+        block = gradients.matrix[residue.rows][:, residue.pixels]
+        gram = (scale * scale * (block.T @ block)).cpu().numpy()
+        index = residue.pixels.cpu().numpy()
+        for c in range(channels):
+            rows.append(np.repeat(c * pixels + index, len(index)))
+            cols.append(np.tile(c * pixels + index, len(index)))
+            values.append(gram.reshape(-1))
+    size = channels * pixels
+    return scipy.sparse.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(size, size))
+
+
+def _gradient_gram_bytes(equations):
+    return equations.channels * sum(len(r.pixels) ** 2 for r in equations.gradients.residue_classes()) \
+        * _SPARSE_BYTES_PER_ENTRY
+
+
+def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
+    """The sparse normal equations of weight constraints (and gradient constraints), for large layers."""
+    notes = []
+    if with_gradients and _gradient_gram_bytes(equations) > (memory_limit or math.inf):
+        notes.append(f"{label}: gradient constraints left out, their Gram blocks would need "
+                     f"{size(_gradient_gram_bytes(equations))}")
+        with_gradients = False
+    if with_gradients:
+        check(3 * equations.gradients.dense_bytes(), f"{label}: the gradient-constraint matrix "
+              f"({equations.gradients.shape[0]:,} x {equations.gradients.shape[1]:,}, dense)", memory_limit)
+    weights, known = equations.weights, equations.known
+    check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
+          f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
+    system = joint_system(equations, with_gradients)
+    rtol = rank_rtol(dtype, system.shape)
+    try:
+        if not with_gradients and bool(known.all()):
+            factor = weights.normal_factor(rtol, memory_limit)  # depends only on the weights: once per model
+        else:
+            grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
+            gram = weight_scale ** 2 * weights.sparse_gram(known)
+            if with_gradients:
+                gram = gram + _gradient_gram(equations, grad_scale)
+            like = torch.empty(0, dtype=equations.output.dtype, device=equations.output.device)
+            factor = NormalFactor(gram, system.apply, system.apply_t, rtol, like, memory_limit)
+    except MemoryError as error:
+        check(int(error.args[0]), f"{label}: the sparse factorisation of its normal equations "
+                                  f"({weights.shape[1]:,} unknowns)", memory_limit)
+        raise
+    x = factor.solve(system)
+    if factor.kind == "ridge":
+        notes.append(f"{label}: rank-deficient at the gradients' precision; the solution is a ridge "
+                     f"(minimum-norm) estimate")
+    return LayerSolve(x.view(equations.channels, equations.pixels), factor.spectrum, system.residual(x), tuple(notes))
+
+
+def _solve_dense(equations, method, dtype, fallback):
+    """Weight constraints (and gradient constraints, for "hybrid") of a dense-sized layer."""
+    weights, known, channels, pixels = equations.weights, equations.known, equations.channels, equations.pixels
     if bool(known.all()) and weights.shape[0] >= weights.shape[1]:
         # M alone could determine the input and does not depend on the image: factorise it once.
         if method == "hybrid":
@@ -265,13 +240,48 @@ def solve_layer(equations, method, dtype, fallback=False):
             factor = weights.factor(rank_rtol(dtype, weights.shape))
             x, spectrum = factor.solve(system), factor.spectrum
     else:
-        if channels * pixels > JOINT_MAX_UNKNOWNS:
-            raise RConvError(f"the {method} system couples all {channels * pixels} input values of a conv layer "
-                             f"in one dense solve (at most {JOINT_MAX_UNKNOWNS} here); use first_layer="
-                             f"'gradients' with enough filters (see min_filters) for inputs this large")
         system = joint_system(equations, with_gradients=method == "hybrid")
         solved = solve(system, rank_rtol(dtype, system.shape), fast_only=fallback)
         if solved is None:
             return None
         x, spectrum = solved
     return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x))
+
+
+def counted_equations(equations, method):
+    """The most independent equations `method` can offer the layer (a counting bound on its rank)."""
+    gradients = equations.channels * min(equations.gradients.shape) if method != "weights" else 0
+    return gradients + (int(equations.known.sum()) if method != "gradients" else 0)
+
+
+def estimate_layer(equations, method, label, reason):
+    """A cheap minimum-norm estimate of a large layer that cannot be determined, with its rank bound."""
+    if method == "gradients":
+        gradients = equations.gradients
+        system = System(gradients.shape, gradients.apply, gradients.apply_t, gradients.rhs)
+    else:
+        system = joint_system(equations, with_gradients=method != "weights")
+    x = cg_least_squares(system, _ESTIMATE_STEPS)
+    residual = system.residual(x)
+    x = x.T if method == "gradients" else x.view(equations.channels, equations.pixels)
+    bound = min(counted_equations(equations, method), equations.unknowns)
+    note = f"{label}: {reason}; its rank is bounded by counting (at most {bound:,}), and its input is a " \
+           f"minimum-norm estimate ({_ESTIMATE_STEPS} CGLS steps)"
+    return LayerSolve(x.reshape(equations.channels, equations.pixels), Spectrum(bound, math.inf), residual,
+                      (note,), estimated=True)
+
+
+def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv layer", fallback=False):
+    """Solve one conv layer for its input with `method` ("gradients", "weights" or "hybrid"): a LayerSolve.
+
+    memory_limit: bytes the solve may take; label names the layer in errors and notes.
+    fallback: an attempt to repair rank-deficient gradient constraints; gives up (None) rather
+    than analyse a dense system that is rank-deficient too.
+    """
+    if method == "hybrid" and not bool(equations.known.any()):
+        method = "gradients"  # no weight constraint left (every ReLU unit off): the per-channel solve is the same
+    if method == "gradients":
+        return _solve_gradients(equations, dtype, memory_limit, label)
+    if equations.unknowns <= DENSE_MAX_UNKNOWNS:
+        return _solve_dense(equations, method, dtype, fallback)
+    return _solve_sparse(equations, method == "hybrid", dtype, memory_limit, label)

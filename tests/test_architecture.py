@@ -8,8 +8,10 @@ from conftest import REPO
 
 # ARCHITECTURE.md's layers, top first: a module imports only from layers above its own.
 LAYERS = [
-    {"errors", "geometry", "paths", "progress", "solvers"},
-    {"models", "data", "client", "constraints", "tolerances", "network", "activations"},
+    {"errors", "geometry", "paths", "progress"},
+    {"sparse", "memory", "models", "data", "client", "constraints"},
+    {"solvers", "network"},
+    {"tolerances", "activations", "equations"},
     {"systems"},
     {"attack"},
     {"reports", "cases"},
