@@ -13,6 +13,7 @@ LAYERS = [
     {"solvers", "network"},
     {"tolerances", "activations", "equations"},
     {"systems"},
+    {"steps"},
     {"attack"},
     {"reports", "cases"},
     {"experiments", "baselines"},

@@ -1,0 +1,306 @@
+"""The steps of the attack on one image: the Linear layer, one conv layer, the verdict; and their records.
+
+linear_step reads the Linear layer's input off its gradients; conv_step recovers one conv
+layer's input from its equations (choosing the constraints that determine it), reports
+it, and hands the layer below its recovered output and output gradient; verdict says why
+the image cannot be trusted, if it cannot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .activations import VALUE_RANGES, Noise, branches, preactivation
+from .client import dtype_name
+from .constraints import min_filters
+from .equations import GradientSystem, LayerEquations, weight_system
+from .errors import RConvError
+from .solvers import TINY, eps
+from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
+from .tolerances import Tolerances
+
+FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
+# The Linear layer's ratio dL/dW / dL/db is well conditioned: its output carries the gradients'
+# rounding amplified at most this much.
+_LINEAR_NOISE_GAIN = 10.0
+# A layer's recovered input carries its system's condition number times this, in units of eps.
+_SOLVE_NOISE_MARGIN = 10.0
+# A single image's Linear weight gradient is rank one up to this misfit, in units of eps
+# (capped for half precisions).
+_RANK_ONE_EPS, _RANK_ONE_CAP = 1e3, 0.05
+
+
+@dataclass
+class LayerReport:
+    """How one conv layer's input was recovered."""
+
+    layer: int  # conv layer number, 1 = the first
+    method: str  # "gradients", "weights", "hybrid" or "gradients+weights"
+    equations: int
+    unknowns: int
+    rank: int  # numerical rank at the gradients' precision
+    cond: float
+    residual: float  # relative residual of the solved system
+    bias_residual: float  # |sum dL/dO - dL/db| / |dL/db|: checks the recovered output gradient
+    known_outputs: float  # fraction of pre-activation outputs the activation reveals
+    seconds: float = 0.0
+    estimated: bool = False  # the layer could not be determined: rank is a counting bound, the input an estimate
+    clipped: float = 0.0  # project=True: the largest change clipping made to the input, relative to its largest value
+
+    @property
+    def full_rank(self):
+        return self.rank == self.unknowns and not self.estimated
+
+
+@dataclass
+class Reconstruction:
+    """A recovered image with the per-layer diagnostics that justify (or not) trusting it."""
+
+    image: torch.Tensor  # (1, C, H, W) float64
+    layers: list = field(default_factory=list)  # LayerReport per conv layer, first to last
+    exact: bool = False  # every layer full rank with small residuals, and not moved by project's clipping
+    seconds: float = 0.0
+    method: str = "rconv"
+    features: torch.Tensor | None = None  # the recovered input of the Linear layer
+    linear_misfit: float = 0.0  # |dL/dW - dL/db x^T| / |dL/dW|: zero for one image's gradients
+    notes: list = field(default_factory=list)  # what limits this reconstruction, in words
+    reasons: list = field(default_factory=list)  # why it is not exact, layer by layer (empty when exact)
+    inputs: list = field(default_factory=list)  # recovered input of each conv layer, first to last
+    iterations: int = 0  # optimisation steps taken (the baselines); R-CONV takes none
+
+    def report(self):
+        """The per-layer diagnostics as a pandas DataFrame, in solving order (last layer first)."""
+        import pandas as pd
+        rows = [vars(r) | {"full_rank": r.full_rank} for r in reversed(self.layers)]
+        return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Options:
+    """reconstruct()'s settings, as every step needs them."""
+
+    first_layer: str
+    methods: dict  # conv layer number -> method forced on it
+    relu_test: str
+    project: bool
+    image_range: tuple
+    tolerances: Tolerances
+    device: torch.device
+    memory_limit: int | None  # bytes the solves may take
+
+
+class Signal(NamedTuple):
+    """What a step hands the conv layer below it: that layer's recovered activation output and its gradient."""
+
+    activated: torch.Tensor  # (F, P, Q)
+    activated_grad: torch.Tensor  # dL/d(activated)
+    noise: Noise
+    determined: bool = True  # every layer above was determined (full rank); else these data are wrong
+
+
+class _LinearStep(NamedTuple):
+    features: torch.Tensor
+    misfit: float
+    signal: Signal
+    notes: list
+
+
+class _ConvResult(NamedTuple):
+    """One conv layer's recovered input, its report, what it hands the layer below, and notes."""
+
+    input: torch.Tensor  # (C, H, W)
+    report: LayerReport
+    signal: Signal
+    notes: tuple
+
+
+def fc_features(weight_grad, bias_grad):
+    """The Linear layer's input from x_n = dL/dW[m, n] / dL/db[m], all outputs m in least squares."""
+    energy = float(bias_grad @ bias_grad)
+    if energy == 0.0:
+        raise RConvError("the Linear layer's bias gradient is zero (the loss is saturated), so its input "
+                         "cannot be recovered")
+    features = bias_grad @ weight_grad / energy
+    misfit = float(torch.linalg.norm(weight_grad - torch.outer(bias_grad, features)) /
+                   torch.linalg.norm(weight_grad).clamp_min(TINY))
+    return features, misfit
+
+
+def linear_step(network, grads, shape, options, check_batch):
+    """The Linear layer's input (the last conv layer's activation output) and the gradient reaching it."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    linear, dtype = network.linear, options.tolerances.dtype
+    bias_grad = grads.of(linear.bias).to(**wide)
+    features, misfit = fc_features(grads.of(linear.weight).to(**wide), bias_grad)
+    if check_batch and misfit > min(_RANK_ONE_CAP, _RANK_ONE_EPS * eps(dtype)):
+        raise RConvError(f"the Linear layer's weight gradient is not rank one (relative misfit {misfit:.2g}); "
+                         f"these look like the gradients of a batch of more than one image, and R-CONV "
+                         f"recovers a single image (pass check_batch=False to try anyway)")
+    notes = []
+    largest = float(bias_grad.abs().max())
+    if largest < torch.finfo(dtype).tiny:
+        notes.append(f"the loss is saturated: the Linear layer's bias gradient is subnormal in {dtype_name(dtype)} "
+                     f"(largest entry {largest:.2g}), so the gradients keep only a few significant bits")
+    activated = features.view(shape)
+    activated_grad = (linear.weight.detach().to(**wide).T @ bias_grad).view(shape)
+    noise = Noise(gain=_LINEAR_NOISE_GAIN, negative=max(0.0, -float(activated.min())))
+    return _LinearStep(features, misfit, Signal(activated, activated_grad, noise), notes)
+
+
+def _equations(step, signal, grads, input_shape, options, cache):
+    """The layer's equations, its output gradient dL/dO, and the fraction of outputs revealed."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    conv, tolerances = step.conv, options.tolerances
+    bias_grad = grads.of(conv.bias).to(**wide) if conv.bias is not None else None
+    derivative, band = branches(step, signal.activated, signal.activated_grad, bias_grad, tolerances,
+                                signal.noise, options.relu_test)
+    output_grad = signal.activated_grad * derivative
+    output, known = preactivation(step, signal.activated, derivative, tolerances.saturation)
+    if step.activation == "relu" and options.relu_test == "relative":
+        known &= signal.activated > band  # a pre-activation read off a near-zero output may be a dead unit's
+    bias = conv.bias.detach().to(**wide).view(-1, 1, 1) if conv.bias is not None else 0.0
+    known_rows = known.reshape(-1)
+    weight = conv.weight.detach().to(**wide)
+    equations = LayerEquations(
+        gradients=GradientSystem(output_grad, grads.of(conv.weight).to(**wide), input_shape[1:],
+                                 conv.kernel_size, conv.stride, step.padding),
+        weights=weight_system(weight, conv.bias, conv.stride, step.padding, input_shape, cache),
+        known=known_rows, output=(output - bias).reshape(-1)[known_rows])
+    return equations, output_grad, bias_grad
+
+
+def _gradients_could_suffice(step, equations):
+    """The counting bound: enough filters for the gradient constraints to determine every channel."""
+    return step.conv.out_channels >= min_filters(equations.gradients.input_size, step.conv.kernel_size,
+                                                 step.conv.stride, step.padding)
+
+
+def _system_method(method):
+    """The system a reported method solves: "gradients+weights" is the hybrid stack."""
+    return "hybrid" if method == "gradients+weights" else method
+
+
+def _candidates(step, equations, options):
+    """The methods to try on a layer, in order, until one determines its input.
+
+    A forced method (methods= or, for the first layer, first_layer=) is tried alone, except
+    that a large hybrid layer first tries its weight constraints alone, whose factorisation is
+    cached per model. Otherwise the gradient constraints go first (the paper's way), then, on
+    large layers, the weight constraints when the counting allows, then both jointly.
+    """
+    forced = options.methods.get(step.number, options.first_layer if step.number == 1 else None)
+    large = equations.unknowns > DENSE_MAX_UNKNOWNS
+    weights_could = int(equations.known.sum()) >= equations.unknowns
+    if forced is not None:
+        return ["weights", "hybrid"] if forced == "hybrid" and large and weights_could else [forced]
+    order = ["gradients"] if not large or _gradients_could_suffice(step, equations) else []
+    if large and weights_could:
+        order.append("weights")
+    if bool(equations.known.any()) or not order:
+        order.append("gradients+weights")
+    return order
+
+
+def _solve(step, equations, options, determined_above):
+    """The layer's method and LayerSolve: the first candidate that determines its input, else the
+    one that came closest (the highest rank).
+
+    A large layer is only estimated (cheaply, see estimate_layer) when no candidate offers as many
+    equations as it has unknowns, or when a layer above it was not determined: its data are wrong.
+    """
+    candidates = _candidates(step, equations, options)
+    if equations.unknowns > DENSE_MAX_UNKNOWNS:
+        if not determined_above:
+            return candidates[-1], estimate_layer(equations, _system_method(candidates[-1]), step.label,
+                                                  "the layer above it was not determined")
+        counted = [m for m in candidates if counted_equations(equations, _system_method(m)) >= equations.unknowns]
+        if not counted:
+            bound = counted_equations(equations, _system_method(candidates[-1]))
+            return candidates[-1], estimate_layer(equations, _system_method(candidates[-1]), step.label,
+                                                  f"it has {equations.unknowns:,} unknowns and at most {bound:,} "
+                                                  f"equations")
+        candidates = counted
+    best = None
+    for method in candidates:
+        solved = solve_layer(equations, _system_method(method),
+                             options.tolerances.dtype, memory_limit=options.memory_limit, label=step.label,
+                             fallback=method == "gradients+weights" and best is not None)
+        if solved is not None and (best is None or solved.spectrum.rank > best[1].spectrum.rank):
+            best = (method, solved)
+        if best is not None and best[1].spectrum.rank == equations.unknowns:
+            break
+    return best
+
+
+def conv_step(step, signal, grads, input_shape, options, cache, previous_activation):
+    """Recover one conv layer's input from its equations; report it; pass the gradient below."""
+    start = time.perf_counter()
+    channels, height, width = input_shape
+    equations, output_grad, bias_grad = _equations(step, signal, grads, input_shape, options, cache)
+    method, solved = _solve(step, equations, options, signal.determined)
+    x = solved.x.reshape(channels, height, width)
+    negative = max(0.0, -float(x.min())) if x.numel() else 0.0
+    clipped = 0.0
+    if options.project:
+        low, high = VALUE_RANGES.get(previous_activation, (None, None)) if previous_activation \
+            else options.image_range
+        if low is not None or high is not None:
+            projected = x.clamp(low, high)
+            # The verdict below judges the unclipped solve; how far clipping moved it says whether the
+            # returned input still solves the layer's equations.
+            clipped = float((projected - x).abs().max() / x.abs().max().clamp_min(TINY)) if x.numel() else 0.0
+            x = projected
+    bias_residual = 0.0
+    if bias_grad is not None:
+        bias_residual = float(torch.linalg.norm(output_grad.sum((1, 2)) - bias_grad) /
+                              torch.linalg.norm(bias_grad).clamp_min(TINY))
+    gradient_rows = equations.gradients.shape[0] * channels
+    report = LayerReport(
+        layer=step.number, method=method,
+        equations=(gradient_rows if method != "weights" else 0) + (int(equations.known.sum())
+                                                                  if method != "gradients" else 0),
+        unknowns=channels * height * width, rank=solved.spectrum.rank, cond=solved.spectrum.cond,
+        residual=solved.residual, bias_residual=bias_residual,
+        known_outputs=float(equations.known.double().mean()), seconds=time.perf_counter() - start,
+        clipped=clipped, estimated=solved.estimated)
+    weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
+    input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
+                                            stride=step.conv.stride, padding=step.padding)[0]
+    noise = Noise(gain=_SOLVE_NOISE_MARGIN * min(solved.spectrum.cond, 1.0 / eps(options.tolerances.dtype)),
+                  negative=negative)
+    determined = signal.determined and report.full_rank
+    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes)
+
+
+def _layer_reasons(report, tolerances):
+    """Why one layer's recovered input cannot be trusted, in words (none when it can)."""
+    where = f"conv layer {report.layer} ({report.method})"
+    reasons = []
+    if report.estimated:  # its residuals say nothing more: see the notes for why it was only estimated
+        return [f"{where}: not determined, only a minimum-norm estimate (rank at most {report.rank} of "
+                f"{report.unknowns} unknowns)"]
+    if not report.full_rank:
+        reasons.append(f"{where}: rank {report.rank} of {report.unknowns} unknowns from {report.equations} "
+                       f"equations, so part of its input is undetermined")
+    if not report.residual <= tolerances.residual:
+        reasons.append(f"{where}: relative residual {report.residual:.2g} above the tolerance "
+                       f"{tolerances.residual:.2g} (condition number {report.cond:.2g})")
+    if not report.bias_residual <= tolerances.residual:
+        reasons.append(f"{where}: its recovered output gradient misses the bias gradient by {report.bias_residual:.2g} "
+                       f"(tolerance {tolerances.residual:.2g}), so an activation branch was misread above it")
+    if not report.clipped <= tolerances.residual:
+        reasons.append(f"{where}: project=True clipped its recovered input by up to {report.clipped:.2g} of its "
+                       f"largest value (tolerance {tolerances.residual:.2g}), so the clipped input no longer solves "
+                       f"the layer's equations; for the image, is image_range right?")
+    return reasons
+
+
+def verdict(reports, tolerances):
+    """Why the image is not exact, layer by layer, last layer first; exact when there is no reason."""
+    return [reason for report in reversed(reports) for reason in _layer_reasons(report, tolerances)]
+
+
