@@ -151,13 +151,17 @@ def linear_step(network, grads, shape, options, check_batch):
     return _LinearStep(features, misfit, Signal(activated, activated_grad, noise), notes)
 
 
-def _equations(step, signal, grads, input_shape, options, cache):
-    """The layer's equations, its output gradient dL/dO, and the fraction of outputs revealed."""
+def layer_equations(step, signal, grads, input_shape, options, cache, repair=True):
+    """The layer's equations, its output gradient dL/dO, and its bias gradient.
+
+    repair: settle near-zero ReLU units with the bias gradient (one image's gradients only: a
+    batch's bias gradient sums over its images and cannot tell whose unit it was).
+    """
     wide = dict(device=options.device, dtype=torch.float64)
     conv, tolerances = step.conv, options.tolerances
     bias_grad = grads.of(conv.bias).to(**wide) if conv.bias is not None else None
-    derivative, band = branches(step, signal.activated, signal.activated_grad, bias_grad, tolerances,
-                                signal.noise, options.relu_test)
+    derivative, band = branches(step, signal.activated, signal.activated_grad, bias_grad if repair else None,
+                                tolerances, signal.noise, options.relu_test)
     output_grad = signal.activated_grad * derivative
     output, known = preactivation(step, signal.activated, derivative, tolerances.saturation)
     if step.activation == "relu" and options.relu_test == "relative":
@@ -171,6 +175,37 @@ def _equations(step, signal, grads, input_shape, options, cache):
         weights=weight_system(weight, conv.bias, conv.stride, step.padding, input_shape, cache),
         known=known_rows, output=(output - bias).reshape(-1)[known_rows])
     return equations, output_grad, bias_grad
+
+
+def project_input(x, previous_activation, options):
+    """x clipped to the values it can take when options.project (the image to image_range, ReLU outputs to
+    >= 0, ...), and how far clipping moved it relative to its largest value."""
+    if not options.project:
+        return x, 0.0
+    low, high = VALUE_RANGES.get(previous_activation, (None, None)) if previous_activation else options.image_range
+    if low is None and high is None:
+        return x, 0.0
+    projected = x.clamp(low, high)
+    # The verdict judges the unclipped solve; how far clipping moved it says whether the returned
+    # input still solves the layer's equations.
+    clipped = float((projected - x).abs().max() / x.abs().max().clamp_min(TINY)) if x.numel() else 0.0
+    return projected, clipped
+
+
+def bias_misfit(output_grad, bias_grad):
+    """|sum dL/dO - dL/db| / |dL/db| over the filters: does the recovered output gradient fit the bias's?
+    (output_grad may hold a batch's images in its first dimension: their sum must fit.)"""
+    if bias_grad is None:
+        return 0.0
+    total = output_grad.sum((-2, -1))
+    total = total.sum(0) if total.dim() == 2 else total
+    return float(torch.linalg.norm(total - bias_grad) / torch.linalg.norm(bias_grad).clamp_min(TINY))
+
+
+def noise_of(spectrum, x, dtype):
+    """The Noise a solve leaves in its recovered (unclipped) input x, for the ReLU test of the layer below."""
+    return Noise(gain=_SOLVE_NOISE_MARGIN * min(spectrum.cond, 1.0 / eps(dtype)),
+                 negative=max(0.0, -float(x.min())) if x.numel() else 0.0)
 
 
 def _gradients_could_suffice(step, equations):
@@ -240,24 +275,12 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     """Recover one conv layer's input from its equations; report it; pass the gradient below."""
     start = time.perf_counter()
     channels, height, width = input_shape
-    equations, output_grad, bias_grad = _equations(step, signal, grads, input_shape, options, cache)
+    equations, output_grad, bias_grad = layer_equations(step, signal, grads, input_shape, options, cache)
     method, solved = _solve(step, equations, options, signal.determined)
     x = solved.x.reshape(channels, height, width)
-    negative = max(0.0, -float(x.min())) if x.numel() else 0.0
-    clipped = 0.0
-    if options.project:
-        low, high = VALUE_RANGES.get(previous_activation, (None, None)) if previous_activation \
-            else options.image_range
-        if low is not None or high is not None:
-            projected = x.clamp(low, high)
-            # The verdict below judges the unclipped solve; how far clipping moved it says whether the
-            # returned input still solves the layer's equations.
-            clipped = float((projected - x).abs().max() / x.abs().max().clamp_min(TINY)) if x.numel() else 0.0
-            x = projected
-    bias_residual = 0.0
-    if bias_grad is not None:
-        bias_residual = float(torch.linalg.norm(output_grad.sum((1, 2)) - bias_grad) /
-                              torch.linalg.norm(bias_grad).clamp_min(TINY))
+    noise = noise_of(solved.spectrum, x, options.tolerances.dtype)
+    x, clipped = project_input(x, previous_activation, options)
+    bias_residual = bias_misfit(output_grad, bias_grad)
     gradient_rows = equations.gradients.shape[0] * channels
     report = LayerReport(
         layer=step.number, method=method,
@@ -270,8 +293,6 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
     input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
                                             stride=step.conv.stride, padding=step.padding)[0]
-    noise = Noise(gain=_SOLVE_NOISE_MARGIN * min(solved.spectrum.cond, 1.0 / eps(options.tolerances.dtype)),
-                  negative=negative)
     determined = signal.determined and report.full_rank
     return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes)
 
