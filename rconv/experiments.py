@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import numbers
@@ -398,6 +399,9 @@ def size_sweep(networks, indices, *, dtypes=("float64", "float32"), dataset="sam
                        verdict=report.attrs["verdict"], recoverable=report.attrs["recoverable"])
         for dtype in dtypes:
             cache = {}  # per network and dtype, so that each one's first image is a cold start
+            # The cache just dropped holds reference cycles (a weight system's factorisation refers back to
+            # it): freed now, not at some later garbage collection, this cold start's memory is its own.
+            gc.collect()
             for position, (index, image, label) in enumerate(zip(indices, case.images, case.labels)):
                 row, result = _sweep_row(case.model, image, int(label), dtype, cache, memory_limit,
                                          dict(setting, index=index, label=int(label), dtype=dtype_name(dtype),
