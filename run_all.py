@@ -582,9 +582,9 @@ def _high_resolution_finding(summary):
     recoverable = summary[summary.verdict == "recoverable"]
     parts = []
     for (size, model), part in recoverable.groupby(["size", "model"], sort=False):
+        warm = f", {part.warm_seconds.max():.2g} s warm" if part.warm_seconds.notna().any() else ""
         parts.append(f"{model} {size} px {part.exact.sum()}/{part.images.sum()} exact, "
-                     f"{part.cold_seconds.max():.2g} s cold, {part.warm_seconds.max():.2g} s warm, "
-                     f"{part.peak_mb.max() / 1024:.1f} GB")
+                     f"{part.cold_seconds.max():.2g} s cold{warm}, {part.peak_mb.max() / 1024:.1f} GB")
     others = summary[summary.verdict.fillna("").str.startswith("not")]
     if len(others):
         sizes = ", ".join(str(size) for size in dict.fromkeys(others["size"]))

@@ -370,7 +370,8 @@ def size_sweep(networks, indices, *, dtypes=("float64", "float32"), dataset="sam
     added_mb (that peak's growth over the size before the attack), methods (each conv layer's,
     first to last), reason, notes. With keep=True also the list of Reconstructions, one per row.
     A network or image R-CONV refuses (RConvError) gets rows with the error as the reason; unknown
-    presets, dtypes or datasets raise before any work.
+    presets, dtypes or datasets raise before any work. On Linux each attack resets the process's
+    peak-memory counter (VmHWM, /proc/self/clear_refs) so that peak_mb is that attack's own.
     """
     import pandas as pd
     name = dataset_info(dataset)["name"]
