@@ -17,12 +17,12 @@ from rconv.constraints import grad_constraints, min_filters, weight_constraints
 from rconv.data import DATASETS, SAMPLE_PHOTOS, dataset_info, load_images
 from rconv.errors import RConvError
 from rconv.experiments import (attack_grid, attack_images, breaking_points, filter_summary, filter_sweep,
-                               success_rates, summarize)
+                               size_summary, size_sweep, success_rates, summarize)
 from rconv.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TESTING_PRESETS, ConvNet,
                           activation_name, build_model)
 from rconv.paths import resolve_path
 from rconv.plotting import (plot_defences, plot_filters, plot_grid, plot_methods, plot_precision, plot_psnr,
-                            plot_reconstruction, plot_success)
+                            plot_reconstruction, plot_sizes, plot_success)
 from rconv.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, output_gradients,
                            solve_steps)
 from rconv.tolerances import default_relu_tol
@@ -40,9 +40,9 @@ __all__ = [
     "BASELINES", "run_baseline", "compare_baselines", "breaching_missing",  # optimisation baselines
     "image_metrics", "constraint_report", "solve_steps", "layer_inputs", "output_gradients",  # metrics, reports
     "attack_grid", "attack_images", "filter_sweep", "summarize", "success_rates", "breaking_points",
-    "filter_summary", "BROKEN_PSNR",  # experiment loops
+    "filter_summary", "size_sweep", "size_summary", "BROKEN_PSNR",  # experiment loops
     "plot_reconstruction", "plot_grid", "plot_methods", "plot_psnr", "plot_precision", "plot_defences",
-    "plot_filters", "plot_success",  # plotting
+    "plot_filters", "plot_success", "plot_sizes",  # plotting
     "main",  # command line
 ]
 

@@ -78,8 +78,11 @@ NOTEBOOKS = {
     "Baselines": Notebook("Experiments/Baselines.ipynb", "experiments/baselines", {},
                           dict(n_images=1, datasets=["cifar10"], models=["lenet"], dlg_iterations=3,
                                ig_iterations=10)),
+    "High_resolution": Notebook("Experiments/High_resolution.ipynb", "experiments/high_resolution", {},
+                                dict(n_images=2, networks=[["lenet", 32], ["lenet_hr64", 64]],
+                                     counterexamples=[["lenet", 64]], wide_images=0)),
 }
-EXPERIMENTS = ("Precision", "Defences", "Filters", "Success_rates", "Baselines")
+EXPERIMENTS = ("Precision", "Defences", "Filters", "Success_rates", "Baselines", "High_resolution")
 
 
 class _Refused(Exception):
@@ -563,12 +566,31 @@ def _finding(name, folder):
             return "; ".join(f"{model}: " + ", ".join(f"{method} {row.psnr:.0f} dB in {row.seconds:.3g} s"
                                                       for (_, method), row in part.iterrows())
                              for model, part in medians.groupby(level="model", sort=False))
+        if name == "High_resolution":
+            return _high_resolution_finding(summary)
         if name == "Success_rates":
             parts = [f"{row.model} {row.dtype} {row.exact:.1%}" for row in summary.itertuples()]  # as the figure
             return "exact: " + ", ".join(parts)
     except (OSError, KeyError, ValueError, AttributeError):
         return "see the notebook"
     return ""
+
+
+def _high_resolution_finding(summary):
+    """Per network the counting bound calls recoverable: exact count, cold and warm seconds, peak memory; then
+    how many of the others were reported exact (none, if the attack is honest)."""
+    recoverable = summary[summary.verdict == "recoverable"]
+    parts = []
+    for (size, model), part in recoverable.groupby(["size", "model"], sort=False):
+        warm = f", {part.warm_seconds.max():.2g} s warm" if part.warm_seconds.notna().any() else ""
+        parts.append(f"{model} {size} px {part.exact.sum()}/{part.images.sum()} exact, "
+                     f"{part.cold_seconds.max():.2g} s cold{warm}, {part.peak_mb.max() / 1024:.1f} GB")
+    others = summary[summary.verdict.fillna("").str.startswith("not")]
+    if len(others):
+        sizes = ", ".join(str(size) for size in dict.fromkeys(others["size"]))
+        parts.append(f"not recoverable by counting ({'/'.join(dict.fromkeys(others.model))} at {sizes} px): "
+                     f"{others.exact.sum()} of {others.images.sum()} reported exact")
+    return "float64 and float32 gradients: " + "; ".join(parts)
 
 
 def _jobs(names, results_dir, quick, in_place, data_root):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import numbers
+import sys
+from typing import NamedTuple
 
 import torch
 
@@ -15,10 +18,10 @@ from .client import DEFENCES, as_dtype, client_gradients, defend, dtype_name
 from .constraints import grad_constraints, min_filters
 from .data import check_indices, dataset_info
 from .errors import RConvError
-from .models import MODELS, preset_name
+from .models import MODELS, build_model, preset_input_size, preset_name
 from .network import check_input_shape, parse_network
 from .progress import progress_bar
-from .reports import BROKEN_PSNR, image_metrics, output_gradients
+from .reports import BROKEN_PSNR, constraint_report, image_metrics, output_gradients
 from .solvers import rank_rtol
 
 
@@ -240,3 +243,192 @@ def summarize(table, by=("dataset", "model", "dtype", "first_layer")):
     if "rank_deficient" in table.columns:
         summary.insert(2, "rank_deficient", grouped["rank_deficient"].sum())
     return summary.reset_index()
+
+
+# Linux resets a process's peak resident set (VmHWM) when "5" is written here, so that each
+# attack's own peak can be read; elsewhere the peak is the process's lifetime peak (getrusage).
+_CLEAR_REFS, _STATUS = "/proc/self/clear_refs", "/proc/self/status"
+_MB = 2 ** 20
+# An untimed attack on this preset first loads what every process loads once (PyTorch's kernels,
+# the sparse solver's library), so that the first timed cold start pays only for its own model.
+_WARM_UP_MODEL = "lenet_hr64"
+
+
+class _SweepNetwork(NamedTuple):
+    """One network of size_sweep: a preset, the image side, and build_model overrides."""
+
+    model: str
+    size: int | None  # None: the preset's own input size
+    overrides: dict
+
+
+class _Memory(NamedTuple):
+    """The process's resident memory during one attack, in MB."""
+
+    peak_mb: float  # the peak (only this attack's where the system can reset it, else the process's)
+    added_mb: float  # the peak's growth over the resident size just before the attack
+
+
+def _sweep_network(entry):
+    """A (model, size) or (model, size, overrides) entry as a _SweepNetwork, or an error naming it."""
+    if isinstance(entry, (str, bytes)) or not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+        raise RConvError(f"networks must be (model, size) or (model, size, overrides) entries, e.g. "
+                         f"('lenet_hr64', 64); got {entry!r}")
+    model, size = preset_name(entry[0]), entry[1]
+    overrides = dict(entry[2]) if len(entry) == 3 and isinstance(entry[2], dict) else None
+    if len(entry) == 3 and overrides is None:
+        raise RConvError(f"the overrides of {entry!r} must be a dict of build_model arguments, e.g. "
+                         f"{{'channels': [12, 48, 16, 12]}}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+        raise RConvError(f"the size of {entry!r} must be a whole number >= 1 (the image side), or None for the "
+                         f"preset's own")
+    return _SweepNetwork(model, None if size is None else int(size), overrides or {})
+
+
+def _status_mb(field):
+    """A size from /proc/self/status (VmRSS, VmHWM) in MB, or None where there is none."""
+    try:
+        with open(_STATUS) as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024 / _MB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak():
+    """Reset the process's peak resident set; False where the system does not allow it."""
+    try:
+        with open(_CLEAR_REFS, "w") as clear:
+            clear.write("5")
+    except OSError:
+        return False
+    return _status_mb("VmHWM") is not None
+
+
+def _lifetime_peak_mb():
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / _MB if sys.platform == "darwin" else peak * 1024 / _MB  # bytes on macOS, KB elsewhere
+
+
+def _with_memory(attack):
+    """attack()'s result and the _Memory the process took while it ran."""
+    own_peak = _reset_peak()
+    before = _status_mb("VmRSS")
+    result = attack()
+    peak = _status_mb("VmHWM") if own_peak else _lifetime_peak_mb()
+    added = max(0.0, peak - before) if before is not None else math.nan
+    return result, _Memory(round(peak, 1), round(added, 1))
+
+
+def _warm_up():
+    """One untimed attack on a throwaway network, so that no timed attack pays the process's start-up."""
+    model = build_model(_WARM_UP_MODEL, seed=0)
+    image = torch.rand(3, preset_input_size(_WARM_UP_MODEL), preset_input_size(_WARM_UP_MODEL),
+                       generator=torch.Generator().manual_seed(0))
+    reconstruct(model, client_gradients(model, image, 0), tuple(image.shape))
+
+
+def _sweep_row(model, image, label, dtype, cache, memory_limit, setting):
+    """One attack of the size sweep as a table row, and its Reconstruction (None where R-CONV refused)."""
+    failed = dict(mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan, exact=False,
+                  rank_deficient=False, seconds=math.nan, peak_mb=math.nan, added_mb=math.nan, methods="", notes="")
+    try:
+        grads = client_gradients(model, image, label, dtype=dtype)
+        result, memory = _with_memory(lambda: reconstruct(model, grads, tuple(image.shape), cache=cache,
+                                                          memory_limit=memory_limit))
+    except RConvError as error:  # a setting R-CONV refuses (too little memory, say) is a row, not a crash
+        return dict(setting, **failed, reason=str(error)), None
+    return dict(setting, **image_metrics(image, result.image), exact=result.exact,
+                rank_deficient=not all(r.full_rank for r in result.layers), seconds=result.seconds,
+                peak_mb=memory.peak_mb, added_mb=memory.added_mb,
+                methods=",".join(r.method for r in result.layers), reason="; ".join(result.reasons),
+                notes="; ".join(result.notes)), result
+
+
+def size_sweep(networks, indices, *, dtypes=("float64", "float32"), dataset="samples", seed=50, data_root=None,
+               memory_limit=None, keep=False, progress=True):
+    """R-CONV against image size: each network on the same images at its size, timed and weighed.
+
+    Args:
+        networks: (model, size) entries, e.g. [("lenet", 32), ("lenet_hr224", 224), ("lenet", 96)], or
+            (model, size, overrides) with build_model overrides, e.g. ("lenet", 64, {"channels": [12, 48, 16, 12]});
+            size None means the preset's own.
+        indices: images of `dataset`, resized to each network's size.
+        memory_limit: reconstruct()'s, for every attack.
+    Returns a pandas DataFrame with one row per network, dtype and image: dataset, model, size,
+    channels, seed, verdict and recoverable (constraint_report's counting verdict, before any
+    gradient), index, label, dtype, start ("cold": the first image of the network and dtype, with an
+    empty cache, so every per-model factorisation is included; "warm": a further image, sharing
+    the cache), mse, psnr, ssim, max_abs_err, exact, rank_deficient, seconds, peak_mb (the process's
+    peak resident memory during the attack; its lifetime peak where the system cannot reset it),
+    added_mb (that peak's growth over the size before the attack), methods (each conv layer's,
+    first to last), reason, notes. With keep=True also the list of Reconstructions, one per row.
+    A network or image R-CONV refuses (RConvError) gets rows with the error as the reason; unknown
+    presets, dtypes or datasets raise before any work. On Linux each attack resets the process's
+    peak-memory counter (VmHWM, /proc/self/clear_refs) so that peak_mb is that attack's own.
+    """
+    import pandas as pd
+    name = dataset_info(dataset)["name"]
+    indices = check_indices(indices)
+    dtypes = [as_dtype(dtype) for dtype in dtypes]
+    entries = [_sweep_network(entry) for entry in networks]
+    if not entries:
+        raise RConvError("size_sweep needs at least one (model, size) network")
+    _warm_up()
+    rows, kept = [], []
+    bar = progress_bar(total=len(entries) * len(dtypes) * len(indices), desc="size sweep", unit="attack",
+                       enabled=progress)
+    for entry in entries:
+        setting = dict(dataset=name, model=entry.model, size=entry.size or preset_input_size(entry.model),
+                       channels="", seed=seed, verdict="", recoverable=math.nan)
+        try:
+            case = setup(name, entry.model, indices, seed, data_root=data_root, size=entry.size, **entry.overrides)
+            report = constraint_report(case.model, tuple(case.images.shape[1:]))
+        except RConvError as error:  # say, a network that leaves no output pixels at this size
+            for dtype, index in itertools.product(dtypes, indices):
+                rows.append(dict(setting, index=index, dtype=dtype_name(dtype), exact=False, reason=str(error)))
+                kept.append(None)
+                bar.update(1)
+            continue
+        setting.update(size=int(case.images.shape[-1]), channels="-".join(map(str, case.model.config["channels"])),
+                       verdict=report.attrs["verdict"], recoverable=report.attrs["recoverable"])
+        for dtype in dtypes:
+            cache = {}  # per network and dtype, so that each one's first image is a cold start
+            # The cache just dropped holds reference cycles (a weight system's factorisation refers back to
+            # it): freed now, not at some later garbage collection, this cold start's memory is its own.
+            gc.collect()
+            for position, (index, image, label) in enumerate(zip(indices, case.images, case.labels)):
+                row, result = _sweep_row(case.model, image, int(label), dtype, cache, memory_limit,
+                                         dict(setting, index=index, label=int(label), dtype=dtype_name(dtype),
+                                              start="cold" if position == 0 else "warm"))
+                rows.append(row)
+                kept.append(result if keep else None)
+                bar.update(1)
+    bar.close()
+    table = pd.DataFrame(rows)
+    return (table, kept) if keep else table
+
+
+def size_summary(table):
+    """Per network and dtype of a size_sweep table: its counting verdict, images, exact count, median
+    PSNR, the largest error, cold and warm seconds per image (medians), and the largest peak_mb."""
+    missing = [c for c in ("size", "model", "channels", "dtype", "start", "verdict", "exact", "psnr", "max_abs_err",
+                           "seconds", "peak_mb") if c not in table.columns]
+    if missing:
+        raise RConvError(f"size_summary needs a size_sweep table; missing columns {missing}")
+    import pandas as pd
+    rows = []
+    for (size, model, channels, dtype), part in table.groupby(["size", "model", "channels", "dtype"], sort=False,
+                                                               dropna=False):
+        rows.append(dict(size=size, model=model, channels=channels, dtype=dtype, verdict=part.verdict.iloc[0],
+                         images=len(part), exact=int(part.exact.astype(bool).sum()), median_psnr=part.psnr.median(),
+                         max_abs_err=part.max_abs_err.max(),
+                         cold_seconds=part.seconds[part.start == "cold"].median(),
+                         warm_seconds=part.seconds[part.start == "warm"].median(), peak_mb=part.peak_mb.max()))
+    return pd.DataFrame(rows)

@@ -303,3 +303,88 @@ def plot_success(table, path=None):
     axis.legend(fontsize=7, loc="lower left")
     axis.set_title("How often each architecture leaks its training image", fontsize=10)
     return _save(figure, path)
+
+
+_DTYPE_COLOURS = {"float64": "tab:blue", "float32": "tab:orange", "bfloat16": "tab:green", "float16": "tab:red"}
+_START_STYLES = {"cold": ("-", "o"), "warm": ("--", "s")}  # line style and marker
+
+
+def _by_verdict(table):
+    """The rows whose network the counting bound calls recoverable, and the others."""
+    recoverable = table.recoverable.astype(str).str.lower().eq("true")
+    return table[recoverable], table[~recoverable & table.verdict.fillna("").astype(str).str.startswith("not")]
+
+
+def _size_panel(axis, table, column, series, ylabel):
+    """Medians of `column` against size: a line per (dtype, series value) for networks recoverable by
+    counting, crosses for the others."""
+    recoverable, others = _by_verdict(table)
+    for (dtype, kind), rows in recoverable.groupby(["dtype", series], sort=False):
+        medians = rows.groupby("size")[column].median().dropna()
+        style, marker = _START_STYLES.get(kind, ("-", "o")) if series == "start" else ("-", "o")
+        axis.plot(medians.index, medians.values, linestyle=style, marker=marker, color=_DTYPE_COLOURS.get(dtype))
+    for dtype, rows in others.groupby("dtype", sort=False):
+        medians = rows.groupby("size")[column].median().dropna()
+        axis.scatter(medians.index, medians.values, marker="x", s=40, color=_DTYPE_COLOURS.get(dtype))
+    axis.set_xlabel("image side (px)")
+    axis.set_ylabel(ylabel)
+    axis.set_xticks(sorted(set(table["size"])))
+
+
+def plot_sizes(table, path=None):
+    """A size_sweep table (or its CSV): time and peak memory against image size, and the counting
+    verdict against the outcome.
+
+    Left: seconds per image, cold (the first image of a network, factorisations included) and warm
+    (further images), medians; middle: the process's peak resident memory during an attack;
+    right: the share of images recovered exactly per network, hatched where the counting bound
+    says the network is not recoverable. Lines join the networks the counting bound calls
+    recoverable; crosses mark the others.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    plt = _pyplot()
+    table = _table(table)
+    missing = [c for c in ("size", "model", "dtype", "start", "seconds", "peak_mb", "exact", "verdict",
+                           "recoverable") if c not in table.columns]
+    if missing:
+        raise RConvError(f"plot_sizes needs a size_sweep table; missing columns {missing}")
+    dtypes = [d for d in DTYPES if d in set(table.dtype)]
+    figure, (time_axis, memory_axis, verdict_axis) = plt.subplots(1, 3, figsize=(15, 5.6))
+    _size_panel(time_axis, table, "seconds", "start", "seconds per image (median)")
+    time_axis.set_yscale("log")
+    time_axis.set_title("time against image size", fontsize=9)
+    _size_panel(memory_axis, table.assign(peak_gb=table.peak_mb / 1024), "peak_gb", "dtype",
+                "peak resident memory (GB, median)")
+    memory_axis.set_title("memory against image size", fontsize=9)
+    colours = [Line2D([], [], color=_DTYPE_COLOURS.get(d), linewidth=2, label=f"{d} gradients") for d in dtypes]
+    not_recoverable = Line2D([], [], color="black", marker="x", linestyle="", label="not recoverable by counting")
+    starts = [Line2D([], [], color="black", linestyle=style, marker=marker, label=label)
+              for style, marker, label in ((*_START_STYLES["cold"], "cold: first image, factorisations included"),
+                                           (*_START_STYLES["warm"], "warm: a further image on the same model"))]
+    below = dict(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # legends never hide data
+    time_axis.legend(handles=colours + starts + [not_recoverable], **below)
+    memory_axis.legend(handles=colours + [not_recoverable], **below)
+    networks = list(dict.fromkeys(zip(table["size"], table.model)))
+    width = 0.8 / max(1, len(dtypes))
+    for k, (size, model) in enumerate(networks):
+        rows = table[(table["size"] == size) & (table.model == model)]
+        recoverable = str(rows.recoverable.iloc[0]).lower() == "true"
+        for d, dtype in enumerate(dtypes):
+            attacks = rows[rows.dtype == dtype]
+            share = attacks.exact.astype(bool).mean() if len(attacks) else 0.0
+            x = k - 0.4 + width * (d + 0.5)
+            verdict_axis.bar(x, share, width, color=_DTYPE_COLOURS.get(dtype), hatch=None if recoverable else "//",
+                             edgecolor="black", linewidth=0.5)
+            verdict_axis.text(x, share + 0.02, f"{int(attacks.exact.astype(bool).sum())}/{len(attacks)}",
+                              ha="center", fontsize=6)
+    verdict_axis.set_xticks(range(len(networks)), [f"{model}\n{size} px" for size, model in networks], fontsize=7)
+    verdict_axis.set_ylim(0, 1.1)  # room for the counts above the bars
+    verdict_axis.set_ylabel("share of images recovered exactly (counts above)")
+    verdict_axis.set_title("counting verdict against outcome", fontsize=9)
+    hatches = [Patch(facecolor="white", edgecolor="black", label="counting: recoverable"),
+               Patch(facecolor="white", edgecolor="black", hatch="//", label="counting: not recoverable")]
+    verdict_axis.legend(handles=[Patch(color=_DTYPE_COLOURS.get(d), label=f"{d} gradients") for d in dtypes] + hatches,
+                        **below)
+    figure.suptitle("R-CONV at high resolution", fontsize=10)
+    return _save(figure, path)

@@ -20,3 +20,16 @@ def test_benchmark_writes_its_table(tmp_path, packs):
     assert {"total_seconds", "ms_per_image", "cold_start_seconds", "peak_mb", "device"} <= set(table.columns)
     assert (table.exact == 2).all() and (table.total_seconds > 0).all()
     assert "machine:" in done.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_size_rows_give_the_side_and_a_further_image_s_time(tmp_path):
+    out = tmp_path / "bench.csv"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--only", "Size 64 / lenet_hr64",
+                           "--images", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(out)
+    assert list(table["size"]) == [64, 64] and list(table.model) == ["lenet_hr64"] * 2
+    assert (table.exact == 2).all() and (table.warm_seconds > 0).all() and (table.cold_start_seconds > 0).all()
+    assert table.speedup_vs_published.isna().all(), "the published code's time is for 32-px images only"

@@ -24,7 +24,9 @@ EXPERIMENT_COLUMNS = {"Precision": {"dtype", "first_layer", "relu_test", "psnr",
                       "Defences": {"defence", "strength", "project", "psnr", "ssim", "exact", "index"},
                       "Filters": {"position", "filters", "seed", "index", "rank", "full_rank", "min_filters"},
                       "Success_rates": {"model", "seed", "index", "dtype", "exact", "rank_deficient", "psnr"},
-                      "Baselines": {"dataset", "model", "method", "index", "psnr", "ssim", "seconds"}}
+                      "Baselines": {"dataset", "model", "method", "index", "psnr", "ssim", "seconds"},
+                      "High_resolution": {"size", "model", "dtype", "index", "start", "exact", "psnr",
+                                          "max_abs_err", "seconds", "peak_mb", "verdict", "methods", "reason"}}
 # Every notebook runs without the optional breaching package (Baselines then runs R-CONV alone).
 QUICK_NAMES = list(run_all.NOTEBOOKS)
 # The reference notebooks' step-by-step images (dataset, index) per Various_settings architecture.

@@ -69,6 +69,20 @@ def success_table():
                 psnr=[100.0] * 997 + [-40.0] * 3)
 
 
+def sizes_table():
+    """A size sweep: recoverable networks at 32 and 64 px, the paper's LeNet at 64 px not recoverable."""
+    table = []
+    for model, size, recoverable, seconds in (("lenet", 32, True, 0.3), ("lenet_hr64", 64, True, 0.5),
+                                              ("lenet", 64, False, 0.1)):
+        for dtype in ("float64", "float32"):
+            for index, start in ((0, "cold"), (1, "warm")):
+                table.append(dict(model=model, size=size, dtype=dtype, index=index, start=start,
+                                  seconds=seconds if start == "cold" else seconds / 10, peak_mb=1000.0 + size,
+                                  exact=recoverable, recoverable=recoverable,
+                                  verdict="recoverable" if recoverable else "not: layer 2 has ..."))
+    return pd.DataFrame(table)
+
+
 def test_psnr_strip_plot_explains_its_dots_and_lines():
     figure = rc.plot_psnr(psnr_table())
     assert legend_texts(figure) == ["image, exact", "image, not exact", "median",
@@ -110,6 +124,24 @@ def test_success_figure_states_rates_at_the_precision_it_shows():
     assert notes[0].startswith("99.7% exact"), notes
 
 
+def test_sizes_figure_explains_precision_start_and_verdict():
+    figure = rc.plot_sizes(sizes_table())
+    time_axis, memory_axis, verdict_axis = figure.axes
+    texts = [t.get_text() for t in time_axis.get_legend().get_texts()]
+    assert texts == ["float64 gradients", "float32 gradients", "cold: first image, factorisations included",
+                     "warm: a further image on the same model", "not recoverable by counting"]
+    assert "not recoverable by counting" in [t.get_text() for t in memory_axis.get_legend().get_texts()]
+    verdicts = [t.get_text() for t in verdict_axis.get_legend().get_texts()]
+    assert {"counting: recoverable", "counting: not recoverable"} <= set(verdicts)
+    cold64 = [line for line in time_axis.get_lines() if line.get_linestyle() == "-"][0]
+    assert list(cold64.get_xdata()) == [32, 64] and list(cold64.get_ydata()) == [0.3, 0.5], \
+        "the lines join only the networks the counting bound calls recoverable"
+    counts = [t.get_text() for t in verdict_axis.texts]
+    assert counts == ["2/2", "2/2", "2/2", "2/2", "0/2", "0/2"]
+    with pytest.raises(rc.RConvError, match="size_sweep table"):
+        rc.plot_sizes(rows(size=[32], seconds=[1.0]))
+
+
 def test_grid_shows_the_image_indices():
     images = torch.rand(3, 3, 8, 8)
     figure = rc.plot_grid(images, images, indices=[12, 40, 7])
@@ -120,7 +152,7 @@ def test_grid_shows_the_image_indices():
 
 def test_every_figure_function_is_checked_for_its_legend():
     """A new plot_ function must get a legend test above, or be an image-only figure."""
-    tested = {"plot_psnr", "plot_precision", "plot_defences", "plot_filters", "plot_success"}
+    tested = {"plot_psnr", "plot_precision", "plot_defences", "plot_filters", "plot_success", "plot_sizes"}
     figures = {name for name in rc.__all__ if name.startswith("plot_")}
     assert figures == tested | IMAGE_FIGURES
     source = inspect.getsource(inspect.getmodule(test_every_figure_function_is_checked_for_its_legend))

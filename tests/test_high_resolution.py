@@ -1,0 +1,202 @@
+"""High-resolution inputs (issue 11): the lenet_hr presets exact at 64, 128 and 224 px, the paper's LeNet honestly
+not, per-layer methods, memory limits, the SuperLU fallback, and the size sweep's table."""
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+import rconv.sparse
+import rconv_core as rc
+from conftest import max_error
+
+# The issue's bars: exact from float64 gradients, and at least this PSNR from float32 ones.
+EXACT_ERROR, FLOAT32_PSNR = 1e-6, 60.0
+# The paper's LeNet at 64 px, by counting: layer 2's 12 x 32 x 32 inputs against its 12 * 16 * 5 * 5 gradient
+# constraints per channel (400 per channel at most, 4,800 in all) plus its 16 * 16 * 16 weight constraints.
+PAPER_LENET_64_VERDICT = "not: layer 2 has 12,288 unknowns and at most 8,896 equations"
+
+
+def case_of(model, indices=(0, 1), **overrides):
+    return rc.setup(None if model.startswith("lenet_hr") else "samples", model, list(indices), **overrides)
+
+
+def attack(case, k, dtype, **options):
+    grads = rc.client_gradients(case.model, case.images[k], int(case.labels[k]), dtype=dtype)
+    return rc.reconstruct(case.model, grads, tuple(case.images.shape[1:]), **options)
+
+
+@pytest.fixture(scope="module")
+def hr64():
+    return case_of("lenet_hr64")
+
+
+def check_preset(case):
+    """Exact from float64 and >= 60 dB from float32; a further image on a shared cache as exact as a fresh one."""
+    cache = {}
+    first = attack(case, 0, torch.float64, cache=cache)
+    assert first.exact, first.reasons
+    assert max_error(first, case.images[0]) <= EXACT_ERROR
+    assert [layer.method for layer in first.layers] == ["weights", "gradients", "gradients", "gradients"]
+    further = attack(case, 1, torch.float64, cache=cache)
+    assert further.exact and max_error(further, case.images[1]) <= EXACT_ERROR, further.reasons
+    assert len(cache) > 0, "the cache holds what depends only on the weights"
+    fresh = attack(case, 1, torch.float64)
+    assert torch.allclose(further.image, fresh.image, rtol=0, atol=1e-10)
+    single = attack(case, 0, torch.float32)
+    assert single.exact, single.reasons
+    assert rc.image_metrics(case.images[0], single.image)["psnr"] >= FLOAT32_PSNR
+
+
+def test_lenet_hr64_is_exact_from_float64_and_float32(hr64):
+    check_preset(hr64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lenet_hr128", "lenet_hr224"])
+def test_larger_presets_are_exact_from_float64_and_float32(model):
+    check_preset(case_of(model))
+
+
+@pytest.mark.parametrize("model", ["lenet_hr64", "lenet_hr128", "lenet_hr224"])
+def test_presets_are_recoverable_by_counting(model):
+    size = rc.MODELS[model]["input_size"]
+    report = rc.constraint_report(rc.build_model(model), (3, size, size))
+    assert report.attrs["recoverable"] and report.attrs["verdict"] == "recoverable"
+    assert list(report.determined_by) == ["weights", "gradients", "gradients", "gradients"]
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_the_paper_s_lenet_at_high_resolution_is_never_exact_and_says_why(size):
+    case = case_of("lenet", (0,), input_size=size)
+    report = rc.constraint_report(case.model, (3, size, size))
+    assert not report.attrs["recoverable"]
+    if size == 64:
+        assert report.attrs["verdict"] == PAPER_LENET_64_VERDICT
+    for dtype in (torch.float64, torch.float32):
+        result = attack(case, 0, dtype)
+        assert not result.exact
+        assert bool(torch.isfinite(result.image).all())
+        assert result.reasons and all(reason.startswith("conv layer") for reason in result.reasons)
+        assert result.notes, "an estimated layer says why it was only estimated"
+
+
+def test_a_forced_method_is_used_and_judged(hr64):
+    forced = attack(hr64, 0, torch.float64, methods={3: "hybrid"})
+    assert forced.layers[2].method == "hybrid" and forced.exact, forced.reasons
+    too_few = attack(hr64, 0, torch.float64, methods={2: "weights"})
+    assert too_few.layers[1].method == "weights" and not too_few.exact
+    assert any(reason.startswith("conv layer 2 (weights)") for reason in too_few.reasons), too_few.reasons
+
+
+@pytest.mark.parametrize("methods, message", [
+    ({2: "nope"}, r"methods\[2\] must be one of weights, gradients, hybrid"),
+    ({5: "weights"}, r"methods names conv layers \[5\]; this network's conv layers are 1..4"),
+    ({0: "weights"}, r"conv layers are 1..4"),
+    ("weights", "methods must be a dict"),
+])
+def test_wrong_methods_are_refused_by_name(hr64, methods, message):
+    with pytest.raises(rc.RConvError, match=message):
+        attack(hr64, 0, torch.float64, methods=methods)
+
+
+@pytest.mark.parametrize("limit", [10 ** 6, 10 ** 7])
+def test_a_memory_limit_too_small_stops_before_allocating(hr64, limit):
+    with pytest.raises(rc.RConvError, match=r"conv layer \d.*memory_limit.*before allocating"):
+        attack(hr64, 0, torch.float64, memory_limit=limit)
+
+
+def test_superlu_takes_over_without_pardiso(hr64, monkeypatch):
+    reference = attack(hr64, 0, torch.float64)
+    factorised = []
+
+    class CountedSuperLU(rconv.sparse._SuperLU):
+        def __init__(self, *args, **kwargs):
+            factorised.append(args[0].shape)
+            super().__init__(*args, **kwargs)
+
+    # _mkl_pardiso is lru_cached: replacing the module's attribute is what every caller sees.
+    monkeypatch.setattr(rconv.sparse, "_mkl_pardiso", lambda: None)
+    monkeypatch.setattr(rconv.sparse, "_SuperLU", CountedSuperLU)
+    assert rconv.sparse.backend() == "superlu"
+    result = attack(hr64, 0, torch.float64)
+    assert factorised, "the sparse solves went through SuperLU"
+    assert result.exact and max_error(result, hr64.images[0]) <= EXACT_ERROR, result.reasons
+    assert torch.allclose(result.image, reference.image, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["pardiso", "superlu"])
+def test_count_below_agrees_with_a_dense_eigenvalue_count(backend, monkeypatch):
+    if backend == "superlu":
+        monkeypatch.setattr(rconv.sparse, "_mkl_pardiso", lambda: None)
+    elif rconv.sparse.backend() != "pardiso":
+        pytest.skip("MKL's PARDISO is not installed here")
+    generator = np.random.default_rng(0)
+    factor = generator.standard_normal((40, 30))
+    matrix = factor.T @ factor  # symmetric positive definite, eigenvalues well apart
+    eigenvalues = np.linalg.eigvalsh(matrix)
+    for threshold in (eigenvalues[0] / 2, 1.01 * eigenvalues[5], np.median(eigenvalues), 2 * eigenvalues[-1]):
+        assert rconv.sparse.count_below(scipy.sparse.csr_matrix(matrix), threshold) == int((eigenvalues < threshold).sum())
+
+
+def test_sample_photos_at_224_px():
+    images, labels = rc.load_images("samples", [0, 3], size=224)
+    assert images.shape == (2, 3, 224, 224) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) <= 1 and float(images.std()) > 0.05
+    assert labels.tolist() == [0, 3]
+
+
+def test_convnet_takes_a_kernel_and_padding_per_layer():
+    model = rc.ConvNet(channels=(64, 8), strides=(4, 1), activations=("leaky_relu", "relu"), in_channels=3,
+                       num_classes=10, kernel_size=(5, 3), padding=(3, 1), input_size=64)
+    first, second = model[0], model[2]
+    assert (first.kernel_size, first.padding, first.stride) == ((5, 5), (3, 3), (4, 4))
+    assert (second.kernel_size, second.padding) == ((3, 3), (1, 1))
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+    assert model.config["padding"] == (3, 1) and model.config["kernel_size"] == (5, 3)
+    with pytest.raises(rc.RConvError, match="kernel_size needs one entry per conv layer"):
+        rc.ConvNet(channels=(4, 4), strides=(1, 1), activations=("relu",) * 2, in_channels=3, num_classes=2,
+                   kernel_size=(3, 3, 3))
+    with pytest.raises(rc.RConvError, match="padding needs one entry per conv layer"):
+        rc.ConvNet(channels=(4, 4), strides=(1, 1), activations=("relu",) * 2, in_channels=3, num_classes=2,
+                   padding=(1,))
+
+
+def test_size_sweep_rows_say_size_start_memory_verdict_and_methods():
+    networks = [("lenet_hr64", 64), ("lenet", 64), ("lenet", 8, {"kernel_size": 9, "padding": 0})]
+    table = rc.size_sweep(networks, [0, 1], dtypes=["float64"], progress=False)
+    assert len(table) == 6
+    hr = table[table.model == "lenet_hr64"]
+    assert list(hr.start) == ["cold", "warm"] and hr.exact.all() and (hr.max_abs_err <= EXACT_ERROR).all()
+    assert set(hr.methods) == {"weights,gradients,gradients,gradients"}
+    assert set(hr.verdict) == {"recoverable"} and set(hr.channels) == {"64-24-16-12"}
+    assert (hr.peak_mb > 0).all() and (hr.added_mb >= 0).all() and (hr.seconds > 0).all()
+    paper = table[(table.model == "lenet") & (table["size"] == 64)]
+    assert not paper.exact.any() and (paper.reason.str.len() > 0).all()
+    assert set(paper.verdict) == {PAPER_LENET_64_VERDICT}
+    refused = table[table["size"] == 8]
+    assert not refused.exact.any() and refused.reason.str.contains("conv layer 1 leaves no output pixels").all()
+    summary = rc.size_summary(table)
+    assert list(summary.exact) == [2, 0, 0] and summary.cold_seconds.iloc[0] > 0
+
+
+def test_size_sweep_keeps_going_past_a_refused_attack():
+    table, kept = rc.size_sweep([("lenet_hr64", 64), ("lenet", 32)], [0], dtypes=["float32"], memory_limit=10 ** 7,
+                                keep=True, progress=False)
+    refused, small = table.iloc[0], table.iloc[1]
+    assert not refused.exact and "conv layer" in refused.reason and "memory_limit" in refused.reason
+    assert math.isnan(refused.seconds) and kept[0] is None
+    assert small.exact and kept[1] is not None and kept[1].exact, "the 32-px network needs no large solve"
+
+
+@pytest.mark.parametrize("networks, message", [
+    ([("nope", 64)], "unknown model 'nope'"),
+    ([("lenet_hr64",)], r"\(model, size\)"),
+    ([("lenet", 64, "wide")], "must be a dict"),
+    ([("lenet", 0)], "whole number >= 1"),
+    ([], "at least one"),
+])
+def test_size_sweep_refuses_malformed_networks_before_any_work(networks, message):
+    with pytest.raises(rc.RConvError, match=message):
+        rc.size_sweep(networks, [0], progress=False)
