@@ -235,7 +235,7 @@ def executor_for(scheduler):
     if isinstance(scheduler, str):
         try:
             client = distributed.Client(scheduler)
-        except (OSError, TimeoutError) as error:
+        except (OSError, TimeoutError, ValueError) as error:  # nobody answers; not an address at all
             raise RConvError(f"could not reach the Dask scheduler at {scheduler!r} ({error}); start one "
                              f"(dask scheduler) or give a number of local workers instead") from error
         with client:
