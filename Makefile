@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 RCONV_DATA ?= $(if $(wildcard ../shared/datasets),../shared/datasets,)
 export RCONV_DATA
 
-.PHONY: test run bench baselines clean-venv
+.PHONY: test run bench baselines distributed clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ $(VENV)/.baselines: $(VENV)/.installed requirements-baselines.txt
 
 baselines: $(VENV)/.baselines
 
-test: $(VENV)/.installed
+# The optional Dask package, for the sweeps on a cluster (run_all.py --workers/--scheduler) and their tests.
+$(VENV)/.distributed: $(VENV)/.installed requirements-distributed.txt
+	$(PY) -m pip install --quiet -r requirements-distributed.txt
+	touch $@
+
+distributed: $(VENV)/.distributed
+
+test: $(VENV)/.installed $(VENV)/.distributed
 	$(PY) -m pytest -q
 
 run: $(VENV)/.baselines

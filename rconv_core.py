@@ -20,6 +20,7 @@ from rconv.experiments import (attack_grid, attack_images, breaking_points, filt
                                size_summary, size_sweep, success_rates, summarize)
 from rconv.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TESTING_PRESETS, ConvNet,
                           activation_name, build_model)
+from rconv.parallel import SweepFailed, distributed_missing, executor_for
 from rconv.paths import resolve_path
 from rconv.plotting import (plot_defences, plot_filters, plot_grid, plot_methods, plot_precision, plot_psnr,
                             plot_reconstruction, plot_sizes, plot_success)
@@ -41,6 +42,7 @@ __all__ = [
     "image_metrics", "constraint_report", "solve_steps", "layer_inputs", "output_gradients",  # metrics, reports
     "attack_grid", "attack_images", "filter_sweep", "summarize", "success_rates", "breaking_points",
     "filter_summary", "size_sweep", "size_summary", "BROKEN_PSNR",  # experiment loops
+    "executor_for", "SweepFailed", "distributed_missing",  # experiment loops on a Dask cluster
     "plot_reconstruction", "plot_grid", "plot_methods", "plot_psnr", "plot_precision", "plot_defences",
     "plot_filters", "plot_success", "plot_sizes",  # plotting
     "main",  # command line

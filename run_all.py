@@ -4,6 +4,12 @@
     python run_all.py --only Test_on_CIFAR10   # one notebook (repeat --only for more)
     python run_all.py --quick --results-dir DIR   # a few images each; stored notebooks stay untouched
     python run_all.py --list
+    python run_all.py --workers 2              # the Experiments' sweeps on a LocalCluster of 2 workers (Dask)
+    python run_all.py --scheduler tcp://host:8786   # ... or on a running Dask cluster
+
+--jobs N runs N notebooks side by side; --workers and --scheduler spread each Experiments
+notebook's sweeps over a Dask cluster (its `scheduler` parameter), whose tables are identical to
+a serial run's but for the seconds columns.
 
 Each notebook runs into its own staging folder inside the results folder. Only when it succeeds
 do its executed notebook and its results subfolder (CSVs, figures) replace the stored ones,
@@ -83,6 +89,11 @@ NOTEBOOKS = {
                                      counterexamples=[["lenet", 64]], wide_images=0)),
 }
 EXPERIMENTS = ("Precision", "Defences", "Filters", "Success_rates", "Baselines", "High_resolution")
+# Parameters that say how a notebook was run, not what it computed: never baked into a stored
+# notebook (a cluster's address means nothing to a reader, and would fail a rerun).
+HOW_RUN = ("scheduler",)
+# The Experiments whose sweeps take a `scheduler`; High_resolution stays serial, as it measures time and memory.
+ON_CLUSTER = ("Precision", "Defences", "Filters", "Success_rates", "Baselines")
 
 
 class _Refused(Exception):
@@ -133,7 +144,8 @@ def _clean(path, staged=None, final=None):
     notebook.metadata.pop("papermill", None)
     notebook.metadata.pop("widgets", None)
     if parameters is not None:
-        notebook.metadata["papermill"] = {"parameters": parameters}
+        notebook.metadata["papermill"] = {"parameters": {name: value for name, value in parameters.items()
+                                                         if name not in HOW_RUN}}
     for cell in notebook.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
@@ -162,7 +174,8 @@ def _bake_parameters(notebook):
     values = {}
     for cell in injected:
         for node in ast.parse(cell.source).body:
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) \
+                    and node.targets[0].id not in HOW_RUN:
                 values[node.targets[0].id] = ast.get_source_segment(cell.source, node.value)
     source = parameters[0].source.encode()  # ast's column offsets count bytes
     line_starts = [0] + [k + 1 for k, byte in enumerate(source) if byte == ord("\n")]
@@ -593,12 +606,14 @@ def _high_resolution_finding(summary):
     return "float64 and float32 gradients: " + "; ".join(parts)
 
 
-def _jobs(names, results_dir, quick, in_place, data_root):
-    """A staged job per notebook."""
+def _jobs(names, results_dir, quick, in_place, data_root, scheduler=None):
+    """A staged job per notebook; the Experiments get `scheduler` (a Dask scheduler's address) when given."""
     jobs = []
     for name in names:
         notebook, subfolder, parameters, quick_parameters = NOTEBOOKS[name]
         parameters = dict(parameters, **(quick_parameters if quick else {}))
+        if scheduler is not None and name in ON_CLUSTER:
+            parameters["scheduler"] = scheduler
         if data_root:
             # relative to the repository, where the kernels run: stored notebooks keep no machine's paths
             parameters["data_root"] = os.path.relpath(Path(data_root).resolve(), ROOT)
@@ -662,6 +677,11 @@ def main(argv=None):
                                               "folder, or one run_all made for results of the same kind "
                                               "(default: results/, with the stored notebooks updated in place)")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks run in parallel processes")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, metavar="N", help="run the Experiments' sweeps on a Dask "
+                                                                   "LocalCluster of N workers started for the run")
+    cluster.add_argument("--scheduler", metavar="ADDRESS", help="run the Experiments' sweeps on the running Dask "
+                                                                "cluster whose scheduler is at ADDRESS")
     parser.add_argument("--list", action="store_true", help="list the notebooks and exit")
     args = parser.parse_args(argv)
 
@@ -675,6 +695,15 @@ def main(argv=None):
         parser.error(f"unknown notebook {', '.join(unknown)}; choose from {', '.join(NOTEBOOKS)}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1; got {args.workers}")
+    if args.scheduler is not None and not args.scheduler.strip():
+        parser.error("--scheduler needs a Dask scheduler's address, such as tcp://host:8786")
+    on_cluster = (args.workers or args.scheduler) and set(names) & set(ON_CLUSTER)
+    if on_cluster:
+        from rconv.parallel import distributed_missing
+        if distributed_missing():
+            parser.error(distributed_missing())
     if args.quick and args.results_dir is None:
         parser.error("--quick runs a few images only; give --results-dir so that the stored notebooks and "
                      "results/ stay untouched")
@@ -692,8 +721,9 @@ def main(argv=None):
         if threading.current_thread() is threading.main_thread() else None
     jobs, outcomes, table, interrupted = [], [], None, False
     try:
-        with _results_folder(results_dir, kind):
-            jobs = _jobs(names, results_dir, args.quick, in_place, args.data_root)
+        with _results_folder(results_dir, kind), _cluster(args.scheduler or args.workers if on_cluster else None) \
+                as scheduler:
+            jobs = _jobs(names, results_dir, args.quick, in_place, args.data_root, scheduler)
             outcomes, table, interrupted = _run(jobs, results_dir, args.jobs)
     except _Refused as error:
         parser.error(str(error))
@@ -703,6 +733,34 @@ def main(argv=None):
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return _report(outcomes, table, interrupted, jobs, results_dir)
+
+
+@contextlib.contextmanager
+def _cluster(scheduler):
+    """The address of the Dask scheduler the Experiments notebooks get, open for the run: a LocalCluster
+    of `scheduler` workers started now (a number), the running one at `scheduler` (a string, checked
+    reachable first), or None: serial."""
+    if scheduler is None:
+        yield None
+        return
+    from rconv.errors import RConvError
+    from rconv.parallel import executor_for
+    opened = contextlib.ExitStack()
+    # The cluster's processes inherit an ignored SIGINT: Ctrl-C then reaches run_all alone, which closes
+    # the cluster in order, instead of every worker printing its own KeyboardInterrupt.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        client = opened.enter_context(executor_for(scheduler))
+    except (RConvError, ImportError, OSError) as error:
+        raise _Refused(str(error)) from error
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    with opened:
+        print(f"Experiments on the Dask cluster at {client.scheduler.address} "
+              f"({len(client.scheduler_info()['workers'])} workers)", flush=True)
+        yield client.scheduler.address
 
 
 def _report(outcomes, table, interrupted, jobs, results_dir):

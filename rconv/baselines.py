@@ -11,17 +11,18 @@ import copy
 import io
 import logging
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from .attack import Reconstruction, reconstruct
 from .cases import setup
-from .client import as_dtype, client_gradients
-from .data import check_indices
+from .client import as_dtype, client_gradients, dtype_name
+from .data import check_indices, dataset_info
 from .errors import RConvError
 from .network import check_gradients, check_input_shape, parse_network
-from .progress import progress_bar
+from .parallel import chunked, path_text, run_tasks
 from .reports import image_metrics
 
 # name -> (breaching attack config, overrides)
@@ -118,38 +119,83 @@ def run_baseline(name, model, grads, input_shape, label=None, iterations=None, s
                           notes=[f"label found: {found}", *notes])
 
 
+class _CompareTask(NamedTuple):
+    """One task of compare_baselines: some images, attacked by R-CONV and each baseline."""
+
+    dataset: str
+    model: str
+    seed: int
+    indices: tuple
+    methods: tuple
+    iterations: tuple  # (baseline, steps) pairs
+    dtype: str
+    first_layer: str
+    data_root: str | None
+
+
+class _Compared(NamedTuple):
+    """One image of compare_baselines: the original, and per method its row and recovered image."""
+
+    original: torch.Tensor
+    rows: list
+    images: dict  # method -> recovered image
+
+
+def _compare_task(task, cache):
+    """compare_baselines' images of one task, each a _Compared."""
+    case = setup(task.dataset, task.model, list(task.indices), task.seed, data_root=task.data_root)
+    weights = cache((case.info["name"], task.model, task.seed))
+    iterations = dict(task.iterations)
+    compared = []
+    for index, image, label in zip(task.indices, case.images, case.labels):
+        grads = client_gradients(case.model, image, label, dtype=as_dtype(task.dtype))
+        results = {"rconv": reconstruct(case.model, grads, image.shape, first_layer=task.first_layer, cache=weights)}
+        for name in task.methods:
+            results[name] = run_baseline(name, case.model, grads, image.shape, iterations=iterations.get(name),
+                                         seed=index)
+        rows, images = [], {}
+        for method, result in results.items():
+            metrics = image_metrics(image, result.image.clamp(0, 1))
+            rows.append(dict(dataset=case.info["name"], model=task.model, method=method, index=index,
+                             label=int(label), psnr=metrics["psnr"], ssim=metrics["ssim"], seconds=result.seconds,
+                             iterations=result.iterations, exact=result.exact))
+            images[method] = result.image
+        compared.append(_Compared(image, rows, images))
+    return compared
+
+
+def _compared_table(results):
+    import pandas as pd
+    compared = [image for result in results for image in result]
+    shown = {"original": [image.original for image in compared]}
+    for image in compared:
+        for method, recovered in image.images.items():
+            shown.setdefault(method, []).append(recovered)
+    return pd.DataFrame([row for image in compared for row in image.rows]), shown
+
+
 def compare_baselines(dataset, model_name, indices, *, methods=None, iterations=None, dtype="float32",
-                      first_layer="hybrid", seed=50, data_root=None, progress=True):
+                      first_layer="hybrid", seed=50, data_root=None, progress=True, executor=None):
     """R-CONV and the BASELINES on the same clients' gradients.
 
     methods: the baselines to run beside R-CONV (None: all of BASELINES; [] runs R-CONV alone,
         which needs no breaching package).
     iterations: a dict baseline name -> optimisation steps (missing: breaching's default).
+    executor: as attack_grid's (None: here; a Dask Client or concurrent.futures.Executor: one
+        image per task there; its workers need breaching for the baselines).
     Returns (table, reconstructions): one row per image and method (dataset, model, method,
     index, label, psnr, ssim, seconds, iterations, exact; reconstructions clipped to [0, 1]
     before they are measured) and a dict method -> list of recovered images, "original" first.
     """
-    import pandas as pd
     methods = list(BASELINES) if methods is None else list(methods)
     unknown = [name for name in methods if name not in BASELINES]
     if unknown:
         raise RConvError(f"unknown baseline {', '.join(map(repr, unknown))}; choose from {', '.join(BASELINES)}")
     indices = check_indices(indices)
-    case = setup(dataset, model_name, indices, seed, data_root=data_root)
-    iterations = dict(iterations or {})
-    rows, shown, cache = [], {"original": list(case.images)}, {}
-    items = progress_bar(list(zip(indices, case.images, case.labels)), desc=f"{case.info['name']} {model_name}",
-                         unit="image", enabled=progress, mininterval=5.0)
-    for index, image, label in items:
-        grads = client_gradients(case.model, image, label, dtype=as_dtype(dtype))
-        results = {"rconv": reconstruct(case.model, grads, image.shape, first_layer=first_layer, cache=cache)}
-        for name in methods:
-            results[name] = run_baseline(name, case.model, grads, image.shape, iterations=iterations.get(name),
-                                         seed=index)
-        for method, result in results.items():
-            metrics = image_metrics(image, result.image.clamp(0, 1))
-            rows.append(dict(dataset=case.info["name"], model=model_name, method=method, index=index,
-                             label=int(label), psnr=metrics["psnr"], ssim=metrics["ssim"], seconds=result.seconds,
-                             iterations=result.iterations, exact=result.exact))
-            shown.setdefault(method, []).append(result.image)
-    return pd.DataFrame(rows), shown
+    name = dataset_info(dataset)["name"]
+    dtype = dtype_name(as_dtype(dtype))
+    # one image per task: a baseline spends seconds on each
+    tasks = [_CompareTask(dataset, model_name, seed, chunk, tuple(methods), tuple(sorted((iterations or {}).items())),
+                          dtype, first_layer, path_text(data_root)) for chunk in chunked(indices, 1)]
+    return run_tasks(_compare_task, tasks, _compared_table, executor=executor, desc=f"{name} {model_name}",
+                     unit="image", progress=progress)

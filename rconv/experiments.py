@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import math
@@ -20,6 +21,7 @@ from .data import check_indices, dataset_info
 from .errors import RConvError
 from .models import MODELS, build_model, preset_input_size, preset_name
 from .network import check_input_shape, parse_network
+from .parallel import ATTACKS_PER_TASK, chunked, path_text, run_tasks
 from .progress import progress_bar
 from .reports import BROKEN_PSNR, constraint_report, image_metrics, output_gradients
 from .solvers import rank_rtol
@@ -44,9 +46,53 @@ def _attack_row(model, image, grads, setting, options):
                 reason="; ".join(result.reasons), notes="; ".join(result.notes)), result
 
 
+class _GridTask(NamedTuple):
+    """One task of attack_grid: some images of one model (seed) and gradient dtype, in every setting."""
+
+    dataset: str
+    model: str
+    seed: int
+    dtype: str
+    indices: tuple
+    defences: tuple  # (name, strength) pairs
+    variants: tuple  # (first_layer, relu_test, project) triples
+    data_root: str | None
+    overrides: tuple  # build_model's overrides as (name, value) pairs
+    keep: bool
+
+
+def _grid_task(task, cache):
+    """attack_grid's (row, Reconstruction or None) pairs of one task, in the grid's order."""
+    case = setup(task.dataset, task.model, list(task.indices), task.seed, data_root=task.data_root,
+                 **dict(task.overrides))
+    setting = dict(dataset=case.info["name"], model=task.model,
+                   activations="-".join(case.model.config["activations"]), seed=task.seed)
+    weights = cache((case.info["name"], task.model, task.seed, repr(task.overrides)))
+    pairs = []
+    for index, image, label in zip(task.indices, case.images, case.labels):
+        grads = client_gradients(case.model, image, label, dtype=as_dtype(task.dtype))
+        for (defence, strength), (first_layer, relu_test, project) in itertools.product(task.defences,
+                                                                                         task.variants):
+            row, result = _attack_row(
+                case.model, image, defend(grads, defence, strength, seed=index),
+                dict(setting, index=index, label=int(label), dtype=task.dtype, first_layer=first_layer,
+                     relu_test=relu_test, defence=defence, strength=strength, project=project),
+                dict(first_layer=first_layer, relu_test=relu_test, project=project, cache=weights,
+                     check_batch=defence == "none"))
+            pairs.append((row, result if task.keep else None))
+    return pairs
+
+
+def _grid_table(results, keep):
+    import pandas as pd
+    pairs = [pair for result in results for pair in result]
+    table = pd.DataFrame([row for row, _ in pairs])
+    return (table, [result for _, result in pairs]) if keep else table
+
+
 def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_layers=("hybrid",),
                 relu_tests=("relative",), defences=(("none", 0),), projects=(False,), seeds=(50,), data_root=None,
-                keep=False, progress=True, **model_overrides):
+                keep=False, progress=True, executor=None, **model_overrides):
     """R-CONV on dataset images over every combination of settings; the suite's tidy results.
 
     Every image is attacked as a client of the preset would leak it, for each seed (of the
@@ -59,45 +105,28 @@ def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_laye
     refuses (RConvError: say, top-k leaves no bias gradient) gets a row with its error as
     the reason and NaN metrics; settings that could never run (an unknown first
     layer, ReLU test, defence or dtype) raise RConvError before any work.
+    executor: None runs here; a Dask Client or a concurrent.futures.Executor spreads the work
+    (tasks of one seed, dtype and a few images) over its workers, with the same rows in the same
+    order (run_tasks; a task that fails with another error than RConvError raises SweepFailed,
+    which holds the other tasks' rows).
     """
-    import pandas as pd
     dataset_info(dataset)
     indices = check_indices(indices)
     _check_choices("first_layers", first_layers, FIRST_LAYER_METHODS)
     _check_choices("relu_tests", relu_tests, RELU_TESTS)
     _check_choices("defences", [d for d, _ in defences], DEFENCES)
-    dtypes = [as_dtype(dtype) for dtype in dtypes]
+    dtypes = [dtype_name(as_dtype(dtype)) for dtype in dtypes]
     for defence, strength in defences:
         defend([torch.zeros(1)], defence, strength)  # refuses impossible strengths before any work
-    variants = list(itertools.product(first_layers, relu_tests, projects))
-    rows, kept, bar = [], [], None
-    for seed in seeds:
-        case = setup(dataset, model_name, indices, seed, data_root=data_root, **model_overrides)
-        if bar is None:
-            total = len(seeds) * len(dtypes) * len(case.images) * len(defences) * len(variants)
-            bar = progress_bar(total=total, desc=f"{case.info['name']} {model_name}", unit="attack",
-                               enabled=progress)
-        setting = dict(dataset=case.info["name"], model=model_name,
-                       activations="-".join(case.model.config["activations"]), seed=seed)
-        cache = {}
-        for dtype in dtypes:
-            for index, image, label in zip(indices, case.images, case.labels):
-                grads = client_gradients(case.model, image, label, dtype=dtype)
-                for (defence, strength), (first_layer, relu_test, project) in itertools.product(defences, variants):
-                    row, result = _attack_row(
-                        case.model, image, defend(grads, defence, strength, seed=index),
-                        dict(setting, index=index, label=int(label), dtype=dtype_name(dtype),
-                             first_layer=first_layer, relu_test=relu_test, defence=defence, strength=strength,
-                             project=project),
-                        dict(first_layer=first_layer, relu_test=relu_test, project=project, cache=cache,
-                             check_batch=defence == "none"))
-                    rows.append(row)
-                    if keep:
-                        kept.append(result)
-                    bar.update()
-    bar.close()
-    table = pd.DataFrame(rows)
-    return (table, kept) if keep else table
+    variants = tuple(itertools.product(first_layers, relu_tests, projects))
+    defences = tuple((defence, strength) for defence, strength in defences)
+    per_image = len(defences) * len(variants)
+    tasks = [_GridTask(dataset, model_name, seed, dtype, chunk, defences, variants, path_text(data_root),
+                       tuple(sorted(model_overrides.items())), keep)
+             for seed in seeds for dtype in dtypes for chunk in chunked(indices, ATTACKS_PER_TASK // per_image)]
+    return run_tasks(_grid_task, tasks, functools.partial(_grid_table, keep=keep), executor=executor,
+                     desc=f"{dataset_info(dataset)['name']} {model_name}", unit="attack",
+                     sizes=[len(task.indices) * per_image for task in tasks], progress=progress)
 
 
 def attack_images(dataset, model_name, indices, *, dtypes=("float64", "float32"), first_layer="hybrid", seed=50,
@@ -124,7 +153,48 @@ def _gradient_rank(model, step, image, label, input_size):
     return int((sigma > rank_rtol(torch.float64, matrix.shape) * sigma.max()).sum())
 
 
-def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,), data_root=None, progress=True):
+class _FilterTask(NamedTuple):
+    """One task of filter_sweep: some images of one filter count and seed."""
+
+    dataset: str
+    model: str
+    position: int
+    channels: tuple  # the preset's filters, with the swept count at `position`
+    seed: int
+    indices: tuple
+    data_root: str | None
+
+
+def _filter_task(task, cache):
+    """filter_sweep's rows of one task (the rank needs no weight cache)."""
+    case = setup(task.dataset, task.model, list(task.indices), task.seed, data_root=task.data_root,
+                 channels=list(task.channels))
+    network = parse_network(case.model)
+    sizes = check_input_shape(network, case.images.shape[1:])
+    step = network.steps[task.position - 1]
+    c_in, height, width = sizes[task.position - 1]
+    _, out_h, out_w = sizes[task.position]
+    setting = dict(dataset=case.info["name"], model=task.model, activation=step.activation, position=task.position,
+                   filters=task.channels[task.position - 1], seed=task.seed)
+    bound = dict(unknowns=height * width,
+                 min_filters=min_filters((height, width), step.conv.kernel_size, step.conv.stride, step.padding),
+                 rgap_filters=math.ceil(c_in * height * width / (out_h * out_w)))
+    rows = []
+    for index, image, label in zip(task.indices, case.images, case.labels):
+        rank = _gradient_rank(case.model, step, image, label, (height, width))
+        rows.append(dict(setting, index=index, unknowns=bound["unknowns"], rank=rank,
+                         full_rank=rank == height * width, min_filters=bound["min_filters"],
+                         rgap_filters=bound["rgap_filters"]))
+    return rows
+
+
+def _rows_table(results):
+    import pandas as pd
+    return pd.DataFrame([row for rows in results for row in rows])
+
+
+def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,), data_root=None, progress=True,
+                 executor=None):
     """How many filters conv layer `position` (1 = first) needs for its gradient constraints alone.
 
     For each filter count, seed and image, the layer's true output gradient (float64) gives its
@@ -132,8 +202,8 @@ def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,),
     Columns: dataset, model, activation, position, filters, seed, index, unknowns (pixels per
     channel), rank, full_rank, min_filters (the counting bound), rgap_filters (the filters a
     count of weight constraints, as R-GAP's rank analysis, asks for: C*H*W / (P*Q)).
+    executor: as attack_grid's (None: here; a Dask Client or concurrent.futures.Executor: there).
     """
-    import pandas as pd
     base = MODELS[preset_name(model_name)]
     if not 1 <= position <= len(base["channels"]):
         raise RConvError(f"position must be 1..{len(base['channels'])} for {model_name}; got {position}")
@@ -142,33 +212,14 @@ def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,),
              or count < 1]
     if wrong or not len(counts):
         raise RConvError(f"counts must be a non-empty list of filter counts, whole numbers >= 1; got {list(counts)}")
-    rows = []
-    bar = progress_bar(total=len(counts) * len(seeds) * len(indices), desc=f"{model_name} layer {position}",
-                       unit="image", enabled=progress)
+    tasks = []
     for filters in counts:
         channels = list(base["channels"])
         channels[position - 1] = int(filters)
-        for seed in seeds:
-            case = setup(dataset, model_name, indices, seed, data_root=data_root, channels=channels)
-            network = parse_network(case.model)
-            sizes = check_input_shape(network, case.images.shape[1:])
-            step = network.steps[position - 1]
-            c_in, height, width = sizes[position - 1]
-            _, out_h, out_w = sizes[position]
-            setting = dict(dataset=case.info["name"], model=model_name, activation=step.activation,
-                           position=position, filters=int(filters), seed=seed)
-            bound = dict(unknowns=height * width,
-                         min_filters=min_filters((height, width), step.conv.kernel_size, step.conv.stride,
-                                                 step.padding),
-                         rgap_filters=math.ceil(c_in * height * width / (out_h * out_w)))
-            for index, image, label in zip(indices, case.images, case.labels):
-                rank = _gradient_rank(case.model, step, image, label, (height, width))
-                rows.append(dict(setting, index=index, unknowns=bound["unknowns"], rank=rank,
-                                 full_rank=rank == height * width, min_filters=bound["min_filters"],
-                                 rgap_filters=bound["rgap_filters"]))
-                bar.update()
-    bar.close()
-    return pd.DataFrame(rows)
+        tasks += [_FilterTask(dataset, model_name, position, tuple(channels), seed, chunk, path_text(data_root))
+                  for seed in seeds for chunk in chunked(indices, ATTACKS_PER_TASK)]
+    return run_tasks(_filter_task, tasks, _rows_table, executor=executor, desc=f"{model_name} layer {position}",
+                     unit="image", sizes=[len(task.indices) for task in tasks], progress=progress)
 
 
 def breaking_points(table, threshold=BROKEN_PSNR, by=("dataset", "defence", "project")):

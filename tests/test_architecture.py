@@ -9,7 +9,7 @@ from conftest import REPO
 # ARCHITECTURE.md's layers, top first: a module imports only from layers above its own.
 LAYERS = [
     {"errors", "geometry", "paths", "progress"},
-    {"sparse", "memory", "models", "data", "client", "constraints"},
+    {"sparse", "memory", "models", "data", "client", "constraints", "parallel"},
     {"solvers", "network"},
     {"tolerances", "activations", "equations"},
     {"systems"},
