@@ -183,7 +183,7 @@ def test_the_install_hint_names_the_pinned_version():
     assert extras["distributed"] == [pin] and rconv.parallel.DISTRIBUTED_PIN == pin
 
 
-@pytest.mark.parametrize("name", run_all.EXPERIMENTS)
+@pytest.mark.parametrize("name", run_all.ON_CLUSTER)
 def test_experiments_notebooks_run_where_their_scheduler_parameter_says(name):
     path = REPO / run_all.NOTEBOOKS[name].path
     assert ast.literal_eval(papermill.inspect_notebook(str(path))["scheduler"]["default"]) is None
