@@ -313,3 +313,13 @@ def test_a_zero_gradient_is_a_failure_with_a_reason(small):
     result = rc.split_linear(weight_grad * 0, bias_grad * 0, weight, bias, dtype=torch.float64)
     assert result.status == "fail" and result.features.shape == (0, 768)
     assert "the gradient is zero" in result.reasons[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_tensors_come_back_on_their_device(data):
+    true = truth(default_model("cifar100"), data, "cifar100", [0, 1, 2, 3], torch.float64)
+    on_cpu = true.split()
+    on_gpu = rc.split_linear(true.weight_grad.cuda(), true.bias_grad.cuda(), true.weight.cuda(), true.bias.cuda(),
+                             dtype=torch.float64)
+    assert on_gpu.features.device.type == "cuda" and on_gpu.status == on_cpu.status == "ok"
+    assert torch.allclose(on_gpu.features.cpu(), on_cpu.features, rtol=0, atol=1e-12)
