@@ -18,6 +18,7 @@ from rconv.data import DATASETS, SAMPLE_PHOTOS, dataset_info, load_images
 from rconv.errors import RConvError
 from rconv.experiments import (attack_grid, attack_images, breaking_points, filter_summary, filter_sweep,
                                size_summary, size_sweep, success_rates, summarize)
+from rconv.linear_split import LinearSplit, split_linear
 from rconv.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TESTING_PRESETS, ConvNet,
                           activation_name, build_model)
 from rconv.parallel import SweepFailed, distributed_missing, executor_for
@@ -37,6 +38,7 @@ __all__ = [
     "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
     "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport",  # the attack
+    "split_linear", "LinearSplit",  # a mini-batch's Linear layer
     "FIRST_LAYER_METHODS", "RELU_TESTS",
     "BASELINES", "run_baseline", "compare_baselines", "breaching_missing",  # optimisation baselines
     "image_metrics", "constraint_report", "solve_steps", "layer_inputs", "output_gradients",  # metrics, reports

@@ -45,52 +45,85 @@ def _as_label(label):
     raise RConvError(f"label must be a whole number (a class index); got {label!r} ({type(label).__name__})")
 
 
+def _as_labels(labels, count):
+    """One class label per image of a batch of `count`, as an int64 tensor of shape (count,)."""
+    if isinstance(labels, numbers.Integral) or (isinstance(labels, torch.Tensor) and labels.dim() == 0):
+        raise RConvError(f"got a single label for a batch of {count} images; pass one image with one label, "
+                         f"or labels of shape ({count},), one per image")
+    if isinstance(labels, torch.Tensor):
+        values = labels.reshape(-1).tolist() if labels.dim() == 1 and not labels.is_floating_point() \
+            and not labels.is_complex() and labels.dtype != torch.bool else None
+        if values is None:
+            raise RConvError(f"labels must be whole numbers (class indices) of shape ({count},); got a tensor of "
+                             f"{labels.dtype} with shape {tuple(labels.shape)}")
+    else:
+        try:
+            values = list(labels)
+        except TypeError:
+            raise RConvError(f"labels must be a sequence of {count} whole numbers (class indices); "
+                             f"got {labels!r} ({type(labels).__name__})") from None
+    if len(values) != count:
+        raise RConvError(f"a batch of {count} images needs {count} labels, one per image; got {len(values)}")
+    return torch.cat([_as_label(value) for value in values])
+
+
 def _first_conv(model):
     return next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
 
 
-def _check_image(model, image):
-    """One real floating image (1, C, H, W) that fits the model's first conv layer and input size."""
-    image = torch.as_tensor(image)
-    if image.dim() == 3:
-        image = image[None]
-    if image.dim() != 4 or image.shape[0] != 1:
-        raise RConvError(f"client_gradients takes one image of shape (C, H, W) or (1, C, H, W); "
-                         f"got shape {tuple(image.shape)}")
-    if not image.is_floating_point():
+def _check_images(model, images):
+    """Real floating images (N, C, H, W), or one (C, H, W), that fit the model's first conv layer and input size."""
+    images = torch.as_tensor(images)
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise RConvError(f"client_gradients takes one image of shape (C, H, W) or a batch (N, C, H, W); "
+                         f"got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
         raise RConvError(f"the image must be a real floating-point tensor (float32 in [0, 1], as load_images "
-                         f"gives); got {image.dtype}")
+                         f"gives); got {images.dtype}")
     conv = _first_conv(model)
-    if conv is not None and image.shape[1] != conv.in_channels:
+    if conv is not None and images.shape[1] != conv.in_channels:
         raise RConvError(f"the model's first conv layer takes {conv.in_channels} channels; the image has "
-                         f"{image.shape[1]} (shape {tuple(image.shape[1:])})")
+                         f"{images.shape[1]} (shape {tuple(images.shape[1:])})")
     config = getattr(model, "config", None)  # ConvNet records the input side it was built for
     side = config.get("input_size") if isinstance(config, dict) else None
-    if side is not None and tuple(image.shape[2:]) != (side, side):
+    if side is not None and tuple(images.shape[2:]) != (side, side):
         raise RConvError(f"the model was built for {side}x{side} images; the image is "
-                         f"{image.shape[2]}x{image.shape[3]}")
-    return image
+                         f"{images.shape[2]}x{images.shape[3]}")
+    return images
+
+
+def _check_label_range(labels, classes):
+    """Every label a class of the model; a batch's message names the image."""
+    for position, label in enumerate(labels.tolist()):
+        if not 0 <= label < classes:
+            which = f" (image {position})" if len(labels) > 1 else ""
+            raise RConvError(f"label {label}{which} is out of range for a model with {classes} classes "
+                             f"(0..{classes - 1})")
 
 
 def client_gradients(model, image, label, dtype=torch.float32):
-    """The gradients a federated-learning client shares for one image: cross-entropy, computed in `dtype`.
+    """The gradients a federated-learning client shares: cross-entropy, computed in `dtype`.
 
+    Args:
+        image: one image (C, H, W) or (1, C, H, W) with one `label`, or a batch (N, C, H, W) with
+            labels of shape (N,), one per image: then the gradients of the batch's mean loss
+            (cross_entropy's reduction="mean"), what a client shares after one step on a mini-batch.
     Returns a list of tensors in the order of model.parameters().
     """
-    image = _check_image(model, image)
-    label = _as_label(label)
+    images = _check_images(model, image)
+    labels = _as_label(label) if len(images) == 1 else _as_labels(label, len(images))
     dtype = as_dtype(dtype)
     client = copy.deepcopy(model).to(dtype)
     client.zero_grad(set_to_none=True)
     try:
-        logits = client(image.to(dtype))
+        logits = client(images.to(dtype))
     except RuntimeError as error:  # a size no layer of a general model accepts
-        raise RConvError(f"the model cannot take an image of shape {tuple(image.shape[1:])}: "
+        raise RConvError(f"the model cannot take an image of shape {tuple(images.shape[1:])}: "
                          f"{str(error).splitlines()[0]}") from error
-    classes = logits.shape[-1]
-    if not 0 <= int(label) < classes:
-        raise RConvError(f"label {int(label)} is out of range for a model with {classes} classes (0..{classes - 1})")
-    loss = F.cross_entropy(logits, label.to(logits.device))
+    _check_label_range(labels, logits.shape[-1])
+    loss = F.cross_entropy(logits, labels.to(logits.device))
     return [g.detach() for g in torch.autograd.grad(loss, list(client.parameters()))]
 
 

@@ -8,9 +8,9 @@ from conftest import REPO
 
 # ARCHITECTURE.md's layers, top first: a module imports only from layers above its own.
 LAYERS = [
-    {"errors", "geometry", "paths", "progress"},
-    {"sparse", "memory", "models", "data", "client", "constraints", "parallel"},
-    {"solvers", "network"},
+    {"errors", "geometry", "paths", "progress", "vertices"},
+    {"sparse", "memory", "models", "data", "client", "constraints", "parallel", "linear_search"},
+    {"solvers", "network", "linear_split"},
     {"tolerances", "activations", "equations"},
     {"systems"},
     {"steps"},
