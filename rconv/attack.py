@@ -19,7 +19,9 @@ from .errors import RConvError
 from .memory import default_limit
 from .network import check_gradients, check_input_shape, parse_network
 from .progress import progress_bar
-from .steps import FIRST_LAYER_METHODS, LayerReport, Options, Reconstruction, conv_step, linear_step, verdict
+from .batch import batch_conv_step, batch_linear_step
+from .steps import (FIRST_LAYER_METHODS, LayerReport, Options, Reconstruction, conv_step, fc_features, linear_step,
+                    rank_one, verdict)
 from .tolerances import Tolerances
 
 __all__ = ["FIRST_LAYER_METHODS", "LayerReport", "Reconstruction", "reconstruct", "reconstruct_batch"]
@@ -88,7 +90,7 @@ def _options(network, grads, settings):
 
 def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None, relu_tol=None,
                 relu_test="relative", project=False, image_range=(0.0, 1.0), device=None, check_batch=True,
-                cache=None, memory_limit=None):
+                cache=None, memory_limit=None, batch_size=None):
     """Recover the training image behind one client's gradients with R-CONV.
 
     Args:
@@ -113,22 +115,30 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
             layer input that clipping moves beyond the residual tolerance is not exact.
         image_range: (low, high) with low < high, the values of the image's pixels, for project.
         device: where to solve ("cpu", "cuda"); None means the gradients' device.
-        check_batch: refuse gradients whose Linear layer is not rank one (a batch of several images).
+        check_batch: with batch_size=1, refuse gradients whose Linear layer is not rank one (a batch
+            of several images) rather than attack them as one image.
         cache: a dict shared between calls on the same model, holding what depends only on the weights.
         memory_limit: bytes the solves may take (None: three quarters of the memory available); a
             solve that would need more raises RConvError naming the layer before allocating it.
-    Returns a Reconstruction.
+        batch_size: the number of images B behind the (mean) gradients; None infers it from the rank of
+            the Linear layer's weight gradient (the notes say so). A batch is split at its Linear layer
+            (split_linear), then every conv layer is solved for all its images (rconv.batch).
+    Returns a Reconstruction; for a batch its image is (B, C, H, W) in no particular order, with
+    labels and image_exact per image.
     """
     start = time.perf_counter()
     _check_arguments(grads, input_shape, relu_tol, image_range, device)
     methods = {} if methods is None else methods
     _check_methods(first_layer, relu_test, methods)
+    _check_batch_size(batch_size)
     network = parse_network(model)
     grads = check_gradients(model, network, grads)
     sizes = check_input_shape(network, input_shape)
     options = _options(network, grads, dict(first_layer=first_layer, methods=methods, relu_test=relu_test,
                                             relu_tol=relu_tol, project=project, image_range=image_range,
                                             device=device, memory_limit=memory_limit))
+    if batch_size != 1 and not _one_image(network, grads, options):
+        return _reconstruct_batch_members(network, grads, sizes, options, cache, batch_size, start)
     top = linear_step(network, grads, sizes[-1], options, check_batch)
     signal, results = top.signal, {}
     for step in reversed(network.steps):
@@ -138,10 +148,66 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     reports = [results[n].report for n in sorted(results)]
     reasons = verdict(reports, options.tolerances)
     notes = top.notes + [note for n in sorted(results, reverse=True) for note in results[n].notes]
+    label = int(grads.of(network.linear.bias).argmin())  # one image's dL/db is negative at its label only
     return Reconstruction(image=signal.activated.detach().cpu()[None], layers=reports, exact=not reasons,
                           reasons=reasons, seconds=time.perf_counter() - start,
                           features=top.features.cpu(), linear_misfit=top.misfit, notes=notes,
-                          inputs=[results[n].input.cpu() for n in sorted(results)])
+                          inputs=[results[n].input.cpu() for n in sorted(results)],
+                          labels=torch.tensor([label]), image_exact=torch.tensor([not reasons]))
+
+
+def _check_batch_size(batch_size):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise RConvError(f"batch_size must be a whole number >= 1, or None to infer it; got {batch_size!r}")
+
+
+def _one_image(network, grads, options):
+    """Whether the Linear layer's weight gradient is rank one, as one image's is."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    linear = network.linear
+    bias_grad = grads.of(linear.bias).to(**wide)
+    if float(bias_grad.abs().max()) == 0.0:
+        return True  # the single-image path says why nothing can be recovered
+    _, misfit = fc_features(grads.of(linear.weight).to(**wide), bias_grad)
+    return rank_one(misfit, options.tolerances.dtype)
+
+
+def _reconstruct_batch_members(network, grads, sizes, options, cache, batch_size, start):
+    """The attack on a mini-batch's mean gradients: its Linear layer split, then every conv layer for all images."""
+    cache = {} if cache is None else cache  # the batch's images share the factorisations of the weights
+    top = batch_linear_step(network, grads, sizes[-1], options, batch_size)
+    found = len(top.signals)
+    notes = ([f"batch size inferred from the Linear layer's gradients: {found} image(s) found"]
+             if batch_size is None else []) + top.notes
+    trusted = [top.trusted] * found
+    signals, reports, inputs = top.signals, [], []
+    for step in reversed(network.steps) if found else ():
+        previous = network.steps[step.number - 2].activation if step.number > 1 else None
+        layer = batch_conv_step(step, signals, grads, sizes[step.number - 1], options, cache, previous)
+        trusted = [a and b for a, b in zip(trusted, layer.determined)]
+        undetermined = [n for n, ok in enumerate(layer.determined) if not ok]
+        layer_reasons = verdict([layer.report], options.tolerances)
+        if undetermined and not layer_reasons:
+            layer_reasons = [f"conv layer {step.number} ({layer.report.method}): image(s) {undetermined} not "
+                             f"determined at the gradients' precision (condition number up to "
+                             f"{layer.report.cond:.2g})"]
+        if layer_reasons and not layer.report.estimated and layer.report.full_rank:
+            trusted = [False] * found  # a residual or the bias misfit: the batch's data disagree somewhere
+        reports.insert(0, (layer.report, layer_reasons))
+        inputs.insert(0, layer.inputs.cpu())
+        notes.extend(layer.notes)
+        signals = layer.signals
+    reasons = top.reasons + [reason for _, layer_reasons in reports for reason in layer_reasons]
+    channels, height, width = sizes[0]
+    image = torch.stack([s.activated for s in signals]).cpu() if found else torch.zeros(0, channels, height, width,
+                                                                                        dtype=torch.float64)
+    if not found:
+        reasons = reasons or ["Linear layer: no image was found in the batch's gradients"]
+    return Reconstruction(image=image, layers=[r for r, _ in reports], exact=not reasons and all(trusted),
+                          reasons=reasons, seconds=time.perf_counter() - start, features=top.features.cpu(),
+                          notes=notes, inputs=inputs, labels=top.labels.cpu(),
+                          image_exact=torch.tensor(trusted, dtype=torch.bool), batch_size=found)
 
 
 def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **options):

@@ -6,13 +6,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .attack import FIRST_LAYER_METHODS, reconstruct
 from .cases import setup
 from .client import as_dtype, client_gradients
 from .errors import RConvError
 from .models import MODELS, activation_name, preset_name
-from .plotting import plot_reconstruction
-from .reports import image_metrics
+from .plotting import plot_grid, plot_reconstruction
+from .reports import image_metrics, match_batch
 
 
 def _parser():
@@ -27,6 +29,8 @@ def _parser():
     parser.add_argument("--dtype", default="float32", help="precision of the client's gradients")
     parser.add_argument("--first-layer", default="hybrid", choices=FIRST_LAYER_METHODS)
     parser.add_argument("--seed", type=int, default=50, help="seed of the model's initialisation")
+    parser.add_argument("--batch", type=int, default=1, metavar="N",
+                        help="reconstruct N consecutive images (from --index on) from one mean gradient")
     parser.add_argument("--data-root", default=None, help="folder with datasets or sample packs "
                                                            "(default: $RCONV_DATA, then data/)")
     parser.add_argument("--out", default=_DEFAULT_OUT, help="where to save the figure (a file, or an existing "
@@ -86,14 +90,44 @@ def _print_result(args, case, result):
         print(f"note: {note}")
 
 
+def _run_batch(args, case, out):
+    """--batch N: one mean gradient of N images, the batch attack, a table per image and a grid figure."""
+    import pandas as pd
+    grads = client_gradients(case.model, case.images, case.labels, dtype=as_dtype(args.dtype))
+    result = reconstruct(case.model, grads, case.images.shape[1:], first_layer=args.first_layer)
+    matched = match_batch(case.images, case.labels, result)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(result.report().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        print()
+        print(matched.table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\n{case.info['name']} images {args.index}..{args.index + args.batch - 1}, model {args.model}, "
+          f"{args.dtype} mean gradients: {len(result.image)} image(s) found, "
+          f"{int(result.image_exact.sum())} exact, exact: {result.exact}, time {result.seconds:.2f} s")
+    for line in result.reasons + result.notes:
+        print(f"note: {line}")
+    shown = [result.image[j] if j is not None else torch.full_like(case.images[i], float("nan"))
+             for i, j in enumerate(matched.order)]
+    try:
+        plot_grid(list(case.images), shown, path=out, indices=list(range(args.index, args.index + args.batch)),
+                  title=f"R-CONV on a batch of {args.batch} ({args.model}, {args.dtype})")
+    except OSError as error:
+        raise RConvError(f"could not save {out}: {error}") from error
+    print(f"saved {out}")
+    return 0
+
+
 def main(argv=None):
     """python -m rconv_core -d CIFAR100 -i 92 -a ReLU: recover one image and save reconstruction.png."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         out = _figure_path(args.out)
-        case = setup(args.dataset, args.model, [args.index], args.seed, data_root=args.data_root,
-                     **_overrides(args))
+        if args.batch < 1:
+            raise RConvError(f"--batch must be at least 1; got {args.batch}")
+        case = setup(args.dataset, args.model, list(range(args.index, args.index + args.batch)), args.seed,
+                     data_root=args.data_root, **_overrides(args))
+        if args.batch > 1:
+            return _run_batch(args, case, out)
         grads = client_gradients(case.model, case.images[0], case.labels[0], dtype=as_dtype(args.dtype))
         result = reconstruct(case.model, grads, case.images.shape[1:], first_layer=args.first_layer)
     except RConvError as error:

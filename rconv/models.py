@@ -37,6 +37,12 @@ MODELS = {
                         activations=(_LEAKY, _LEAKY, _RELU, _RELU), input_size=128, init="default"),
     "lenet_hr224": dict(channels=(64, 208, 96, 32), strides=(4, 2, 2, 1), padding=(3, 2, 2, 2),
                         activations=(_LEAKY, _LEAKY, _RELU, _RELU), input_size=224, init="default"),
+    # A LeNet for mini-batches: its first two layers have more weight constraints than inputs (24
+    # and 128 filters), so each image's input is determined on its own; the last two have 48
+    # filters, whose 48 * 25 gradient constraints per channel serve a batch of up to 18 images of
+    # 8x8 inputs jointly. PyTorch's default initialisation, as the paper's saturates the softmax.
+    "lenet_batch": dict(channels=(24, 128, 48, 48), strides=(2, 2, 1, 1), activations=(_LEAKY, _LEAKY, _RELU, _RELU),
+                        init="default"),
 }
 # How build_model initialises weights and biases: the paper's U(-0.5, 0.5), or PyTorch's default.
 INITS = ("paper", "default")
@@ -44,7 +50,8 @@ INITS = ("paper", "default")
 # is its Testing network for CIFAR10). dlg_net goes with CIFAR10, as in DLG's paper.
 PRESET_DATASETS = {"lenet": "cifar100", "lenet_c10": "cifar10", "lenet_o": "cifar100", "o_cnn6": "cifar10",
                    "lenet_4_relu": "cifar100", "lenet_all_relu": "cifar100", "dlg_net": "cifar10",
-                   "lenet_hr64": "samples", "lenet_hr128": "samples", "lenet_hr224": "samples"}
+                   "lenet_hr64": "samples", "lenet_hr128": "samples", "lenet_hr224": "samples",
+                   "lenet_batch": "cifar100"}
 # The preset the paper's Testing notebooks attack on each dataset.
 TESTING_PRESETS = {"mnist": "lenet", "cifar10": "lenet_c10", "cifar100": "lenet"}
 

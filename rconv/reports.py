@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -137,7 +138,7 @@ def _verdict(rows):
     return "recoverable"
 
 
-def constraint_report(model, input_shape):
+def constraint_report(model, input_shape, *, batch_size=1):
     """What each conv layer offers R-CONV before any gradient exists: unknowns against constraints.
 
     One row per conv layer. gradient_constraints counts dL/dW entries (F*k*k per input
@@ -151,7 +152,15 @@ def constraint_report(model, input_shape):
     be), and the numerical rank decides in the end. The table's attrs hold the network's
     verdict: attrs["recoverable"] (bool) and attrs["verdict"] ("recoverable", or "not: layer 2
     has 12,288 unknowns and at most 8,896 equations").
+
+    batch_size: count for the mean gradients of B images: B times the unknowns and the weight
+    constraints (each image has its own), the gradient constraints shared (at most B*H*W per
+    channel). max_batch is the largest B each layer supports by counting (inf when its weight
+    constraints suffice image by image), and attrs["max_batch"] the network's: the smallest over its
+    layers, and below the number of classes, which a batch must stay under for its Linear layer to split.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RConvError(f"batch_size must be a whole number >= 1; got {batch_size!r}")
     import pandas as pd
     network = parse_network(model)
     sizes = check_input_shape(network, input_shape)
@@ -160,24 +169,75 @@ def constraint_report(model, input_shape):
         channels, height, width = sizes[step.number - 1]
         filters, out_h, out_w = sizes[step.number]
         kh, kw = step.conv.kernel_size
-        unknowns = channels * height * width
+        unknowns = batch_size * channels * height * width
         along_rows, along_columns = footprints((height, width), (kh, kw), step.conv.stride, step.padding)
         uncovered = height * width - sum(along_rows.covered) * sum(along_columns.covered)
         needed = min_filters((height, width), (kh, kw), step.conv.stride, step.padding)
         gradient_constraints = filters * kh * kw * channels
-        weight_constraints = filters * out_h * out_w
+        weight_constraints = batch_size * filters * out_h * out_w
+        per_image = filters * out_h * out_w
         row = dict(
             layer=step.number, input=f"{channels}x{height}x{width}", filters=filters, kernel=f"{kh}x{kw}",
             stride=step.conv.stride[0], padding=step.padding[0], activation=step.activation,
             unknowns=unknowns, gradient_constraints=gradient_constraints,
             weight_constraints=weight_constraints,
-            max_equations=channels * min(filters * kh * kw, height * width) + weight_constraints,
-            uncovered_pixels=uncovered * channels, min_filters=needed, gradients_suffice=filters >= needed,
+            max_equations=channels * min(filters * kh * kw, batch_size * height * width) + weight_constraints,
+            uncovered_pixels=uncovered * channels, min_filters=needed,
+            gradients_suffice=filters >= needed * batch_size,
             weights_suffice=weight_constraints >= unknowns and uncovered == 0 and step.activation != "relu",
-            weights_need_active=min(1.0, unknowns / weight_constraints))
+            weights_need_active=min(1.0, unknowns / weight_constraints),
+            batch_size=batch_size, max_batch=_layer_max_batch(channels, height * width, filters * kh * kw, per_image,
+                                                              uncovered))
         row["determined_by"] = _determined_by(row)
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["verdict"] = _verdict(rows)
     table.attrs["recoverable"] = table.attrs["verdict"] == "recoverable"
+    classes = network.linear.out_features
+    table.attrs["max_batch"] = int(min(table.max_batch.min(), classes - 1))
     return table
+
+
+def _layer_max_batch(channels, pixels, kernel_rows, weight_rows, uncovered):
+    """The largest batch whose B*C*H*W unknowns a layer's equations can match by counting: each image's
+    weight_rows, plus kernel_rows gradient constraints per channel (B*H*W at most) shared by the batch."""
+    if uncovered:
+        return 0
+    if weight_rows >= channels * pixels:
+        return math.inf
+    return max(kernel_rows // pixels, channels * kernel_rows // (channels * pixels - weight_rows))
+
+
+class BatchMatch(NamedTuple):
+    """A batch's reconstructions matched to its originals (the attack returns them in no particular order)."""
+
+    order: list  # order[i]: the reconstruction matched to original i, or None when fewer were found
+    table: object  # pandas DataFrame, one row per original: image_metrics, labels, image_exact
+
+
+def match_batch(originals, labels, result):
+    """Match each original of a batch to the reconstruction closest to it (least total squared error).
+
+    originals: (B, C, H, W) images; labels: their (B,) true labels; result: reconstruct()'s Reconstruction.
+    """
+    import pandas as pd
+    from scipy.optimize import linear_sum_assignment
+    originals = torch.as_tensor(originals).double()
+    found = result.image.double()
+    if originals.dim() != 4 or found.dim() != 4 or originals.shape[1:] != found.shape[1:]:
+        raise RConvError(f"match_batch needs originals (B, C, H, W) shaped like the reconstruction "
+                         f"{tuple(found.shape)}; got {tuple(originals.shape)}")
+    order = [None] * len(originals)
+    if len(found):
+        cost = torch.cdist(originals.flatten(1), torch.nan_to_num(found, nan=1e9, posinf=1e9,
+                                                                   neginf=-1e9).flatten(1)).numpy()
+        for i, j in zip(*linear_sum_assignment(cost)):
+            order[i] = int(j)
+    rows = []
+    for i, j in enumerate(order):
+        metrics = image_metrics(originals[i], found[j]) if j is not None else \
+            dict(mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan)
+        rows.append(dict(member=i, matched=j, label=int(labels[i]),
+                         recovered_label=int(result.labels[j]) if j is not None else None,
+                         image_exact=bool(result.image_exact[j]) if j is not None else False) | metrics)
+    return BatchMatch(order, pd.DataFrame(rows))

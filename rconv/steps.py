@@ -26,7 +26,7 @@ from .tolerances import Tolerances
 FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
 # The Linear layer's ratio dL/dW / dL/db is well conditioned: its output carries the gradients'
 # rounding amplified at most this much.
-_LINEAR_NOISE_GAIN = 10.0
+LINEAR_NOISE_GAIN = 10.0
 # A layer's recovered input carries its system's condition number times this, in units of eps.
 _SOLVE_NOISE_MARGIN = 10.0
 # A single image's Linear weight gradient is rank one up to this misfit, in units of eps
@@ -60,7 +60,7 @@ class LayerReport:
 class Reconstruction:
     """A recovered image with the per-layer diagnostics that justify (or not) trusting it."""
 
-    image: torch.Tensor  # (1, C, H, W) float64
+    image: torch.Tensor  # (B, C, H, W) float64: one image per member of the batch (B = 1 for one image)
     layers: list = field(default_factory=list)  # LayerReport per conv layer, first to last
     exact: bool = False  # every layer full rank with small residuals, and not moved by project's clipping
     seconds: float = 0.0
@@ -71,6 +71,9 @@ class Reconstruction:
     reasons: list = field(default_factory=list)  # why it is not exact, layer by layer (empty when exact)
     inputs: list = field(default_factory=list)  # recovered input of each conv layer, first to last
     iterations: int = 0  # optimisation steps taken (the baselines); R-CONV takes none
+    labels: torch.Tensor | None = None  # (B,) the recovered label of each image
+    image_exact: torch.Tensor | None = None  # (B,) bool: which images are exact (all of them when exact)
+    batch_size: int = 1  # images in the client's batch, as the Linear layer's gradients tell it
 
     def report(self):
         """The per-layer diagnostics as a pandas DataFrame, in solving order (last layer first)."""
@@ -130,13 +133,18 @@ def fc_features(weight_grad, bias_grad):
     return features, misfit
 
 
+def rank_one(misfit, dtype):
+    """Whether a Linear weight gradient with this rank-one misfit (fc_features) is one image's."""
+    return misfit <= min(_RANK_ONE_CAP, _RANK_ONE_EPS * eps(dtype))
+
+
 def linear_step(network, grads, shape, options, check_batch):
     """The Linear layer's input (the last conv layer's activation output) and the gradient reaching it."""
     wide = dict(device=options.device, dtype=torch.float64)
     linear, dtype = network.linear, options.tolerances.dtype
     bias_grad = grads.of(linear.bias).to(**wide)
     features, misfit = fc_features(grads.of(linear.weight).to(**wide), bias_grad)
-    if check_batch and misfit > min(_RANK_ONE_CAP, _RANK_ONE_EPS * eps(dtype)):
+    if check_batch and not rank_one(misfit, dtype):
         raise RConvError(f"the Linear layer's weight gradient is not rank one (relative misfit {misfit:.2g}); "
                          f"these look like the gradients of a batch of more than one image, and R-CONV "
                          f"recovers a single image (pass check_batch=False to try anyway)")
@@ -147,7 +155,7 @@ def linear_step(network, grads, shape, options, check_batch):
                      f"(largest entry {largest:.2g}), so the gradients keep only a few significant bits")
     activated = features.view(shape)
     activated_grad = (linear.weight.detach().to(**wide).T @ bias_grad).view(shape)
-    noise = Noise(gain=_LINEAR_NOISE_GAIN, negative=max(0.0, -float(activated.min())))
+    noise = Noise(gain=LINEAR_NOISE_GAIN, negative=max(0.0, -float(activated.min())))
     return _LinearStep(features, misfit, Signal(activated, activated_grad, noise), notes)
 
 

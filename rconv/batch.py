@@ -1,0 +1,267 @@
+"""The steps of the attack on a mini-batch: its Linear layer split into images, then each conv layer.
+
+A client that trains on B images shares the mean of their gradients. split_linear reads each
+image's Linear-layer input (its features) and its share c_n = delta_n / B of dL/dlogits off the
+Linear layer's gradients; from there every conv layer is solved for all the batch's inputs:
+
+* gradient constraints are shared by the whole batch: sum_n A_n x_n[c] = dL/dW[:, c], one system of
+  B*H*W unknowns per input channel, with the same matrix [A_1 ... A_B] for every channel;
+* weight constraints stay per image: M x_n + b = O_n where image n's pre-activation is known;
+* where neither alone can determine the inputs, both jointly (one dense system), if small enough.
+
+Each layer reports the batch as a whole; each image is trusted only if every layer determined it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import NamedTuple
+
+import torch
+
+from .activations import Noise
+from .linear_split import split_linear
+from .memory import check
+from .solvers import TINY, System, eps, rank_rtol, solve
+from .steps import (LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of,
+                    project_input)
+from .systems import counted_equations, estimate_layer, solve_layer
+
+# A joint system of both kinds of constraint over the whole batch is solved dense, up to this
+# many unknowns (a 6,848 x 6,144 matrix for two of the paper's LeNet layer-2 inputs, ~0.3 GB).
+JOINT_DENSE_MAX_UNKNOWNS = 8192
+_FLOAT64_BYTES = 8
+# A layer's input is trusted when cond * eps(dtype) stays within the relative error the precision is
+# held to: the exactness targets, 1e-6 from float64 gradients, 1e-3 from float32.
+_EXACT_RELATIVE = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+class BatchLinear(NamedTuple):
+    """The Linear layer of a batch: one Signal per image found, their labels, and what the split said."""
+
+    signals: list
+    features: torch.Tensor  # (B, N)
+    labels: torch.Tensor  # (B,)
+    trusted: bool  # the split vouches for every member (status "ok")
+    reasons: list
+    notes: list
+
+
+class BatchLayer(NamedTuple):
+    """One conv layer solved for a whole batch."""
+
+    inputs: torch.Tensor  # (B, C, H, W)
+    report: LayerReport
+    signals: list  # Signal per image for the layer below
+    determined: list  # bool per image: this layer determined its input
+    notes: tuple
+
+
+def batch_linear_step(network, grads, shape, options, batch_size):
+    """Split the Linear layer's gradients into the batch's images: features, gradients reaching them, labels."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    linear = network.linear
+    weight = linear.weight.detach().to(**wide)
+    split = split_linear(grads.of(linear.weight).to(**wide), grads.of(linear.bias).to(**wide), weight,
+                         linear.bias.detach().to(**wide), dtype=options.tolerances.dtype, batch_size=batch_size)
+    signals = []
+    for features, contribution in zip(split.features.to(**wide), split.contributions.to(**wide)):
+        activated = features.view(shape)
+        signals.append(Signal(activated, (weight.T @ contribution).view(shape),
+                              Noise(gain=LINEAR_NOISE_GAIN, negative=max(0.0, -float(activated.min())))))
+    notes = [f"Linear layer: batch split {split.status}: {len(signals)} image(s) found, batch size "
+             f"{split.batch_size}, gradient rank {split.rank}"] + list(split.notes)
+    reasons = [f"Linear layer: the batch split is {split.status}: {reason}" for reason in split.reasons]
+    if split.status != "ok" and not reasons:
+        reasons.append(f"Linear layer: the batch split is {split.status}")
+    return BatchLinear(signals, split.features.to(**wide), split.labels, split.status == "ok", reasons, notes)
+
+
+def _joint_gradients(equations, rhs, dtype, memory_limit, label):
+    """sum_n A_n x_n[c] = dL/dW[:, c] for every channel c: one dense (F*k*k, B*H*W) matrix for all channels."""
+    rows, pixels = equations[0].gradients.shape
+    check(2 * rows * pixels * len(equations) * _FLOAT64_BYTES,
+          f"{label}: the batch's gradient-constraint matrix ({rows:,} x {pixels * len(equations):,}, dense)",
+          memory_limit)
+    matrix = torch.cat([e.gradients.matrix for e in equations], dim=1)
+    system = System(tuple(matrix.shape), lambda x: matrix @ x, lambda y: matrix.T @ y, rhs, matrix=matrix)
+    x, spectrum = solve(system, rank_rtol(dtype, system.shape))
+    return x, spectrum, system.residual(x)  # x: (B*H*W, C)
+
+
+def _joint_hybrid(equations, rhs, dtype, memory_limit, label):
+    """Both kinds jointly: each image's known weight rows on its own block, the shared gradient rows on all."""
+    batch, channels, pixels = len(equations), equations[0].channels, equations[0].pixels
+    unknowns = batch * channels * pixels
+    weight_rows = sum(int(e.known.sum()) for e in equations)
+    gradient_rows = channels * equations[0].gradients.shape[0]
+    check(3 * (weight_rows + gradient_rows) * unknowns * _FLOAT64_BYTES,
+          f"{label}: the batch's joint constraint matrix ({weight_rows + gradient_rows:,} x {unknowns:,}, dense)",
+          memory_limit)
+    blocks = [e.weights.dense()[e.known] for e in equations]
+    weights = torch.block_diag(*blocks)
+    gradients = torch.cat([e.gradients.matrix for e in equations], dim=1)  # (F*k*k, B*H*W)
+    # Row block of channel c: A_n on the columns of (image n, channel c); columns run (image, channel, pixel).
+    spread = torch.zeros(channels, gradients.shape[0], batch, channels, pixels, dtype=gradients.dtype,
+                         device=gradients.device)
+    for c in range(channels):
+        spread[c, :, :, c, :] = gradients.view(-1, batch, pixels)
+    spread = spread.reshape(gradient_rows, unknowns)
+    # Each kind scaled to unit Frobenius norm, as for one image, so that neither dominates.
+    weight_scale = 1.0 / max(float(torch.linalg.norm(weights)), TINY)
+    gradient_scale = 1.0 / max(float(torch.linalg.norm(gradients)) * math.sqrt(channels), TINY)
+    matrix = torch.cat([weights * weight_scale, spread * gradient_scale])
+    outputs = torch.cat([e.output for e in equations]) * weight_scale
+    target = torch.cat([outputs, rhs.T.reshape(-1) * gradient_scale])[:, None]
+    system = System(tuple(matrix.shape), lambda x: matrix @ x, lambda y: matrix.T @ y, target, matrix=matrix)
+    x, spectrum = solve(system, rank_rtol(dtype, system.shape))
+    return x.view(batch, channels, pixels), spectrum, system.residual(x)
+
+
+def _methods(equations, unknowns, determined_above):
+    """The methods to try on a batch layer, in order, or ["estimate"] with the reason when none can determine it.
+
+    Per-image weight constraints go first where every image has enough of them (their
+    factorisation is cached per model), then the batch's gradient constraints where they are enough,
+    then both jointly, small enough to be solved dense.
+    """
+    if not determined_above:
+        return ["estimate"], "a layer above it was not determined"
+    rows, pixels = equations[0].gradients.shape
+    batch = len(equations)
+    order = ["weights"] if all(int(e.known.sum()) >= e.unknowns for e in equations) else []
+    if rows >= batch * pixels:
+        order.append("gradients")
+    counted = equations[0].channels * min(rows, batch * pixels) + sum(int(e.known.sum()) for e in equations)
+    if counted < unknowns and not order:
+        return ["estimate"], f"{unknowns:,} unknowns over the batch and at most {counted:,} equations"
+    if unknowns <= JOINT_DENSE_MAX_UNKNOWNS:
+        order.append("gradients+weights")
+    if not order:
+        return ["estimate"], (f"its joint system over the batch has {unknowns:,} unknowns, more than the "
+                              f"{JOINT_DENSE_MAX_UNKNOWNS:,} this version solves jointly")
+    return order, ""
+
+
+def _trusted(spectrum, residual, unknowns, tolerances):
+    """Full rank, a small residual, and a condition number the gradients' precision can bear."""
+    return (spectrum.rank == unknowns and residual <= tolerances.residual
+            and spectrum.cond * eps(tolerances.dtype) <= _EXACT_RELATIVE.get(tolerances.dtype, _EXACT_RELATIVE[torch.float32]))
+
+
+class _Solved(NamedTuple):
+    """A batch layer's inputs as one method found them."""
+
+    x: torch.Tensor  # (B, C, H, W)
+    spectra: list  # Spectrum per image (the joint one, repeated, for joint systems)
+    rank: int
+    cond: float
+    residual: float
+    determined: list  # bool per image
+    method: str  # "gradients", "weights", "gradients+weights" or "estimate"
+    notes: tuple = ()
+
+
+def _solve_joint(method, equations, weight_grad, options, label):
+    batch, channels = len(equations), equations[0].channels
+    height, width = equations[0].gradients.input_size
+    dtype = options.tolerances.dtype
+    if method == "gradients":
+        x, spectrum, residual = _joint_gradients(equations, weight_grad, dtype, options.memory_limit, label)
+        x = x.T.reshape(channels, batch, height, width).transpose(0, 1)
+        # One matrix serves every channel: its rank counts once per channel.
+        ok = _trusted(spectrum, residual, batch * height * width, options.tolerances)
+        return _Solved(x, [spectrum] * batch, spectrum.rank * channels, spectrum.cond, residual, [ok] * batch,
+                       method)
+    x, spectrum, residual = _joint_hybrid(equations, weight_grad, dtype, options.memory_limit, label)
+    ok = _trusted(spectrum, residual, batch * channels * height * width, options.tolerances)
+    return _Solved(x.view(batch, channels, height, width), [spectrum] * batch, spectrum.rank, spectrum.cond,
+                   residual, [ok] * batch, method)
+
+
+def _solve_per_image(equations, options, label, why):
+    """Each image from its own weight constraints, or (why given) only a minimum-norm estimate of each."""
+    channels = equations[0].channels
+    height, width = equations[0].gradients.input_size
+    if why:
+        solved = [estimate_layer(e, "weights", label, why) for e in equations]
+        rank_bound = sum(counted_equations(e, "weights") for e in equations) + \
+            channels * min(equations[0].gradients.shape[0], len(equations) * height * width)
+        rank = min(rank_bound, sum(e.unknowns for e in equations))
+        determined = [False] * len(equations)
+        notes = (f"{label}: not determined ({why}); each image's input is a minimum-norm estimate from its own "
+                 f"weight constraints",)
+    else:
+        solved = [solve_layer(e, "weights", options.tolerances.dtype, memory_limit=options.memory_limit,
+                              label=label) for e in equations]
+        rank = sum(s.spectrum.rank for s in solved)
+        determined = [_trusted(s.spectrum, s.residual, e.unknowns, options.tolerances)
+                      for s, e in zip(solved, equations)]
+        notes = tuple(note for s in solved for note in s.notes)
+    return _Solved(torch.stack([s.x.reshape(channels, height, width) for s in solved]),
+                   [s.spectrum for s in solved], rank, max(s.spectrum.cond for s in solved),
+                   max(s.residual for s in solved), determined, "estimate" if why else "weights", notes)
+
+
+def _solve_batch_layer(methods, why, equations, weight_grad, options, label):
+    """The layer's inputs by the first method that determines every image, else by the one that determined most."""
+    if methods == ["estimate"]:
+        return _solve_per_image(equations, options, label, why)
+    best = None
+    for method in methods:
+        if method == "weights":
+            solved = _solve_per_image(equations, options, label, "")
+        else:
+            solved = _solve_joint(method, equations, weight_grad, options, label)
+        if best is None or sum(solved.determined) > sum(best.determined):
+            best = solved
+        if all(best.determined):
+            break
+    return best
+
+
+def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_activation):
+    """Recover one conv layer's inputs for every image of the batch; report the layer; pass the gradients below."""
+    start = time.perf_counter()
+    channels, height, width = input_shape
+    batch, label = len(signals), step.label
+    built = [layer_equations(step, s, grads, input_shape, options, cache, repair=False) for s in signals]
+    equations = [b[0] for b in built]
+    output_grads = torch.stack([b[1] for b in built])
+    weight_grad = equations[0].gradients.rhs  # the batch's dL/dW, (F*k*k, C)
+    unknowns = batch * channels * height * width
+    methods, why = _methods(equations, unknowns, all(s.determined for s in signals))
+    solved = _solve_batch_layer(methods, why, equations, weight_grad, options, label)
+    x = solved.x
+    # The batch's gradient constraints check what per-image solves never used.
+    shared = _gradient_misfit(equations, x, weight_grad)
+    noises = [noise_of(spectrum, xn, options.tolerances.dtype) for spectrum, xn in zip(solved.spectra, x)]
+    projected = [project_input(xn, previous_activation, options) for xn in x]
+    x = torch.stack([p[0] for p in projected])
+    weight_rows = sum(int(e.known.sum()) for e in equations)
+    gradient_rows = channels * weight_grad.shape[0]
+    report = LayerReport(
+        layer=step.number, method=f"{solved.method} (batch of {batch})",
+        equations={"gradients": gradient_rows, "weights": weight_rows}.get(solved.method,
+                                                                           gradient_rows + weight_rows),
+        unknowns=unknowns, rank=solved.rank, cond=solved.cond, residual=max(solved.residual, shared),
+        bias_residual=bias_misfit(output_grads, grads.of(step.conv.bias).to(output_grads) if step.conv.bias
+                                  is not None else None),
+        known_outputs=float(torch.stack([e.known.double().mean() for e in equations]).mean()),
+        seconds=time.perf_counter() - start, estimated=solved.method == "estimate",
+        clipped=max(p[1] for p in projected))
+    weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
+    input_grads = torch.nn.grad.conv2d_input((batch, channels, height, width), weight, output_grads,
+                                             stride=step.conv.stride, padding=step.padding)
+    below = [Signal(xn, gn, noise, s.determined and ok)
+             for xn, gn, noise, s, ok in zip(x, input_grads, noises, signals, solved.determined)]
+    return BatchLayer(x, report, below, solved.determined, solved.notes)
+
+
+def _gradient_misfit(equations, x, weight_grad):
+    """|sum_n A_n x_n - dL/dW| / |dL/dW|: do the batch's inputs reproduce its shared weight gradient?"""
+    total = sum(e.gradients.apply(xn.reshape(xn.shape[0], -1).T) for e, xn in zip(equations, x))
+    return float(torch.linalg.norm(total - weight_grad) / torch.linalg.norm(weight_grad).clamp_min(TINY))
+
+
