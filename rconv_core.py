@@ -10,6 +10,7 @@ is known, its weight constraints). This module is the suite's public API; the pa
 from rconv.activations import RELU_TESTS
 from rconv.attack import FIRST_LAYER_METHODS, LayerReport, Reconstruction, reconstruct, reconstruct_batch
 from rconv.baselines import BASELINES, breaching_missing, compare_baselines, run_baseline
+from rconv.batches import batch_summary, batch_sweep
 from rconv.cases import Case, setup
 from rconv.cli import main
 from rconv.client import DEFENCES, DTYPES, as_dtype, client_gradients, defend
@@ -24,9 +25,9 @@ from rconv.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TES
 from rconv.parallel import SweepFailed, distributed_missing, executor_for
 from rconv.paths import resolve_path
 from rconv.plotting import (plot_defences, plot_filters, plot_grid, plot_methods, plot_precision, plot_psnr,
-                            plot_reconstruction, plot_sizes, plot_success)
-from rconv.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, output_gradients,
-                           solve_steps)
+                            plot_reconstruction, plot_sizes, plot_success, plot_batches)
+from rconv.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, match_batch,
+                           output_gradients, solve_steps)
 from rconv.tolerances import default_relu_tol
 
 __all__ = [
@@ -38,15 +39,16 @@ __all__ = [
     "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
     "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport",  # the attack
-    "split_linear", "LinearSplit",  # a mini-batch's Linear layer
+    "split_linear", "LinearSplit", "match_batch",  # mini-batches: the Linear layer split, results matched
     "FIRST_LAYER_METHODS", "RELU_TESTS",
     "BASELINES", "run_baseline", "compare_baselines", "breaching_missing",  # optimisation baselines
     "image_metrics", "constraint_report", "solve_steps", "layer_inputs", "output_gradients",  # metrics, reports
     "attack_grid", "attack_images", "filter_sweep", "summarize", "success_rates", "breaking_points",
     "filter_summary", "size_sweep", "size_summary", "BROKEN_PSNR",  # experiment loops
+    "batch_sweep", "batch_summary",  # the mini-batch study
     "executor_for", "SweepFailed", "distributed_missing",  # experiment loops on a Dask cluster
     "plot_reconstruction", "plot_grid", "plot_methods", "plot_psnr", "plot_precision", "plot_defences",
-    "plot_filters", "plot_success", "plot_sizes",  # plotting
+    "plot_filters", "plot_success", "plot_sizes", "plot_batches",  # plotting
     "main",  # command line
 ]
 

@@ -87,13 +87,17 @@ NOTEBOOKS = {
     "High_resolution": Notebook("Experiments/High_resolution.ipynb", "experiments/high_resolution", {},
                                 dict(n_images=2, networks=[["lenet", 32], ["lenet_hr64", 64]],
                                      counterexamples=[["lenet", 64]], wide_images=0)),
+    "Batches": Notebook("Experiments/Batches.ipynb", "experiments/batches", {},
+                        dict(datasets=["cifar100"], models=["lenet_batch"], batch_sizes=[1, 2], dtypes=["float64"],
+                             baseline_sizes=[2], baseline_iterations={"dlg": 2, "inverting_gradients": 2},
+                             show_size=2)),
 }
-EXPERIMENTS = ("Precision", "Defences", "Filters", "Success_rates", "Baselines", "High_resolution")
+EXPERIMENTS = ("Precision", "Defences", "Filters", "Success_rates", "Baselines", "High_resolution", "Batches")
 # Parameters that say how a notebook was run, not what it computed: never baked into a stored
 # notebook (a cluster's address means nothing to a reader, and would fail a rerun).
 HOW_RUN = ("scheduler",)
 # The Experiments whose sweeps take a `scheduler`; High_resolution stays serial, as it measures time and memory.
-ON_CLUSTER = ("Precision", "Defences", "Filters", "Success_rates", "Baselines")
+ON_CLUSTER = ("Precision", "Defences", "Filters", "Success_rates", "Baselines", "Batches")
 
 
 class _Refused(Exception):
@@ -581,12 +585,28 @@ def _finding(name, folder):
                              for model, part in medians.groupby(level="model", sort=False))
         if name == "High_resolution":
             return _high_resolution_finding(summary)
+        if name == "Batches":
+            return _batches_finding(summary)
         if name == "Success_rates":
             parts = [f"{row.model} {row.dtype} {row.exact:.1%}" for row in summary.itertuples()]  # as the figure
             return "exact: " + ", ".join(parts)
     except (OSError, KeyError, ValueError, AttributeError):
         return "see the notebook"
     return ""
+
+
+def _batches_finding(summary):
+    """Per dataset, network and dtype: the largest batch whose images all came back exact, against the counting
+    bound; then images claimed exact beyond the bound (none, if the attack is honest)."""
+    rconv = summary[summary.method == "rconv"]
+    parts = []
+    for (dataset, model, dtype), part in rconv.groupby(["dataset", "model", "dtype"], sort=False):
+        whole = part[part.exact == 1.0].batch_size
+        parts.append(f"{dataset} {model} {dtype}: all exact up to B = {whole.max() if len(whole) else 0} "
+                     f"(counting bound {part.max_batch.iloc[0]})")
+    beyond = rconv[rconv.batch_size > rconv.max_batch]
+    claimed = int((beyond.exact * beyond.images).round().sum()) if len(beyond) else 0
+    return "; ".join(parts) + f"; beyond the bound {claimed} of {int(beyond.images.sum())} images claimed exact"
 
 
 def _high_resolution_finding(summary):

@@ -115,8 +115,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
             layer input that clipping moves beyond the residual tolerance is not exact.
         image_range: (low, high) with low < high, the values of the image's pixels, for project.
         device: where to solve ("cpu", "cuda"); None means the gradients' device.
-        check_batch: with batch_size=1, refuse gradients whose Linear layer is not rank one (a batch
-            of several images) rather than attack them as one image.
+        check_batch: refuse gradients whose Linear layer is not rank one (a batch of several images)
+            as one image's (batch_size=1), or attack them as a batch (batch_size=None); False
+            attacks any gradients as one image's (defended gradients are never quite rank one).
         cache: a dict shared between calls on the same model, holding what depends only on the weights.
         memory_limit: bytes the solves may take (None: three quarters of the memory available); a
             solve that would need more raises RConvError naming the layer before allocating it.
@@ -137,7 +138,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     options = _options(network, grads, dict(first_layer=first_layer, methods=methods, relu_test=relu_test,
                                             relu_tol=relu_tol, project=project, image_range=image_range,
                                             device=device, memory_limit=memory_limit))
-    if batch_size != 1 and not _one_image(network, grads, options):
+    if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
         return _reconstruct_batch_members(network, grads, sizes, options, cache, batch_size, start)
     top = linear_step(network, grads, sizes[-1], options, check_batch)
     signal, results = top.signal, {}

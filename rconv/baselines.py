@@ -75,7 +75,7 @@ def _config(breaching, name, shape, iterations):
         return breaching.get_config(overrides=overrides), notes
 
 
-def run_baseline(name, model, grads, input_shape, label=None, iterations=None, seed=0):
+def run_baseline(name, model, grads, input_shape, label=None, iterations=None, seed=0, batch_size=1):
     """An optimisation attack of the breaching package on the same gradients, as a Reconstruction.
 
     Args:
@@ -85,6 +85,8 @@ def run_baseline(name, model, grads, input_shape, label=None, iterations=None, s
         iterations: optimisation steps; None keeps breaching's default (DLG 1200, Inverting
             Gradients 24000, far beyond a CPU budget).
         seed: seed of the random starting image.
+        batch_size: the number of images behind the (mean) gradients; breaching optimises that many
+            images at once (label: then one per image, or None).
     The breaching package is optional: pip install -r requirements-baselines.txt.
     """
     if name not in BASELINES:
@@ -102,9 +104,13 @@ def run_baseline(name, model, grads, input_shape, label=None, iterations=None, s
                                      classes=network.linear.out_features, mean=[0.0] * shape[0],
                                      std=[1.0] * shape[0]))
     payload = [dict(parameters=[p.detach().float() for p in model.parameters()], buffers=None, metadata=metadata)]
-    labels = None if label is None else torch.as_tensor([int(label)])
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RConvError(f"batch_size must be a whole number >= 1; got {batch_size!r}")
+    labels = None if label is None else torch.as_tensor(label, dtype=torch.long).reshape(-1)
+    if labels is not None and len(labels) != batch_size:
+        raise RConvError(f"run_baseline needs one label per image: {len(labels)} for a batch of {batch_size}")
     shared = [dict(gradients=[g.detach().float().clone() for g in grads], buffers=None,
-                   metadata=dict(num_data_points=1, labels=labels, local_hyperparams=None))]
+                   metadata=dict(num_data_points=batch_size, labels=labels, local_hyperparams=None))]
     chatter = io.StringIO()
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
@@ -112,11 +118,15 @@ def run_baseline(name, model, grads, input_shape, label=None, iterations=None, s
         output, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
     seconds = time.perf_counter() - start
     found = output.get("labels")
-    found = int(found.reshape(-1)[0].argmax() if found is not None and found.dtype.is_floating_point
-                else found.reshape(-1)[0]) if found is not None else None
-    return Reconstruction(image=output["data"][:1].detach().double().cpu(), exact=False, seconds=seconds,
+    if found is not None:
+        found = (found.argmax(-1) if found.dtype.is_floating_point and found.dim() > 1 else found).reshape(-1)
+        found = found[:batch_size].long().cpu()
+    note = f"label found: {int(found[0])}" if found is not None and batch_size == 1 else f"labels found: " \
+        f"{found.tolist() if found is not None else None}"
+    return Reconstruction(image=output["data"][:batch_size].detach().double().cpu(), exact=False, seconds=seconds,
                           method=name, iterations=int(config.attack.optim.max_iterations),
-                          notes=[f"label found: {found}", *notes])
+                          notes=[note, *notes], labels=found, batch_size=batch_size,
+                          image_exact=torch.zeros(batch_size, dtype=torch.bool))
 
 
 class _CompareTask(NamedTuple):

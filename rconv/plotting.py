@@ -388,3 +388,46 @@ def plot_sizes(table, path=None):
                         **below)
     figure.suptitle("R-CONV at high resolution", fontsize=10)
     return _save(figure, path)
+
+
+_METHOD_STYLES = {"rconv": ("-", "o"), "dlg": (":", "v"), "idlg": (":", "^"), "inverting_gradients": ("--", "s")}
+
+
+def plot_batches(table, path=None):
+    """A batch_sweep table (or its CSV): exact share, median PSNR and seconds against batch size.
+
+    Colour: network and dtype; line style: the attack (R-CONV solid, baselines dotted or dashed);
+    a grey line marks each network's counting bound (max_batch) where it falls inside the plot.
+    """
+    from matplotlib.lines import Line2D
+    from .batches import batch_summary
+    plt = _pyplot()
+    summary = batch_summary(_table(table))
+    if summary.empty:
+        raise RConvError("plot_batches needs a batch_sweep table with at least one row")
+    figure, axes = plt.subplots(1, 3, figsize=(15, 5.2))
+    series = list(dict.fromkeys(zip(summary.model, summary.dtype)))
+    palette = plt.get_cmap("tab10")
+    colours = {key: palette(k % 10) for k, key in enumerate(series)}
+    panels = (("exact", "share of images exact"), ("median_psnr", "median PSNR (dB)"),
+              ("seconds", "seconds per batch (median)"))
+    for axis, (column, label) in zip(axes, panels):
+        for (method, model, dtype), part in summary.groupby(["method", "model", "dtype"], sort=False):
+            style, marker = _METHOD_STYLES.get(method, ("-.", "x"))
+            axis.plot(part.batch_size, part[column], linestyle=style, marker=marker, color=colours[(model, dtype)])
+        for model, bound in dict(zip(summary.model, summary.max_batch)).items():
+            if bound < summary.batch_size.max():
+                axis.axvline(bound + 0.5, color="grey", linewidth=0.8, linestyle="-.")
+        axis.set_xlabel("batch size B")
+        axis.set_ylabel(label)
+        axis.set_xscale("log", base=2)
+    axes[2].set_yscale("log")
+    axes[0].set_ylim(-0.05, 1.05)
+    handles = [Line2D([], [], color=colours[key], linewidth=2, label=f"{key[0]}, {key[1]}") for key in series]
+    handles += [Line2D([], [], color="black", linestyle=s, marker=m, label=name)
+                for name, (s, m) in _METHOD_STYLES.items() if name in set(summary.method)]
+    handles.append(Line2D([], [], color="grey", linestyle="-.", label="counting bound (max_batch)"))
+    for axis in axes:
+        axis.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    figure.suptitle("R-CONV on mini-batches: one mean gradient, every image", fontsize=10)
+    return _save(figure, path)

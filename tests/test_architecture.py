@@ -14,9 +14,11 @@ LAYERS = [
     {"tolerances", "activations", "equations"},
     {"systems"},
     {"steps"},
+    {"batch"},
     {"attack"},
     {"reports", "cases"},
     {"experiments", "baselines"},
+    {"batches"},
     {"plotting"},
     {"cli"},
 ]
