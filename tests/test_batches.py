@@ -1,0 +1,142 @@
+"""Mini-batches: every image and label of a batch from one mean gradient, honestly reported."""
+import math
+
+import pytest
+import torch
+
+import rconv_core as rc
+# lenet_batch's factorisations (they depend only on its weights), shared by this module's attacks.
+CACHE = {}
+
+
+@pytest.fixture(scope="module")
+def cifar_batch(packs):
+    """lenet_batch on the first 8 CIFAR100 images."""
+    return rc.setup("cifar100", "lenet_batch", range(8), data_root=packs)
+
+
+def attack(case, size, dtype, **options):
+    images, labels = case.images[:size], case.labels[:size]
+    grads = rc.client_gradients(case.model, images, labels, dtype=dtype)
+    result = rc.reconstruct(case.model, grads, tuple(images.shape[1:]), cache=CACHE, **options)
+    return result, rc.match_batch(images, labels, result)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_a_batch_comes_back_exact_from_float64_with_its_labels(cifar_batch, size):
+    result, matched = attack(cifar_batch, size, torch.float64)
+    assert result.image.shape == (size, 3, 32, 32) and result.batch_size == size
+    assert result.exact and result.image_exact.all() and not result.reasons
+    assert (matched.table.max_abs_err <= 1e-6).all()
+    assert sorted(result.labels.tolist()) == sorted(cifar_batch.labels[:size].tolist())
+    assert (matched.table.label == matched.table.recovered_label).all()
+    assert any("batch size inferred" in note for note in result.notes)
+    assert [r.layer for r in result.layers] == [1, 2, 3, 4]
+    assert all(r.unknowns == size * math.prod(s) and r.full_rank for r, s in
+               zip(result.layers, [(3, 32, 32), (24, 16, 16), (128, 8, 8), (48, 8, 8)]))
+
+
+def test_a_batch_of_eight_from_float32_is_above_60_db(cifar_batch):
+    result, matched = attack(cifar_batch, 8, torch.float32)
+    assert len(result.image) == 8
+    assert (matched.table.psnr >= 60).all()
+    # exact claimed only within the float32 target
+    claimed = matched.table[matched.table.image_exact]
+    assert (claimed.max_abs_err <= 1e-3).all()
+
+
+def test_a_known_batch_size_gives_the_same_images(cifar_batch):
+    inferred, _ = attack(cifar_batch, 2, torch.float64)
+    given, _ = attack(cifar_batch, 2, torch.float64, batch_size=2)
+    assert given.exact and not any("inferred" in note for note in given.notes)
+    torch.testing.assert_close(torch.sort(given.image.flatten(1), 0).values,
+                               torch.sort(inferred.image.flatten(1), 0).values, rtol=0, atol=1e-9)
+
+
+def test_one_image_is_unchanged_by_batch_inference(cifar_batch):
+    image, label = cifar_batch.images[0], cifar_batch.labels[0]
+    grads = rc.client_gradients(cifar_batch.model, image, label, dtype=torch.float64)
+    inferred = rc.reconstruct(cifar_batch.model, grads, (3, 32, 32), cache=CACHE)
+    single = rc.reconstruct(cifar_batch.model, grads, (3, 32, 32), batch_size=1, cache=CACHE)
+    assert torch.equal(inferred.image, single.image) and inferred.exact and inferred.batch_size == 1
+    assert inferred.labels.tolist() == [int(label)] and inferred.image_exact.tolist() == [True]
+
+
+def test_the_paper_lenet_beyond_its_bound_is_never_exact(packs):
+    case = rc.setup("cifar100", "lenet", range(4), init="default", data_root=packs)
+    report = rc.constraint_report(case.model, (3, 32, 32), batch_size=4)
+    assert report.attrs["max_batch"] == 2 and report.max_batch.tolist()[1] == 2
+    grads = rc.client_gradients(case.model, case.images, case.labels, dtype=torch.float64)
+    result = rc.reconstruct(case.model, grads, (3, 32, 32))
+    assert len(result.image) == 4 and not result.exact and not result.image_exact.any()
+    assert any("conv layer 2" in reason and "not determined" in reason for reason in result.reasons)
+
+
+def test_a_batch_of_k_or_more_images_is_reported_not_crashed():
+    model = rc.build_model("lenet_batch", num_classes=3, init="default")
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    grads = rc.client_gradients(model, images, torch.tensor([0, 1, 2, 0]), dtype=torch.float64)
+    result = rc.reconstruct(model, grads, (3, 32, 32))
+    assert not result.exact and result.reasons
+    assert result.image.dim() == 4 and len(result.image_exact) == len(result.image)
+
+
+def test_counting_gives_max_batch():
+    model = rc.build_model("lenet_batch", num_classes=100)
+    report = rc.constraint_report(model, (3, 32, 32), batch_size=4)
+    assert report.batch_size.tolist() == [4] * 4
+    assert report.unknowns.tolist() == [4 * 3072, 4 * 6144, 4 * 8192, 4 * 3072]
+    assert report.attrs["max_batch"] == 30  # layer 3: 128 * 1200 // (8192 - 3072)
+    assert rc.constraint_report(rc.build_model("lenet_batch", num_classes=10), (3, 32, 32)).attrs["max_batch"] == 9
+    with pytest.raises(rc.RConvError, match="batch_size must be a whole number >= 1; got 0"):
+        rc.constraint_report(model, (3, 32, 32), batch_size=0)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_a_bad_batch_size_is_named(bad):
+    model = rc.build_model("lenet")
+    grads = [torch.zeros_like(p) for p in model.parameters()]
+    with pytest.raises(rc.RConvError, match="batch_size must be a whole number >= 1"):
+        rc.reconstruct(model, grads, (3, 32, 32), batch_size=bad)
+
+
+def test_match_batch_refuses_mismatched_shapes(cifar_batch):
+    result = rc.Reconstruction(image=torch.zeros(2, 3, 32, 32), labels=torch.tensor([0, 1]),
+                               image_exact=torch.tensor([False, False]))
+    with pytest.raises(rc.RConvError, match="match_batch needs originals"):
+        rc.match_batch(cifar_batch.images[:2, :, :16], cifar_batch.labels[:2], result)
+
+
+@pytest.mark.slow
+def test_batch_sweep_rows_and_summary(packs):
+    table = rc.batch_sweep("cifar100", ["lenet_batch"], [1, 2], dtypes=["float64"], data_root=packs, progress=False)
+    assert len(table) == 3 and set(table.batch_size) == {1, 2}
+    assert table.image_exact.all() and (table.within_bound).all() and (table.init == "default").all()
+    summary = rc.batch_summary(table)
+    assert summary.exact.tolist() == [1.0, 1.0] and summary.labels_right.tolist() == [1.0, 1.0]
+    with pytest.raises(rc.RConvError, match="batch_sizes must be whole numbers"):
+        rc.batch_sweep("cifar100", ["lenet_batch"], [0])
+
+
+@pytest.mark.slow
+def test_the_command_line_takes_a_batch(tmp_path, capsys, packs):
+    args = ["--model", "lenet_batch", "-d", "cifar100", "-i", "0", "--dtype", "float64",
+            "--out", str(tmp_path / "b.png"), "--data-root", str(packs)]
+    assert rc.main(args + ["--batch", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 image(s) found, 2 exact" in printed and (tmp_path / "b.png").exists()
+    with pytest.raises(SystemExit):
+        rc.main(args + ["--batch", "0"])
+    assert "--batch must be at least 1" in capsys.readouterr().err
+
+
+def test_duplicate_labels_are_reported_not_crashed(cifar_batch):
+    images = cifar_batch.images[:2]
+    grads = rc.client_gradients(cifar_batch.model, images, torch.tensor([5, 5]), dtype=torch.float64)
+    result = rc.reconstruct(cifar_batch.model, grads, (3, 32, 32), cache=CACHE)
+    assert result.image.dim() == 4 and len(result.image_exact) == len(result.image)
+    if result.exact:  # claimed exact only if every image really is
+        matched = rc.match_batch(images, torch.tensor([5, 5]), result)
+        assert (matched.table.max_abs_err <= 1e-6).all()
+    else:
+        assert result.reasons
