@@ -16,6 +16,15 @@ The "Size ..." rows are the size sweep of issue 11: the sample photos at 32, 64,
 on the network recoverable at each size (the lenet_hr presets from 64 px on), and the paper's
 LeNet at 96 px, which is not recoverable there and must say so quickly.
 
+The "Success_rates ..." rows (only on request: --only workers; they need dask.distributed) time
+the Success_rates notebook's sweep, reduced (WORKER_SWEEP), run serially, on a Dask LocalCluster
+of 1 worker and on one of 2 workers (one thread each), as the notebook's `scheduler` None, 1 and 2
+run it: a fresh cluster per run, its start-up included. The three runs take turns in every repeat,
+so that other jobs on a shared machine slow them alike, and their tables must be identical but for
+`seconds`. images counts the attacks (preset x image x seed x dtype); there is no cold start,
+and no peak memory (the work runs in the workers' processes). The ratio 1 worker / 2 workers is
+printed at the end.
+
 Writes results/benchmark.csv (or --out) and prints the table with the machine it ran on.
 """
 
@@ -70,6 +79,25 @@ SETTINGS = {
     # Issue 12's target: a batch of 8 at 32 px in at most 5 s (two batches: the second is warm).
     "Batch 8 / lenet_batch": Setting("cifar100", "lenet_batch", 2 * BATCH_IMAGES, batch=BATCH_IMAGES),
 }
+
+
+class WorkerSweep(NamedTuple):
+    """The Success_rates notebook's sweep, reduced to a benchmark's size."""
+
+    presets: tuple  # (preset, images) pairs, each preset on its dataset (rc.PRESET_DATASETS)
+    seeds: int  # seeds 50, 51, ...
+    dtypes: tuple
+    first_layer: str
+
+
+# lenet_all_relu takes about a second per attack and the notebook's whole run about 60 % of its time (on
+# fewer images); LeNet, quick, about a fifth. Both here make about 40 s of serial work, in tasks of
+# every size the notebook has (each attack_grid call is a barrier, as it is in the notebook).
+WORKER_SWEEP = WorkerSweep((("lenet", 20), ("lenet_all_relu", 10)), 2, ("float64", "float32"), "hybrid")
+# setting -> the notebook's `scheduler` (executor_for's argument): None serial, n a LocalCluster of n workers
+WORKER_SETTINGS = {"Success_rates / serial": None, "Success_rates / 1 worker": 1, "Success_rates / 2 workers": 2}
+WORKERS_GROUP = "workers"  # --only's name for the WORKER_SETTINGS rows
+TASK_THREADS = 1  # a sweep's tasks run on one torch thread, serial or not (rconv/parallel.py)
 # (gradient precision, first layer): the paper's setting and the suite's default for real clients
 MODES = [("float64", "weights"), ("float32", "hybrid")]
 # The published implementation on this project's machine (2 cores), float64, Testing settings:
@@ -169,17 +197,86 @@ def measure(setting, dtype, first_layer, images, repeats, device, data_root):
                 torch=torch.__version__, size=side, warm_seconds=warm)
 
 
+def _success_rates(images, scheduler, data_root):
+    """The Success_rates notebook's table on WORKER_SWEEP (images per preset: `images`, or each preset's own)."""
+    import pandas as pd
+    import rconv_core as rc
+    with rc.executor_for(scheduler) as executor:
+        return pd.concat([rc.attack_grid(rc.PRESET_DATASETS[preset], preset, range(images or count),
+                                         dtypes=WORKER_SWEEP.dtypes, first_layers=[WORKER_SWEEP.first_layer],
+                                         seeds=range(50, 50 + WORKER_SWEEP.seeds), data_root=data_root,
+                                         executor=executor, progress=False)
+                          for preset, count in WORKER_SWEEP.presets], ignore_index=True)
+
+
+def measure_workers(images, repeats, data_root):
+    """The WORKER_SETTINGS rows, measured from this process (the work runs in the clusters' workers)."""
+    import torch
+    _success_rates(1, None, data_root)  # untimed: this process's start-up, as the other rows' warm-up
+    totals, tables = {setting: [] for setting in WORKER_SETTINGS}, {}
+    for _ in range(repeats):
+        for setting, scheduler in WORKER_SETTINGS.items():
+            gc.collect()
+            start = time.perf_counter()
+            table = _success_rates(images, scheduler, data_root)
+            totals[setting].append(time.perf_counter() - start)
+            tables[setting] = table
+    serial = tables["Success_rates / serial"].drop(columns="seconds")
+    differ = [setting for setting, table in tables.items() if not table.drop(columns="seconds").equals(serial)]
+    if differ:
+        raise RuntimeError(f"the tables of {differ} differ from the serial one (every column but seconds)")
+    rows = []
+    for setting, table in tables.items():
+        total = statistics.median(totals[setting])
+        rows.append(dict(setting=setting, dataset="+".join(dict.fromkeys(table.dataset)),
+                         model="+".join(dict.fromkeys(table.model)), dtype="+".join(WORKER_SWEEP.dtypes),
+                         first_layer=WORKER_SWEEP.first_layer, images=len(table), total_seconds=round(total, 4),
+                         ms_per_image=round(1000 * total / len(table), 2), cold_start_seconds=None, peak_mb=None,
+                         added_mb=None, exact=int(table.exact.sum()), median_psnr=round(table.psnr.median(), 1),
+                         speedup_vs_published=None, repeats=repeats, device=f"cpu ({_machine()})",
+                         threads=TASK_THREADS, torch=torch.__version__, size=None, warm_seconds=None))
+    return rows
+
+
+def _worker_rows(args):
+    """The WORKER_SETTINGS rows, measured in a fresh process and printed; [] if it failed."""
+    command = [sys.executable, __file__, "--worker-rows", "--repeats", str(args.repeats)]
+    if args.images:
+        command += ["--images", str(args.images)]
+    if args.data_root:
+        command += ["--data-root", args.data_root]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        print(f"FAILED: {WORKERS_GROUP}\n{done.stderr[-2000:]}", file=sys.stderr)
+        return []
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    for row in rows:
+        print(f"{row['setting']:32} {row['dtype']:16} {row['images']:4d} attacks  total {row['total_seconds']:7.3f} s"
+              f"  {row['ms_per_image']:8.2f} ms/attack  exact {row['exact']}/{row['images']}", flush=True)
+    by_setting = {row["setting"]: row["total_seconds"] for row in rows}
+    two = by_setting["Success_rates / 2 workers"]
+    print(f"Success_rates on 2 workers: {by_setting['Success_rates / 1 worker'] / two:.2f}x as fast as on 1 worker, "
+          f"{by_setting['Success_rates / serial'] / two:.2f}x as fast as serial", flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", action="append", metavar="SETTING", help=f"one of: {', '.join(SETTINGS)}")
+    parser.add_argument("--only", action="append", metavar="SETTING",
+                        help=f"one of: {', '.join(SETTINGS)}; or {WORKERS_GROUP} (the Success_rates rows, only on "
+                             f"request)")
     parser.add_argument("--images", type=int, help="images per row (default: the setting's own)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is kept")
     parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
     parser.add_argument("--data-root", help="folder with datasets or sample packs (default: $RCONV_DATA)")
     parser.add_argument("--out", default=str(ROOT / "results" / "benchmark.csv"), help="CSV to write")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row as JSON
+    parser.add_argument("--worker-rows", action="store_true", help=argparse.SUPPRESS)  # internal: those rows as JSON
     args = parser.parse_args(argv)
 
+    if args.worker_rows:
+        print(json.dumps(measure_workers(args.images, args.repeats, args.data_root)))
+        return 0
     if args.row:
         setting, dtype, first_layer, device = json.loads(args.row)
         print(json.dumps(measure(setting, dtype, first_layer, args.images, args.repeats, device, args.data_root)))
@@ -188,15 +285,17 @@ def main(argv=None):
     import pandas as pd
     import torch
     settings = args.only or list(SETTINGS)
-    unknown = [s for s in settings if s not in SETTINGS]
+    unknown = [s for s in settings if s not in SETTINGS and s != WORKERS_GROUP]
     if unknown:
-        parser.error(f"unknown setting {unknown}; choose from {list(SETTINGS)}")
+        parser.error(f"unknown setting {unknown}; choose from {list(SETTINGS) + [WORKERS_GROUP]}")
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    workers = WORKERS_GROUP in settings and "cpu" in devices  # those rows are measured on the CPU only
+    settings = [s for s in settings if s != WORKERS_GROUP] + (list(WORKER_SETTINGS) if workers else [])
     print(f"machine: {platform.node()}, {_machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"torch {torch.__version__}")
     rows, failed = [], []
     for device in devices:
-        for setting in settings:
+        for setting in [s for s in settings if s in SETTINGS]:
             for dtype, first_layer in MODES:
                 command = [sys.executable, __file__, "--row", json.dumps([setting, dtype, first_layer, device]),
                            "--repeats", str(args.repeats)]
@@ -215,6 +314,10 @@ def main(argv=None):
                 print(f"{setting:32} {dtype:8} {first_layer:8} {row['images']:4d} images  total {row['total_seconds']:7.3f} s"
                       f"  {row['ms_per_image']:8.2f} ms/image  cold {row['cold_start_seconds']:.3f} s{warm}  "
                       f"peak {row['peak_mb']:7.0f} MB  exact {row['exact']}/{row['images']}  {device}", flush=True)
+    if workers:
+        measured = _worker_rows(args)
+        rows += measured
+        failed += [] if measured else [WORKERS_GROUP]
     if not rows:
         return 1
     table = pd.DataFrame(rows)

@@ -33,3 +33,19 @@ def test_benchmark_size_rows_give_the_side_and_a_further_image_s_time(tmp_path):
     assert list(table["size"]) == [64, 64] and list(table.model) == ["lenet_hr64"] * 2
     assert (table.exact == 2).all() and (table.warm_seconds > 0).all() and (table.cold_start_seconds > 0).all()
     assert table.speedup_vs_published.isna().all(), "the published code's time is for 32-px images only"
+
+
+@pytest.mark.slow
+def test_benchmark_worker_rows_time_success_rates_serially_and_on_1_and_2_workers(tmp_path, packs):
+    pytest.importorskip("distributed", reason="the worker rows need dask.distributed")
+    out = tmp_path / "bench.csv"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--only", "workers",
+                           "--images", "1", "--repeats", "1", "--device", "cpu", "--data-root", str(packs),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(out)
+    assert list(table.setting) == ["Success_rates / serial", "Success_rates / 1 worker", "Success_rates / 2 workers"]
+    # 2 presets x 1 image x 2 seeds x 2 dtypes, and the same exact attacks whichever ran them
+    assert (table.images == 8).all() and (table.exact == 8).all() and (table.total_seconds > 0).all()
+    assert table.device.str.startswith("cpu").all() and table.cold_start_seconds.isna().all()
+    assert "as fast as on 1 worker" in done.stdout
