@@ -99,19 +99,25 @@ def _joint_hybrid(equations, rhs, dtype, memory_limit, label):
     check(3 * (weight_rows + gradient_rows) * unknowns * _FLOAT64_BYTES,
           f"{label}: the batch's joint constraint matrix ({weight_rows + gradient_rows:,} x {unknowns:,}, dense)",
           memory_limit)
-    blocks = [e.weights.dense()[e.known] for e in equations]
-    weights = torch.block_diag(*blocks)
     gradients = torch.cat([e.gradients.matrix for e in equations], dim=1)  # (F*k*k, B*H*W)
-    # Row block of channel c: A_n on the columns of (image n, channel c); columns run (image, channel, pixel).
-    spread = torch.zeros(channels, gradients.shape[0], batch, channels, pixels, dtype=gradients.dtype,
-                         device=gradients.device)
+    matrix = gradients.new_zeros(weight_rows + gradient_rows, unknowns)
+    # Columns run (image, channel, pixel). Rows: each image's known weight rows on its own block, then
+    # per channel c the kernel rows, with A_n on the columns of (image n, channel c).
+    row, size = 0, channels * pixels
+    for n, e in enumerate(equations):
+        block = e.weights.dense()[e.known]
+        matrix[row:row + len(block), n * size:(n + 1) * size] = block
+        row += len(block)
+    kernel_rows = gradients.shape[0]
     for c in range(channels):
-        spread[c, :, :, c, :] = gradients.view(-1, batch, pixels)
-    spread = spread.reshape(gradient_rows, unknowns)
+        for n in range(batch):
+            matrix[weight_rows + c * kernel_rows:weight_rows + (c + 1) * kernel_rows,
+                   n * size + c * pixels:n * size + (c + 1) * pixels] = gradients[:, n * pixels:(n + 1) * pixels]
     # Each kind scaled to unit Frobenius norm, as for one image, so that neither dominates.
-    weight_scale = 1.0 / max(float(torch.linalg.norm(weights)), TINY)
+    weight_scale = 1.0 / max(float(torch.linalg.norm(matrix[:weight_rows])), TINY)
     gradient_scale = 1.0 / max(float(torch.linalg.norm(gradients)) * math.sqrt(channels), TINY)
-    matrix = torch.cat([weights * weight_scale, spread * gradient_scale])
+    matrix[:weight_rows] *= weight_scale
+    matrix[weight_rows:] *= gradient_scale
     outputs = torch.cat([e.output for e in equations]) * weight_scale
     target = torch.cat([outputs, rhs.T.reshape(-1) * gradient_scale])[:, None]
     system = System(tuple(matrix.shape), lambda x: matrix @ x, lambda y: matrix.T @ y, target, matrix=matrix)
@@ -229,6 +235,7 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
     built = [layer_equations(step, s, grads, input_shape, options, cache, repair=False) for s in signals]
     equations = [b[0] for b in built]
     output_grads = torch.stack([b[1] for b in built])
+    bias_grad = built[0][2]  # the batch's: the same for every image
     weight_grad = equations[0].gradients.rhs  # the batch's dL/dW, (F*k*k, C)
     unknowns = batch * channels * height * width
     methods, why = _methods(equations, unknowns, all(s.determined for s in signals))
@@ -246,8 +253,7 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
         equations={"gradients": gradient_rows, "weights": weight_rows}.get(solved.method,
                                                                            gradient_rows + weight_rows),
         unknowns=unknowns, rank=solved.rank, cond=solved.cond, residual=max(solved.residual, shared),
-        bias_residual=bias_misfit(output_grads, grads.of(step.conv.bias).to(output_grads) if step.conv.bias
-                                  is not None else None),
+        bias_residual=bias_misfit(output_grads, bias_grad),
         known_outputs=float(torch.stack([e.known.double().mean() for e in equations]).mean()),
         seconds=time.perf_counter() - start, estimated=solved.method == "estimate",
         clipped=max(p[1] for p in projected))
