@@ -125,15 +125,15 @@ def _joint_hybrid(equations, rhs, dtype, memory_limit, label):
     return x.view(batch, channels, pixels), spectrum, system.residual(x)
 
 
-def _methods(equations, unknowns, determined_above):
+def _methods(equations, unknowns):
     """The methods to try on a batch layer, in order, or ["estimate"] with the reason when none can determine it.
 
     Per-image weight constraints go first where every image has enough of them (their
     factorisation is cached per model), then the batch's gradient constraints where they are enough,
-    then both jointly, small enough to be solved dense.
+    then both jointly, small enough to be solved dense. A layer below one that was not determined
+    is still solved (unlike one image's): a batch's layer is untrusted as soon as one image's
+    precision falls short, while its images may still be close, and the verdict already says so.
     """
-    if not determined_above:
-        return ["estimate"], "a layer above it was not determined"
     rows, pixels = equations[0].gradients.shape
     batch = len(equations)
     order = ["weights"] if all(int(e.known.sum()) >= e.unknowns for e in equations) else []
@@ -238,7 +238,7 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
     bias_grad = built[0][2]  # the batch's: the same for every image
     weight_grad = equations[0].gradients.rhs  # the batch's dL/dW, (F*k*k, C)
     unknowns = batch * channels * height * width
-    methods, why = _methods(equations, unknowns, all(s.determined for s in signals))
+    methods, why = _methods(equations, unknowns)
     solved = _solve_batch_layer(methods, why, equations, weight_grad, options, label)
     x = solved.x
     # The batch's gradient constraints check what per-image solves never used.
