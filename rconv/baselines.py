@@ -159,7 +159,8 @@ def _compare_task(task, cache):
     compared = []
     for index, image, label in zip(task.indices, case.images, case.labels):
         grads = client_gradients(case.model, image, label, dtype=as_dtype(task.dtype))
-        results = {"rconv": reconstruct(case.model, grads, image.shape, first_layer=task.first_layer, cache=weights)}
+        results = {"rconv": reconstruct(case.model, grads, image.shape, first_layer=task.first_layer, cache=weights,
+                                         batch_size=1)}
         for name in task.methods:
             results[name] = run_baseline(name, case.model, grads, image.shape, iterations=iterations.get(name),
                                          seed=index)

@@ -78,7 +78,7 @@ def _grid_task(task, cache):
                 dict(setting, index=index, label=int(label), dtype=task.dtype, first_layer=first_layer,
                      relu_test=relu_test, defence=defence, strength=strength, project=project),
                 dict(first_layer=first_layer, relu_test=relu_test, project=project, cache=weights,
-                     check_batch=defence == "none"))
+                     check_batch=defence == "none", batch_size=1))  # one image's gradients, by construction
             pairs.append((row, result if task.keep else None))
     return pairs
 
@@ -382,7 +382,7 @@ def _warm_up():
     model = build_model(_WARM_UP_MODEL, seed=0)
     image = torch.rand(3, preset_input_size(_WARM_UP_MODEL), preset_input_size(_WARM_UP_MODEL),
                        generator=torch.Generator().manual_seed(0))
-    reconstruct(model, client_gradients(model, image, 0), tuple(image.shape))
+    reconstruct(model, client_gradients(model, image, 0), tuple(image.shape), batch_size=1)
 
 
 def _sweep_row(model, image, label, dtype, cache, memory_limit, setting):
@@ -391,7 +391,7 @@ def _sweep_row(model, image, label, dtype, cache, memory_limit, setting):
                   rank_deficient=False, seconds=math.nan, peak_mb=math.nan, added_mb=math.nan, methods="", notes="")
     try:
         grads = client_gradients(model, image, label, dtype=dtype)
-        result, memory = _with_memory(lambda: reconstruct(model, grads, tuple(image.shape), cache=cache,
+        result, memory = _with_memory(lambda: reconstruct(model, grads, tuple(image.shape), batch_size=1, cache=cache,
                                                           memory_limit=memory_limit))
     except RConvError as error:  # a setting R-CONV refuses (too little memory, say) is a row, not a crash
         return dict(setting, **failed, reason=str(error)), None
