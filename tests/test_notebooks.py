@@ -26,7 +26,10 @@ EXPERIMENT_COLUMNS = {"Precision": {"dtype", "first_layer", "relu_test", "psnr",
                       "Success_rates": {"model", "seed", "index", "dtype", "exact", "rank_deficient", "psnr"},
                       "Baselines": {"dataset", "model", "method", "index", "psnr", "ssim", "seconds"},
                       "High_resolution": {"size", "model", "dtype", "index", "start", "exact", "psnr",
-                                          "max_abs_err", "seconds", "peak_mb", "verdict", "methods", "reason"}}
+                                          "max_abs_err", "seconds", "peak_mb", "verdict", "methods", "reason"},
+                      "Batches": {"dataset", "model", "method", "dtype", "batch_size", "index", "label",
+                                  "recovered_label", "image_exact", "psnr", "max_abs_err", "max_batch",
+                                  "within_bound", "reason"}}
 # Every notebook runs without the optional breaching package (Baselines then runs R-CONV alone).
 QUICK_NAMES = list(run_all.NOTEBOOKS)
 # The reference notebooks' step-by-step images (dataset, index) per Various_settings architecture.

@@ -142,6 +142,24 @@ def test_sizes_figure_explains_precision_start_and_verdict():
         rc.plot_sizes(rows(size=[32], seconds=[1.0]))
 
 
+def batches_table():
+    frame = rows(method=["rconv"] * 3 + ["dlg"] * 3, model=["lenet"] * 6, dtype=["float32"] * 6,
+                 batch_size=[1, 2, 4] * 2, max_batch=[2] * 6, first_index=[0] * 6, label=[1] * 6,
+                 recovered_label=[1] * 6, image_exact=[True, True, False] + [False] * 3,
+                 psnr=[120.0, 110.0, 5.0, 20.0, 12.0, 4.0], seconds=[0.1, 0.2, 0.3, 1.0, 2.0, 3.0])
+    return frame
+
+
+def test_batches_figure_names_networks_attacks_and_the_counting_bound():
+    figure = rc.plot_batches(batches_table())
+    texts = legend_texts(figure)
+    assert {"lenet, float32", "rconv", "dlg", "counting bound (max_batch)"} <= set(texts)
+    exact_line = figure.axes[0].get_lines()[0]
+    assert list(exact_line.get_ydata()) == [1.0, 1.0, 0.0]
+    with pytest.raises(rc.RConvError, match="batch_sweep table"):
+        rc.plot_batches(rows(batch_size=[1]))
+
+
 def test_grid_shows_the_image_indices():
     images = torch.rand(3, 3, 8, 8)
     figure = rc.plot_grid(images, images, indices=[12, 40, 7])
@@ -152,7 +170,8 @@ def test_grid_shows_the_image_indices():
 
 def test_every_figure_function_is_checked_for_its_legend():
     """A new plot_ function must get a legend test above, or be an image-only figure."""
-    tested = {"plot_psnr", "plot_precision", "plot_defences", "plot_filters", "plot_success", "plot_sizes"}
+    tested = {"plot_psnr", "plot_precision", "plot_defences", "plot_filters", "plot_success", "plot_sizes",
+              "plot_batches"}
     figures = {name for name in rc.__all__ if name.startswith("plot_")}
     assert figures == tested | IMAGE_FIGURES
     source = inspect.getsource(inspect.getmodule(test_every_figure_function_is_checked_for_its_legend))
