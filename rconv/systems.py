@@ -30,6 +30,12 @@ _DEFLATION_STEPS = 2
 _FLOAT64_BYTES = 8
 # A sparse matrix in scipy's COO and CSR forms takes about this many bytes per nonzero at its peak.
 _SPARSE_BYTES_PER_ENTRY = 40
+# A large layer whose gradient constraints leave a null space of at most this many directions (over
+# all channels) is completed within it from the weight constraints, densely, instead of factorising
+# the whole stacked system (minutes for the 19,712 unknowns of LeNet_All_ReLU's second layer).
+_COMPLETION_MAX_DIRECTIONS = 4096
+# Passes of the completion: the second corrects the first with the residuals of both systems.
+_COMPLETION_PASSES = 2
 # CGLS steps for a large layer that cannot be determined (too few equations, or wrong data from an
 # undetermined layer above): a minimum-norm estimate for the picture, not a solution to trust.
 _ESTIMATE_STEPS = 50
@@ -248,6 +254,97 @@ def _solve_dense(equations, method, dtype, fallback):
     return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x))
 
 
+class _NullSpace(NamedTuple):
+    """A's pseudo-inverse and numerical null space, block by block (whole A, or its residue classes)."""
+
+    blocks: list  # (pixels, U_r / sigma_r, V_r) per block: x[pixels] = V_r (U_r/sigma_r)^T b[rows]
+    rows: list
+    basis: torch.Tensor  # (H*W, d) orthonormal: A basis = 0 at the gradients' precision
+    rank: int  # per channel
+    cond: float  # of A's kept part, the largest over its blocks
+
+
+def _gradient_null_space(gradients, dtype):
+    """A's SVD, block by block: the minimum-norm solve and the null space that A leaves to the weights."""
+    matrix = gradients.matrix
+    whole = gradients.shape[1] <= _WHOLE_GRADIENT_COLUMNS or max(gradients.stride) == 1
+    classes = [None] if whole else gradients.residue_classes()
+    rtol = rank_rtol(dtype, matrix.shape)
+    blocks, rows, null, rank, cond = [], [], [], 0, 0.0
+    for residue in classes:
+        block = matrix if residue is None else matrix[residue.rows][:, residue.pixels]
+        pixels = torch.arange(matrix.shape[1], device=matrix.device) if residue is None else residue.pixels
+        left, sigma, right = torch.linalg.svd(block, full_matrices=True)
+        top = float(sigma.max()) if sigma.numel() else 0.0
+        kept = int((sigma > rtol * top).sum()) if top > 0 else 0
+        blocks.append((pixels, left[:, :kept] / sigma[:kept], right[:kept].T))
+        rows.append(slice(None) if residue is None else residue.rows)
+        directions = right[kept:].T  # every right singular direction past the rank, wide blocks included
+        embedded = directions.new_zeros(matrix.shape[1], directions.shape[1])
+        embedded[pixels] = directions
+        null.append(embedded)
+        rank += kept
+        cond = max(cond, float(sigma[0] / sigma[kept - 1]) if kept else math.inf)
+    return _NullSpace(blocks, rows, torch.cat(null, dim=1), rank, cond)
+
+
+def _null_images(weights, basis):
+    """M (e_c (x) n_j) for every channel c and null direction n_j, as (F*P*Q, C*d): one single-channel
+    convolution of the directions with every (filter, channel) kernel."""
+    filters, channels = weights.weight.shape[:2]
+    height, width = weights.input_shape[1:]
+    directions = basis.shape[1]
+    kernels = weights.weight.reshape(filters * channels, 1, *weights.weight.shape[2:])
+    images = torch.nn.functional.conv2d(basis.T.reshape(directions, 1, height, width), kernels,
+                                        stride=weights.stride, padding=weights.padding)
+    out = images.reshape(directions, filters, channels, -1)  # (d, F, C, P*Q)
+    return out.permute(1, 3, 2, 0).reshape(filters * out.shape[3], channels * directions)
+
+
+def complete_gradients(equations, dtype, *, memory_limit=None, label="conv layer"):
+    """A layer whose gradient constraints are rank-deficient, completed from its weight constraints:
+    x = x_A + N z with x_A A's minimum-norm solution, N A's null space and z the least-squares fit
+    of the known weight rows within it. The rank is exact: rank [A; B] = rank A + rank (B N).
+    None when the null space is too large to solve densely.
+    """
+    gradients, weights, known = equations.gradients, equations.weights, equations.known
+    channels, pixels = equations.channels, equations.pixels
+    if channels * (pixels - min(gradients.shape)) > _COMPLETION_MAX_DIRECTIONS or not bool(known.any()):
+        return None
+    check(3 * gradients.dense_bytes(), f"{label}: the gradient-constraint matrix ({gradients.shape[0]:,} x "
+                                       f"{gradients.shape[1]:,}, dense)", memory_limit)
+    null = _gradient_null_space(gradients, dtype)
+    columns = channels * null.basis.shape[1]
+    if columns > _COMPLETION_MAX_DIRECTIONS:
+        return None
+    check(3 * weights.shape[0] * columns * _FLOAT64_BYTES, f"{label}: its weight constraints on the null space of "
+          f"its gradient constraints ({weights.shape[0]:,} x {columns:,}, dense)", memory_limit)
+    images = _null_images(weights, null.basis)[known]
+    reduced = System(tuple(images.shape), lambda z: images @ z, lambda y: images.T @ y, None, matrix=images)
+    rtol = rank_rtol(dtype, images.shape)
+    x = gradients.rhs.new_zeros(channels, pixels)
+    spectrum = Spectrum(0, math.inf)
+    for _ in range(_COMPLETION_PASSES):
+        misfit = gradients.rhs - gradients.apply(x.T)
+        for (block_pixels, scaled_left, right), rows in zip(null.blocks, null.rows):
+            x[:, block_pixels] += (right @ (scaled_left.T @ misfit[rows])).T
+        reduced.rhs = equations.output.reshape(-1, 1) - weights.apply(x.reshape(-1, 1))[known]
+        z, spectrum = solve(reduced, rtol)
+        x += z.view(channels, -1) @ null.basis.T
+    residual = max(float(torch.linalg.norm(gradients.apply(x.T) - gradients.rhs) /
+                         torch.linalg.norm(gradients.rhs).clamp_min(TINY)),
+                   float(torch.linalg.norm(weights.apply(x.reshape(-1, 1))[known] - equations.output.reshape(-1, 1)) /
+                         torch.linalg.norm(equations.output).clamp_min(TINY)))
+    # x_A's error reaches z through B: bound the amplification by |B|_F / sigma_min(B N).
+    weight_norm = float(weights.row_norms[known].sum().sqrt())
+    smallest = norm_2(images) / spectrum.cond
+    amplification = max(1.0, weight_norm / smallest) if smallest > 0 else math.inf
+    rank = null.rank * channels + spectrum.rank
+    note = (f"{label}: its gradient constraints left {columns:,} directions undetermined (rank {null.rank} of "
+            f"{pixels} per channel); the weight constraints determined {spectrum.rank:,} of them",)
+    return LayerSolve(x, Spectrum(rank, null.cond * amplification), residual, note)
+
+
 def counted_equations(equations, method):
     """The most independent equations `method` can offer the layer (a counting bound on its rank)."""
     gradients = equations.channels * min(equations.gradients.shape) if method != "weights" else 0
@@ -276,7 +373,8 @@ def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv laye
 
     memory_limit: bytes the solve may take; label names the layer in errors and notes.
     fallback: an attempt to repair rank-deficient gradient constraints; gives up (None) rather
-    than analyse a dense system that is rank-deficient too.
+    than analyse a dense system that is rank-deficient too, and completes a large layer within
+    the gradient constraints' null space when that is small (complete_gradients).
     """
     if method == "hybrid" and not bool(equations.known.any()):
         method = "gradients"  # no weight constraint left (every ReLU unit off): the per-channel solve is the same
@@ -284,4 +382,8 @@ def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv laye
         return _solve_gradients(equations, dtype, memory_limit, label)
     if equations.unknowns <= DENSE_MAX_UNKNOWNS:
         return _solve_dense(equations, method, dtype, fallback)
+    if method == "hybrid" and fallback:
+        completed = complete_gradients(equations, dtype, memory_limit=memory_limit, label=label)
+        if completed is not None:
+            return completed
     return _solve_sparse(equations, method == "hybrid", dtype, memory_limit, label)
