@@ -26,7 +26,8 @@ from .memory import check
 from .solvers import TINY, System, eps, rank_rtol, solve
 from .steps import (LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of,
                     project_input)
-from .systems import counted_equations, estimate_layer, solve_layer
+from .systems import (COMPLETION_MAX_DIRECTIONS, complete, counted_equations, estimate_layer, null_space,
+                      null_images, solve_layer)
 
 # A joint system of both kinds of constraint over the whole batch is solved dense, up to this
 # many unknowns (a 6,848 x 6,144 matrix for two of the paper's LeNet layer-2 inputs, ~0.3 GB).
@@ -125,6 +126,37 @@ def _joint_hybrid(equations, rhs, dtype, memory_limit, label):
     return x.view(batch, channels, pixels), spectrum, system.residual(x)
 
 
+def _joint_completion(equations, rhs, dtype, memory_limit, label):
+    """Both kinds jointly, through the null space of the batch's gradient constraints [A_1 ... A_B] (see
+    systems.complete): None when it leaves too many directions to solve densely."""
+    batch, channels, pixels = len(equations), equations[0].channels, equations[0].pixels
+    rows = equations[0].gradients.shape[0]
+    if channels * (batch * pixels - min(rows, batch * pixels)) > COMPLETION_MAX_DIRECTIONS:
+        return None
+    check(3 * rows * batch * pixels * _FLOAT64_BYTES, f"{label}: the batch's gradient-constraint matrix "
+          f"({rows:,} x {batch * pixels:,}, dense)", memory_limit)
+    matrix = torch.cat([e.gradients.matrix for e in equations], dim=1)  # (F*k*k, B*H*W)
+    null = null_space(matrix, dtype)
+    columns = channels * null.basis.shape[1]
+    if columns > COMPLETION_MAX_DIRECTIONS:
+        return None
+    weight_rows = sum(int(e.known.sum()) for e in equations)
+    check(3 * weight_rows * columns * _FLOAT64_BYTES, f"{label}: the batch's weight constraints on the null space "
+          f"of its gradient constraints ({weight_rows:,} x {columns:,}, dense)", memory_limit)
+    # Image n's weight rows see only its own pixels: the n-th block of every null direction.
+    images = torch.cat([null_images(e.weights, null.basis[n * pixels:(n + 1) * pixels], e.known)
+                        for n, e in enumerate(equations)])
+
+    def apply_weights(x):  # x (C, B*H*W): each image's known weight rows
+        per_image = x.view(channels, batch, pixels).transpose(0, 1)
+        return torch.cat([e.weights.apply(xn.reshape(-1, 1))[e.known] for e, xn in zip(equations, per_image)])
+
+    outputs = torch.cat([e.output for e in equations]).reshape(-1, 1)
+    completed = complete(null, (lambda x: matrix @ x.T, rhs), (apply_weights, outputs), images, dtype)
+    x = completed.x.view(channels, batch, pixels).transpose(0, 1)
+    return x, completed.spectrum, completed.residual
+
+
 def _methods(equations, unknowns):
     """The methods to try on a batch layer, in order, or ["estimate"] with the reason when none can determine it.
 
@@ -180,7 +212,8 @@ def _solve_joint(method, equations, weight_grad, options, label):
         ok = _trusted(spectrum, residual, batch * height * width, options.tolerances)
         return _Solved(x, [spectrum] * batch, spectrum.rank * channels, spectrum.cond, residual, [ok] * batch,
                        method)
-    x, spectrum, residual = _joint_hybrid(equations, weight_grad, dtype, options.memory_limit, label)
+    completed = _joint_completion(equations, weight_grad, dtype, options.memory_limit, label)
+    x, spectrum, residual = completed or _joint_hybrid(equations, weight_grad, dtype, options.memory_limit, label)
     ok = _trusted(spectrum, residual, batch * channels * height * width, options.tolerances)
     return _Solved(x.view(batch, channels, height, width), [spectrum] * batch, spectrum.rank, spectrum.cond,
                    residual, [ok] * batch, method)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .constraints import grad_constraints, weight_entries
 from .geometry import conv_output_size, pair
-from .solvers import Factor, NormalFactor
+from .solvers import CHOLESKY_MIN_UNKNOWNS, Factor, NormalFactor
 
 _FLOAT64_BYTES = 8
 
@@ -170,9 +170,10 @@ class WeightSystem:
     def factor(self, rtol):
         """A cached Factor of M with all rows (M does not depend on the image), for dense-sized layers."""
         if rtol not in self.factors:
-            square_on_cpu = self.shape[0] == self.shape[1] and self.weight.device.type == "cpu"
+            rows, unknowns = self.shape
+            wanted = rows == unknowns or (rows > unknowns and unknowns >= CHOLESKY_MIN_UNKNOWNS)  # see Factor
             self.factors[rtol] = Factor(self.shape, rtol, self.dense, self.apply, self.apply_t,
-                                        sparse=self.sparse() if square_on_cpu else None)
+                                        sparse=self.sparse() if wanted and self.weight.device.type == "cpu" else None)
         return self.factors[rtol]
 
     def normal_factor(self, rtol, memory_limit):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from .memory import check, size
-from .solvers import TINY, NormalFactor, Spectrum, System, cg_least_squares, norm_2, rank_rtol, solve
+from .solvers import TINY, Factor, NormalFactor, Spectrum, System, cg_least_squares, eps, norm_2, rank_rtol, solve
 
 # Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
 # a dense system would take minutes and gigabytes, and the sparse normal equations take over.
@@ -33,9 +33,12 @@ _SPARSE_BYTES_PER_ENTRY = 40
 # A large layer whose gradient constraints leave a null space of at most this many directions (over
 # all channels) is completed within it from the weight constraints, densely, instead of factorising
 # the whole stacked system (minutes for the 19,712 unknowns of LeNet_All_ReLU's second layer).
-_COMPLETION_MAX_DIRECTIONS = 4096
+COMPLETION_MAX_DIRECTIONS = 4096
 # Passes of the completion: the second corrects the first with the residuals of both systems.
 _COMPLETION_PASSES = 2
+# A completion's condition number is this many times the amplification one random probe measures:
+# a random direction sees the average amplification, the worst one can be a few times larger.
+_PROBE_MARGIN = 10.0
 # CGLS steps for a large layer that cannot be determined (too few equations, or wrong data from an
 # undetermined layer above): a minimum-norm estimate for the picture, not a solution to trust.
 _ESTIMATE_STEPS = 50
@@ -254,95 +257,134 @@ def _solve_dense(equations, method, dtype, fallback):
     return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x))
 
 
-class _NullSpace(NamedTuple):
-    """A's pseudo-inverse and numerical null space, block by block (whole A, or its residue classes)."""
+class NullSpace(NamedTuple):
+    """A gradient-constraint matrix A's SVD, block by block (whole A, or its residue classes): its
+    minimum-norm solve and the null space it leaves to the weight constraints."""
 
-    blocks: list  # (pixels, U_r / sigma_r, V_r) per block: x[pixels] = V_r (U_r/sigma_r)^T b[rows]
+    blocks: list  # (columns, U_r / sigma_r, V_r) per block: x[columns] = V_r (U_r / sigma_r)^T b[rows]
     rows: list
-    basis: torch.Tensor  # (H*W, d) orthonormal: A basis = 0 at the gradients' precision
-    rank: int  # per channel
+    basis: torch.Tensor  # (columns of A, d) orthonormal: A basis = 0 at the gradients' precision
+    rank: int
     cond: float  # of A's kept part, the largest over its blocks
 
+    def least_squares(self, rhs):
+        """A's minimum-norm least-squares solution for each column of rhs (rows, r)."""
+        x = rhs.new_zeros(self.basis.shape[0], rhs.shape[1])
+        for (columns, scaled_left, right), rows in zip(self.blocks, self.rows):
+            x[columns] = right @ (scaled_left.T @ rhs[rows])
+        return x
 
-def _gradient_null_space(gradients, dtype):
-    """A's SVD, block by block: the minimum-norm solve and the null space that A leaves to the weights."""
-    matrix = gradients.matrix
-    whole = gradients.shape[1] <= _WHOLE_GRADIENT_COLUMNS or max(gradients.stride) == 1
-    classes = [None] if whole else gradients.residue_classes()
+
+def null_space(matrix, dtype, classes=None):
+    """The NullSpace of a dense A (rows, columns), block by block over `classes` (ResidueClasses), else whole."""
     rtol = rank_rtol(dtype, matrix.shape)
     blocks, rows, null, rank, cond = [], [], [], 0, 0.0
-    for residue in classes:
+    for residue in classes or [None]:
         block = matrix if residue is None else matrix[residue.rows][:, residue.pixels]
-        pixels = torch.arange(matrix.shape[1], device=matrix.device) if residue is None else residue.pixels
+        columns = torch.arange(matrix.shape[1], device=matrix.device) if residue is None else residue.pixels
         left, sigma, right = torch.linalg.svd(block, full_matrices=True)
         top = float(sigma.max()) if sigma.numel() else 0.0
         kept = int((sigma > rtol * top).sum()) if top > 0 else 0
-        blocks.append((pixels, left[:, :kept] / sigma[:kept], right[:kept].T))
+        blocks.append((columns, left[:, :kept] / sigma[:kept], right[:kept].T))
         rows.append(slice(None) if residue is None else residue.rows)
-        directions = right[kept:].T  # every right singular direction past the rank, wide blocks included
+        directions = right[kept:].T  # every right singular direction past the rank, a wide block's included
         embedded = directions.new_zeros(matrix.shape[1], directions.shape[1])
-        embedded[pixels] = directions
+        embedded[columns] = directions
         null.append(embedded)
         rank += kept
         cond = max(cond, float(sigma[0] / sigma[kept - 1]) if kept else math.inf)
-    return _NullSpace(blocks, rows, torch.cat(null, dim=1), rank, cond)
+    return NullSpace(blocks, rows, torch.cat(null, dim=1), rank, cond)
 
 
-def _null_images(weights, basis):
-    """M (e_c (x) n_j) for every channel c and null direction n_j, as (F*P*Q, C*d): one single-channel
-    convolution of the directions with every (filter, channel) kernel."""
+def null_images(weights, basis, known):
+    """M (e_c (x) n_j)[known] for every channel c and null direction n_j (columns of basis, (H*W, d)), as
+    (known rows, C*d): one single-channel convolution of the directions with every (filter, channel) kernel."""
     filters, channels = weights.weight.shape[:2]
-    height, width = weights.input_shape[1:]
     directions = basis.shape[1]
+    if directions == 0:
+        return basis.new_zeros(int(known.sum()), 0)
     kernels = weights.weight.reshape(filters * channels, 1, *weights.weight.shape[2:])
-    images = torch.nn.functional.conv2d(basis.T.reshape(directions, 1, height, width), kernels,
+    images = torch.nn.functional.conv2d(basis.T.reshape(directions, 1, *weights.input_shape[1:]), kernels,
                                         stride=weights.stride, padding=weights.padding)
     out = images.reshape(directions, filters, channels, -1)  # (d, F, C, P*Q)
-    return out.permute(1, 3, 2, 0).reshape(filters * out.shape[3], channels * directions)
+    return out.permute(1, 3, 2, 0).reshape(filters * out.shape[3], channels * directions)[known]
+
+
+class Completion(NamedTuple):
+    """x = x_A + N z: the gradient constraints' minimum-norm solution, completed in their null space."""
+
+    x: torch.Tensor  # (C, columns of A)
+    spectrum: Spectrum  # rank and condition number of the stacked system
+    residual: float  # the larger relative residual of the two kinds of constraint
+
+
+def complete(null, gradients, weights, images, dtype):
+    """Complete A's minimum-norm solution within its null space from the known weight rows.
+
+    gradients: (apply, rhs) with apply(x (C, columns)) -> (rows, C); weights: (apply, rhs) with
+    apply(x) -> (known rows, 1); images: the weight rows on the null space (null_images). The
+    rank is exact: rank [I (x) A; B] = C rank A + rank (B N). The condition number is measured:
+    how much a probe of rounding-sized noise on both right-hand sides moves x (see _PROBE_MARGIN).
+    """
+    (apply_gradients, gradient_rhs), (apply_weights, weight_rhs) = gradients, weights
+    # An empty null space leaves nothing to complete: the weight rows only check A's solution.
+    reduced = Factor(tuple(images.shape), rank_rtol(dtype, images.shape), images) if images.shape[1] else None
+
+    def fit(gradient_target, weight_target):
+        x = gradient_target.new_zeros(gradient_target.shape[1], null.basis.shape[0])
+        for _ in range(_COMPLETION_PASSES):
+            x += null.least_squares(gradient_target - apply_gradients(x)).T
+            if reduced is None:
+                continue
+            misfit = weight_target - apply_weights(x)
+            z = reduced.solve(System(tuple(images.shape), lambda v: images @ v, lambda y: images.T @ y, misfit))
+            x += z.view(x.shape[0], -1) @ null.basis.T
+        return x
+
+    x = fit(gradient_rhs, weight_rhs)
+    residual = max(_relative(apply_gradients(x), gradient_rhs), _relative(apply_weights(x), weight_rhs))
+    generator = torch.Generator().manual_seed(0)
+    probe = fit(gradient_rhs + _rounding_noise(gradient_rhs, dtype, generator),
+                weight_rhs + _rounding_noise(weight_rhs, dtype, generator))
+    amplification = float(torch.linalg.norm(probe - x) / (torch.linalg.norm(x).clamp_min(TINY) * eps(dtype)))
+    spectrum = reduced.spectrum if reduced is not None else Spectrum(0, 1.0)
+    rank = null.rank * gradient_rhs.shape[1] + spectrum.rank
+    return Completion(x, Spectrum(rank, max(null.cond, spectrum.cond, _PROBE_MARGIN * amplification)), residual)
+
+
+def _rounding_noise(target, dtype, generator):
+    """Gaussian noise of relative size eps(dtype) against target."""
+    noise = torch.randn(target.shape, dtype=target.dtype, generator=generator).to(target.device)
+    return noise * (eps(dtype) * float(torch.linalg.norm(target)) / float(torch.linalg.norm(noise).clamp_min(TINY)))
+
+
+def _relative(value, target):
+    return float(torch.linalg.norm(value - target) / torch.linalg.norm(target).clamp_min(TINY))
 
 
 def complete_gradients(equations, dtype, *, memory_limit=None, label="conv layer"):
-    """A layer whose gradient constraints are rank-deficient, completed from its weight constraints:
-    x = x_A + N z with x_A A's minimum-norm solution, N A's null space and z the least-squares fit
-    of the known weight rows within it. The rank is exact: rank [A; B] = rank A + rank (B N).
-    None when the null space is too large to solve densely.
-    """
+    """A layer whose gradient constraints are rank-deficient, completed from its weight constraints
+    (complete): None when their null space is too large to solve densely."""
     gradients, weights, known = equations.gradients, equations.weights, equations.known
     channels, pixels = equations.channels, equations.pixels
-    if channels * (pixels - min(gradients.shape)) > _COMPLETION_MAX_DIRECTIONS or not bool(known.any()):
+    if channels * (pixels - min(gradients.shape)) > COMPLETION_MAX_DIRECTIONS or not bool(known.any()):
         return None
     check(3 * gradients.dense_bytes(), f"{label}: the gradient-constraint matrix ({gradients.shape[0]:,} x "
                                        f"{gradients.shape[1]:,}, dense)", memory_limit)
-    null = _gradient_null_space(gradients, dtype)
+    whole = gradients.shape[1] <= _WHOLE_GRADIENT_COLUMNS or max(gradients.stride) == 1
+    null = null_space(gradients.matrix, dtype, None if whole else gradients.residue_classes())
     columns = channels * null.basis.shape[1]
-    if columns > _COMPLETION_MAX_DIRECTIONS:
+    if columns > COMPLETION_MAX_DIRECTIONS:
         return None
     check(3 * weights.shape[0] * columns * _FLOAT64_BYTES, f"{label}: its weight constraints on the null space of "
           f"its gradient constraints ({weights.shape[0]:,} x {columns:,}, dense)", memory_limit)
-    images = _null_images(weights, null.basis)[known]
-    reduced = System(tuple(images.shape), lambda z: images @ z, lambda y: images.T @ y, None, matrix=images)
-    rtol = rank_rtol(dtype, images.shape)
-    x = gradients.rhs.new_zeros(channels, pixels)
-    spectrum = Spectrum(0, math.inf)
-    for _ in range(_COMPLETION_PASSES):
-        misfit = gradients.rhs - gradients.apply(x.T)
-        for (block_pixels, scaled_left, right), rows in zip(null.blocks, null.rows):
-            x[:, block_pixels] += (right @ (scaled_left.T @ misfit[rows])).T
-        reduced.rhs = equations.output.reshape(-1, 1) - weights.apply(x.reshape(-1, 1))[known]
-        z, spectrum = solve(reduced, rtol)
-        x += z.view(channels, -1) @ null.basis.T
-    residual = max(float(torch.linalg.norm(gradients.apply(x.T) - gradients.rhs) /
-                         torch.linalg.norm(gradients.rhs).clamp_min(TINY)),
-                   float(torch.linalg.norm(weights.apply(x.reshape(-1, 1))[known] - equations.output.reshape(-1, 1)) /
-                         torch.linalg.norm(equations.output).clamp_min(TINY)))
-    # x_A's error reaches z through B: bound the amplification by |B|_F / sigma_min(B N).
-    weight_norm = float(weights.row_norms[known].sum().sqrt())
-    smallest = norm_2(images) / spectrum.cond
-    amplification = max(1.0, weight_norm / smallest) if smallest > 0 else math.inf
-    rank = null.rank * channels + spectrum.rank
+    completed = complete(null, (lambda x: gradients.apply(x.T), gradients.rhs),
+                         (lambda x: weights.apply(x.reshape(-1, 1))[known], equations.output.reshape(-1, 1)),
+                         null_images(weights, null.basis, known), dtype)
     note = (f"{label}: its gradient constraints left {columns:,} directions undetermined (rank {null.rank} of "
-            f"{pixels} per channel); the weight constraints determined {spectrum.rank:,} of them",)
-    return LayerSolve(x, Spectrum(rank, null.cond * amplification), residual, note)
+            f"{pixels} per channel); the weight constraints determined {completed.spectrum.rank - null.rank * channels:,} "
+            f"of them",)
+    return LayerSolve(completed.x, completed.spectrum, completed.residual, note)
 
 
 def counted_equations(equations, method):
