@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,13 @@ from .geometry import conv_output_size, pair
 from .solvers import CHOLESKY_MIN_UNKNOWNS, Factor, NormalFactor
 
 _FLOAT64_BYTES = 8
+# Layers up to this many unknowns are dense-sized: their Gram matrix keeps the sparse product (as
+# systems.DENSE_MAX_UNKNOWNS, which cannot be imported here).
+_DENSE_MAX_UNKNOWNS = 4096
+# Larger layers up to this many unknowns (a dense Gram of 0.5 GB) build it from the kernels' patches.
+_PATCH_GRAM_MAX_UNKNOWNS = 8192
+# Entries of the per-position kernel blocks formed at once by _patch_gram (0.4 GB in float64).
+_PATCH_GRAM_CHUNK = 50_000_000
 
 
 class ResidueClass(NamedTuple):
@@ -161,11 +169,53 @@ class WeightSystem:
         everything = bool(known.all())
         if everything and self._sparse_gram is not None:
             return self._sparse_gram
-        selected = self.sparse(None if everything else known)
-        gram = (selected.T @ selected).tocsr()
+        if _DENSE_MAX_UNKNOWNS < self.shape[1] <= _PATCH_GRAM_MAX_UNKNOWNS and self.weight.device.type == "cpu":
+            gram = self._patch_gram(known)
+        else:
+            selected = self.sparse(None if everything else known)
+            gram = (selected.T @ selected).tocsr()
         if everything:
             self._sparse_gram = gram
         return gram
+
+    def _patch_gram(self, known):
+        """M^T M = sum over output positions o of P_o^T (W^T D_o W) P_o, with W the (F, C*k*k) kernels, D_o
+        the filters known at o and P_o the patch o reads: batched products and one scatter-add into a
+        dense matrix, instead of a sparse product whose cost grows with the square of each row's entries."""
+        import scipy.sparse
+        filters = self.weight.shape[0]
+        kernels = self.weight.reshape(filters, -1)  # (F, C*k*k)
+        shown = known.view(filters, -1).to(kernels.dtype)  # (F, O): row (f, o) known
+        patches = self._patch_pixels()  # (O, C*k*k), -1 where the kernel reads padding
+        inside = (patches >= 0).to(kernels.dtype)
+        unknowns = self.shape[1]
+        gram = kernels.new_zeros(unknowns * unknowns)
+        span = patches.shape[1]
+        step = max(1, _PATCH_GRAM_CHUNK // (span * span))
+        for start in range(0, patches.shape[0], step):
+            part = slice(start, start + step)
+            blocks = torch.einsum("fa,fo,fb->oab", kernels, shown[:, part], kernels)
+            blocks = blocks * inside[part, :, None] * inside[part, None, :]
+            index = patches[part].clamp_min(0)
+            gram.index_add_(0, (index[:, :, None] * unknowns + index[:, None, :]).reshape(-1), blocks.reshape(-1))
+        with warnings.catch_warnings():  # torch calls its sparse CSR tensors beta; this conversion is all we use
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            compressed = gram.view(unknowns, unknowns).to_sparse_csr()  # faster than scipy's scan of a dense array
+        return scipy.sparse.csr_matrix((compressed.values().numpy(), compressed.col_indices().numpy(),
+                                        compressed.crow_indices().numpy()), shape=(unknowns, unknowns))
+
+    def _patch_pixels(self):
+        """The input pixel (c, y, x) each output position reads at each kernel entry, -1 in the padding."""
+        channels, height, width = self.input_shape
+        kh, kw = self.weight.shape[2:]
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        out_h, out_w = self.output_shape[1:]
+        y = (torch.arange(out_h)[:, None] * sh + torch.arange(kh)[None, :] - ph)  # (P, kh)
+        x = (torch.arange(out_w)[:, None] * sw + torch.arange(kw)[None, :] - pw)  # (Q, kw)
+        inside = ((y >= 0) & (y < height))[:, None, None, :, None] & ((x >= 0) & (x < width))[None, :, None, None, :]
+        pixels = (torch.arange(channels)[None, None, :, None, None] * (height * width)
+                  + y[:, None, None, :, None] * width + x[None, :, None, None, :])  # (P, Q, C, kh, kw)
+        return torch.where(inside, pixels, -1).reshape(out_h * out_w, -1)
 
     def factor(self, rtol):
         """A cached Factor of M with all rows (M does not depend on the image), for dense-sized layers."""

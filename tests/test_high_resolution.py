@@ -244,3 +244,20 @@ def test_a_large_layer_s_rank_deficient_gradients_are_completed_quickly():
     assert layer.method == "gradients+weights" and layer.rank < layer.unknowns
     assert any("its gradient constraints left 231 directions undetermined" in note for note in result.notes)
     assert not result.exact and "conv layer 2 (gradients+weights): rank" in result.reasons[0]
+
+
+@pytest.mark.parametrize("input_shape, weight_shape, stride, padding", [
+    ((24, 16, 16), (32, 24, 5, 5), 2, 2),  # lenet_batch's second layer, fewer filters
+    ((5, 33, 31), (7, 5, 3, 4), (2, 3), (1, 2)),  # uneven everything
+])
+def test_the_patch_gram_is_the_sparse_product(input_shape, weight_shape, stride, padding):
+    """M^T M over the known rows from the kernels' patches equals the sparse product it replaces."""
+    from rconv.equations import WeightSystem
+    from rconv.geometry import pair
+    generator = torch.Generator().manual_seed(3)
+    system = WeightSystem(torch.randn(*weight_shape, generator=generator, dtype=torch.float64), input_shape,
+                          pair(stride), pair(padding))
+    for known in (torch.rand(system.shape[0], generator=generator) < 0.6, torch.ones(system.shape[0], dtype=torch.bool)):
+        selected = system.sparse(known)
+        expected = (selected.T @ selected).toarray()
+        assert np.abs(system._patch_gram(known).toarray() - expected).max() <= 1e-12 * np.abs(expected).max()
