@@ -21,10 +21,8 @@ from .geometry import conv_output_size, pair
 from .solvers import CHOLESKY_MIN_UNKNOWNS, Factor, NormalFactor
 
 _FLOAT64_BYTES = 8
-# Layers up to this many unknowns are dense-sized: their Gram matrix keeps the sparse product (as
-# systems.DENSE_MAX_UNKNOWNS, which cannot be imported here).
-_DENSE_MAX_UNKNOWNS = 4096
-# Larger layers up to this many unknowns (a dense Gram of 0.5 GB) build it from the kernels' patches.
+# Layers up to this many unknowns (a dense Gram of 0.5 GB) build their sparse Gram matrix from the
+# kernels' patches.
 _PATCH_GRAM_MAX_UNKNOWNS = 8192
 # Entries of the per-position kernel blocks formed at once by _patch_gram (0.4 GB in float64).
 _PATCH_GRAM_CHUNK = 50_000_000
@@ -156,7 +154,7 @@ class WeightSystem:
         if everything and self._gram is not None:
             return self._gram
         if self.weight.device.type == "cpu":
-            gram = torch.from_numpy(self.sparse_gram(known).toarray())
+            gram = torch.from_numpy(self._product_gram(known).toarray())
         else:
             selected = self.dense() if everything else self.dense()[known]
             gram = selected.T @ selected
@@ -169,14 +167,18 @@ class WeightSystem:
         everything = bool(known.all())
         if everything and self._sparse_gram is not None:
             return self._sparse_gram
-        if _DENSE_MAX_UNKNOWNS < self.shape[1] <= _PATCH_GRAM_MAX_UNKNOWNS and self.weight.device.type == "cpu":
+        if self.shape[1] <= _PATCH_GRAM_MAX_UNKNOWNS and self.weight.device.type == "cpu":
             gram = self._patch_gram(known)
         else:
-            selected = self.sparse(None if everything else known)
-            gram = (selected.T @ selected).tocsr()
+            gram = self._product_gram(known)
         if everything:
             self._sparse_gram = gram
         return gram
+
+    def _product_gram(self, known):
+        """M^T M over the rows in `known` as a sparse product."""
+        selected = self.sparse(None if bool(known.all()) else known)
+        return (selected.T @ selected).tocsr()
 
     def _patch_gram(self, known):
         """M^T M = sum over output positions o of P_o^T (W^T D_o W) P_o, with W the (F, C*k*k) kernels, D_o

@@ -259,5 +259,5 @@ def test_the_patch_gram_is_the_sparse_product(input_shape, weight_shape, stride,
                           pair(stride), pair(padding))
     for known in (torch.rand(system.shape[0], generator=generator) < 0.6, torch.ones(system.shape[0], dtype=torch.bool)):
         selected = system.sparse(known)
-        expected = (selected.T @ selected).toarray()
+        expected = (selected.T @ selected).toarray()  # what _product_gram computes
         assert np.abs(system._patch_gram(known).toarray() - expected).max() <= 1e-12 * np.abs(expected).max()
