@@ -257,12 +257,24 @@ def _solve_dense(equations, method, dtype, fallback):
     return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x))
 
 
+class _PseudoInverse(NamedTuple):
+    """One block of A (whole A, or one residue class) by its kept singular triplets."""
+
+    rows: object  # the block's rows of A (a slice or an index tensor)
+    columns: torch.Tensor
+    scaled_left: torch.Tensor  # U_r / sigma_r
+    right: torch.Tensor  # V_r
+
+    def apply(self, rhs):
+        """x[columns] = V_r (U_r / sigma_r)^T b[rows]."""
+        return self.right @ (self.scaled_left.T @ rhs[self.rows])
+
+
 class NullSpace(NamedTuple):
     """A gradient-constraint matrix A's SVD, block by block (whole A, or its residue classes): its
     minimum-norm solve and the null space it leaves to the weight constraints."""
 
-    blocks: list  # (columns, U_r / sigma_r, V_r) per block: x[columns] = V_r (U_r / sigma_r)^T b[rows]
-    rows: list
+    blocks: list  # a _PseudoInverse per block
     basis: torch.Tensor  # (columns of A, d) orthonormal: A basis = 0 at the gradients' precision
     rank: int
     cond: float  # of A's kept part, the largest over its blocks
@@ -270,30 +282,30 @@ class NullSpace(NamedTuple):
     def least_squares(self, rhs):
         """A's minimum-norm least-squares solution for each column of rhs (rows, r)."""
         x = rhs.new_zeros(self.basis.shape[0], rhs.shape[1])
-        for (columns, scaled_left, right), rows in zip(self.blocks, self.rows):
-            x[columns] = right @ (scaled_left.T @ rhs[rows])
+        for block in self.blocks:
+            x[block.columns] = block.apply(rhs)
         return x
 
 
 def null_space(matrix, dtype, classes=None):
     """The NullSpace of a dense A (rows, columns), block by block over `classes` (ResidueClasses), else whole."""
     rtol = rank_rtol(dtype, matrix.shape)
-    blocks, rows, null, rank, cond = [], [], [], 0, 0.0
+    blocks, null, rank, cond = [], [], 0, 0.0
     for residue in classes or [None]:
         block = matrix if residue is None else matrix[residue.rows][:, residue.pixels]
         columns = torch.arange(matrix.shape[1], device=matrix.device) if residue is None else residue.pixels
         left, sigma, right = torch.linalg.svd(block, full_matrices=True)
         top = float(sigma.max()) if sigma.numel() else 0.0
         kept = int((sigma > rtol * top).sum()) if top > 0 else 0
-        blocks.append((columns, left[:, :kept] / sigma[:kept], right[:kept].T))
-        rows.append(slice(None) if residue is None else residue.rows)
+        blocks.append(_PseudoInverse(slice(None) if residue is None else residue.rows, columns,
+                                     left[:, :kept] / sigma[:kept], right[:kept].T))
         directions = right[kept:].T  # every right singular direction past the rank, a wide block's included
         embedded = directions.new_zeros(matrix.shape[1], directions.shape[1])
         embedded[columns] = directions
         null.append(embedded)
         rank += kept
         cond = max(cond, float(sigma[0] / sigma[kept - 1]) if kept else math.inf)
-    return NullSpace(blocks, rows, torch.cat(null, dim=1), rank, cond)
+    return NullSpace(blocks, torch.cat(null, dim=1), rank, cond)
 
 
 def null_images(weights, basis, known):
