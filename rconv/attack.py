@@ -11,6 +11,7 @@ import math
 import numbers
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,7 @@ from .memory import default_limit
 from .network import check_gradients, check_input_shape, parse_network
 from .progress import progress_bar
 from .batch import batch_conv_step, batch_linear_step
+from .bounds import Measured, bound_reasons, noise_level, perturbed, probe_bound, probe_level, unbounded
 from .steps import (FIRST_LAYER_METHODS, LayerReport, Options, Reconstruction, conv_step, fc_features, linear_step,
                     rank_one, verdict)
 from .tolerances import Tolerances
@@ -139,22 +141,63 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
                                             relu_tol=relu_tol, project=project, image_range=image_range,
                                             device=device, memory_limit=memory_limit))
     if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
-        return _reconstruct_batch_members(network, grads, sizes, options, cache, batch_size, start)
+        return _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
+    chain = _single_image(network, grads, sizes, options, cache, check_batch)
+    reports = [result.report for result in chain.results]
+    reasons = verdict(reports, options.tolerances)
+    # Only an image that passes every other check is worth the probe (it doubles the attack's time).
+    bound = unbounded(len(reports)) if reasons else _error_bound(model, network, grads, sizes, options, cache, chain)
+    for report, layer_bound in zip(reports, bound.layers):
+        report.error_bound = layer_bound
+    reasons += bound_reasons(bound, options.tolerances)
+    notes = chain.top.notes + [note for result in reversed(chain.results) for note in result.notes]
+    label = int(grads.of(network.linear.bias).argmin())  # one image's dL/db is negative at its label only
+    return Reconstruction(image=chain.image.detach().cpu()[None], layers=reports, exact=not reasons,
+                          reasons=reasons, seconds=time.perf_counter() - start,
+                          features=chain.top.features.cpu(), linear_misfit=chain.top.misfit, notes=notes,
+                          inputs=[result.input.cpu() for result in chain.results],
+                          labels=torch.tensor([label]), image_exact=torch.tensor([not reasons]),
+                          error_bound=bound.image, noise=bound.noise)
+
+
+class _Chain(NamedTuple):
+    """One image's attack: the Linear step, each conv layer's result (first to last), and the image."""
+
+    top: object  # steps._LinearStep
+    results: list  # steps._ConvResult per conv layer, first to last
+    image: torch.Tensor  # (C, H, W)
+
+
+def _single_image(network, grads, sizes, options, cache, check_batch):
+    """The Linear layer's input, then every conv layer's from the last to the first."""
     top = linear_step(network, grads, sizes[-1], options, check_batch)
-    signal, results = top.signal, {}
+    signal, results = top.signal, []
     for step in reversed(network.steps):
         previous = network.steps[step.number - 2].activation if step.number > 1 else None
-        results[step.number] = conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous)
-        signal = results[step.number].signal
-    reports = [results[n].report for n in sorted(results)]
-    reasons = verdict(reports, options.tolerances)
-    notes = top.notes + [note for n in sorted(results, reverse=True) for note in results[n].notes]
-    label = int(grads.of(network.linear.bias).argmin())  # one image's dL/db is negative at its label only
-    return Reconstruction(image=signal.activated.detach().cpu()[None], layers=reports, exact=not reasons,
-                          reasons=reasons, seconds=time.perf_counter() - start,
-                          features=top.features.cpu(), linear_misfit=top.misfit, notes=notes,
-                          inputs=[results[n].input.cpu() for n in sorted(results)],
-                          labels=torch.tensor([label]), image_exact=torch.tensor([not reasons]))
+        results.insert(0, conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous))
+        signal = results[0].signal
+    return _Chain(top, results, signal.activated)
+
+
+def _error_bound(model, network, grads, sizes, options, cache, chain):
+    """The ErrorBound of an image whose every layer was determined: the attack rerun on noisier gradients."""
+    reports = [result.report for result in chain.results]
+    # Residuals of layers solved from their gradient constraints alone measure those gradients' noise;
+    # a weight-constrained layer's residual also carries the error of the layer above.
+    level = noise_level([chain.top.misfit] + [r.residual for r in reports if r.method == "gradients"],
+                        options.tolerances.dtype)
+    probed = probe_level(level, [report.residual for report in reports])
+    noisy = perturbed(list(model.parameters()), grads, probed)
+    try:
+        probe = _single_image(network, noisy, sizes, options, cache, check_batch=False)
+    except RConvError:  # the noisier gradients lost what the attack needs (a saturated loss): no bound
+        return unbounded(len(reports), level)
+    return probe_bound(_measured(chain), _measured(probe), level, probed)
+
+
+def _measured(chain):
+    """What the bound needs of every conv layer of a _Chain, first to last."""
+    return [Measured(r.input, r.report.residual, r.report.cond) for r in chain.results]
 
 
 def _check_batch_size(batch_size):
@@ -174,41 +217,109 @@ def _one_image(network, grads, options):
     return rank_one(misfit, options.tolerances.dtype)
 
 
-def _reconstruct_batch_members(network, grads, sizes, options, cache, batch_size, start):
-    """The attack on a mini-batch's mean gradients: its Linear layer split, then every conv layer for all images."""
-    cache = {} if cache is None else cache  # the batch's images share the factorisations of the weights
+class _BatchChain(NamedTuple):
+    """A batch's attack: the Linear split, each conv layer solved for every image (first to last), the images."""
+
+    top: object  # batch.BatchLinear
+    layers: list  # batch.BatchLayer per conv layer, first to last
+    images: torch.Tensor  # (B, C, H, W)
+
+
+def _batch_chain(network, grads, sizes, options, cache, batch_size):
+    """The batch's Linear layer split into images, then every conv layer for all of them, last to first."""
     top = batch_linear_step(network, grads, sizes[-1], options, batch_size)
-    found = len(top.signals)
-    notes = ([f"batch size inferred from the Linear layer's gradients: {found} image(s) found"]
-             if batch_size is None else []) + top.notes
-    trusted = [top.trusted] * found
-    signals, reports, inputs = top.signals, [], []
-    for step in reversed(network.steps) if found else ():
+    signals, layers = top.signals, []
+    for step in reversed(network.steps) if signals else ():
         previous = network.steps[step.number - 2].activation if step.number > 1 else None
-        layer = batch_conv_step(step, signals, grads, sizes[step.number - 1], options, cache, previous)
+        layers.insert(0, batch_conv_step(step, signals, grads, sizes[step.number - 1], options, cache, previous))
+        signals = layers[0].signals
+    images = (torch.stack([s.activated for s in signals]) if signals else
+              torch.zeros(0, *sizes[0], dtype=torch.float64, device=options.device))
+    return _BatchChain(top, layers, images)
+
+
+def _batch_verdict(chain, tolerances):
+    """Which images every layer determined, and the reasons per layer (first to last) why some are not."""
+    found = len(chain.top.signals)
+    trusted, reasons = [chain.top.trusted] * found, []
+    for layer in chain.layers:
         trusted = [a and b for a, b in zip(trusted, layer.determined)]
         undetermined = [n for n, ok in enumerate(layer.determined) if not ok]
-        layer_reasons = verdict([layer.report], options.tolerances)
+        layer_reasons = verdict([layer.report], tolerances)
         if undetermined and not layer_reasons:
-            layer_reasons = [f"conv layer {step.number} ({layer.report.method}): image(s) {undetermined} not "
-                             f"determined at the gradients' precision (condition number up to "
+            layer_reasons = [f"conv layer {layer.report.layer} ({layer.report.method}): image(s) {undetermined} "
+                             f"not determined at the gradients' precision (condition number up to "
                              f"{layer.report.cond:.2g})"]
         if layer_reasons and not layer.report.estimated and layer.report.full_rank:
             trusted = [False] * found  # a residual or the bias misfit: the batch's data disagree somewhere
-        reports.insert(0, (layer.report, layer_reasons))
-        inputs.insert(0, layer.inputs.cpu())
-        notes.extend(layer.notes)
-        signals = layer.signals
-    reasons = top.reasons + [reason for _, layer_reasons in reports for reason in layer_reasons]
-    channels, height, width = sizes[0]
-    image = torch.stack([s.activated for s in signals]).cpu() if found else torch.zeros(0, channels, height, width,
-                                                                                        dtype=torch.float64)
+        reasons.extend(layer_reasons)
+    return trusted, reasons
+
+
+def _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted):
+    """An ErrorBound per image of the batch (unbounded for images not trusted): the batch's attack rerun
+    on noisier gradients, each image matched to its rerun by its features."""
+    found = len(trusted)
+    if not any(trusted):
+        return [unbounded(len(network.steps))] * found
+    residuals = [layer.report.residual for layer in chain.layers]
+    level = noise_level([layer.report.residual for layer in chain.layers
+                         if layer.report.method.split()[0] == "gradients"], options.tolerances.dtype)
+    probed = probe_level(level, residuals)
+    try:
+        probe = _batch_chain(network, perturbed(list(model.parameters()), grads, probed), sizes, options, cache,
+                             batch_size=found)
+    except RConvError:  # the noisier gradients lost what the attack needs: no bound
+        return [unbounded(len(network.steps), level)] * found
+    order = _match(chain.top.features, probe.top.features)
+    if order is None or len(probe.layers) != len(chain.layers):
+        return [unbounded(len(network.steps), level)] * found
+    return [probe_bound(_batch_measured(chain, n), _batch_measured(probe, order[n]), level, probed)
+            if ok else unbounded(len(network.steps)) for n, ok in enumerate(trusted)]
+
+
+def _batch_measured(chain, n):
+    """What the bound needs of every conv layer of a _BatchChain, first to last, for its image n."""
+    return [Measured(layer.inputs[n], layer.report.residual, layer.report.cond) for layer in chain.layers]
+
+
+def _match(features, probed_features):
+    """For every image, the rerun's image whose features are nearest; None unless that pairs them one to one."""
+    if len(features) != len(probed_features):
+        return None
+    order = torch.cdist(features, probed_features).argmin(dim=1).tolist()
+    return order if len(set(order)) == len(order) else None
+
+
+def _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start):
+    """The attack on a mini-batch's mean gradients: its Linear layer split, then every conv layer for all images."""
+    cache = {} if cache is None else cache  # the batch's images share the factorisations of the weights
+    chain = _batch_chain(network, grads, sizes, options, cache, batch_size)
+    found = len(chain.top.signals)
+    notes = ([f"batch size inferred from the Linear layer's gradients: {found} image(s) found"]
+             if batch_size is None else []) + chain.top.notes
+    notes += [note for layer in reversed(chain.layers) for note in layer.notes]
+    trusted, layer_reasons = _batch_verdict(chain, options.tolerances)
+    reasons = chain.top.reasons + layer_reasons
     if not found:
         reasons = reasons or ["Linear layer: no image was found in the batch's gradients"]
-    return Reconstruction(image=image, layers=[r for r, _ in reports], exact=not reasons and all(trusted),
-                          reasons=reasons, seconds=time.perf_counter() - start, features=top.features.cpu(),
-                          notes=notes, inputs=inputs, labels=top.labels.cpu(),
-                          image_exact=torch.tensor(trusted, dtype=torch.bool), batch_size=found)
+    bounds = _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted)
+    within = [ok and bound.image <= options.tolerances.image_error for ok, bound in zip(trusted, bounds)]
+    beyond = [n for n, (ok, fits) in enumerate(zip(trusted, within)) if ok and not fits]
+    if beyond:
+        worst = max(bounds[n].image for n in beyond)
+        reasons.append(f"error bound: image(s) {beyond} may be off by up to {worst:.2g} (max abs), above the "
+                       f"{options.tolerances.image_error:g} that exact allows for "
+                       f"{str(options.tolerances.dtype).replace('torch.', '')} gradients")
+    reports = [layer.report for layer in chain.layers]
+    for number, report in enumerate(reports):
+        report.error_bound = max((bound.layers[number] for bound in bounds), default=math.inf)
+    return Reconstruction(image=chain.images.cpu(), layers=reports, exact=not reasons and all(within),
+                          reasons=reasons, seconds=time.perf_counter() - start, features=chain.top.features.cpu(),
+                          notes=notes, inputs=[layer.inputs.cpu() for layer in chain.layers],
+                          labels=chain.top.labels.cpu(), image_exact=torch.tensor(within, dtype=torch.bool),
+                          batch_size=found, error_bound=max((b.image for b in bounds), default=math.inf),
+                          noise=max((b.noise for b in bounds if not math.isnan(b.noise)), default=math.nan))
 
 
 def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **options):

@@ -33,9 +33,6 @@ from .systems import (COMPLETION_MAX_DIRECTIONS, complete, counted_equations, es
 # many unknowns (a 6,848 x 6,144 matrix for two of the paper's LeNet layer-2 inputs, ~0.3 GB).
 JOINT_DENSE_MAX_UNKNOWNS = 8192
 _FLOAT64_BYTES = 8
-# A layer's input is trusted when cond * eps(dtype) stays within the relative error the precision is
-# held to: the exactness targets, 1e-6 from float64 gradients, 1e-3 from float32.
-_EXACT_RELATIVE = {torch.float64: 1e-6, torch.float32: 1e-3}
 
 
 class BatchLinear(NamedTuple):
@@ -185,7 +182,8 @@ def _methods(equations, unknowns):
 def _trusted(spectrum, residual, unknowns, tolerances):
     """Full rank, a small residual, and a condition number the gradients' precision can bear."""
     return (spectrum.rank == unknowns and residual <= tolerances.residual
-            and spectrum.cond * eps(tolerances.dtype) <= _EXACT_RELATIVE.get(tolerances.dtype, _EXACT_RELATIVE[torch.float32]))
+            # cond * eps within the error an exact image may have (the precision's rounding, amplified)
+            and spectrum.cond * eps(tolerances.dtype) <= tolerances.image_error)
 
 
 class _Solved(NamedTuple):

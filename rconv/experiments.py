@@ -39,9 +39,9 @@ def _attack_row(model, image, grads, setting, options):
     try:
         result = reconstruct(model, grads, image.shape, **options)
     except RConvError as error:  # e.g. top-k leaves no bias gradient: a row, not a crash
-        return dict(setting, mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan, exact=False,
-                    rank_deficient=False, seconds=math.nan, reason=str(error), notes=""), None
-    return dict(setting, **image_metrics(image, result.image), exact=result.exact,
+        return dict(setting, mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan, error_bound=math.nan,
+                    exact=False, rank_deficient=False, seconds=math.nan, reason=str(error), notes=""), None
+    return dict(setting, **image_metrics(image, result.image), error_bound=result.error_bound, exact=result.exact,
                 rank_deficient=not all(r.full_rank for r in result.layers), seconds=result.seconds,
                 reason="; ".join(result.reasons), notes="; ".join(result.notes)), result
 
@@ -99,7 +99,8 @@ def attack_grid(dataset, model_name, indices, *, dtypes=("float32",), first_laye
     model's initialisation), gradient dtype, defence (name, strength) as in defend(), first
     layer method, ReLU test and projection. Returns a pandas DataFrame with one row per image
     and setting: dataset, model, activations, seed, index, label, dtype, first_layer,
-    relu_test, defence, strength, project, mse, psnr, ssim, max_abs_err, exact,
+    relu_test, defence, strength, project, mse, psnr, ssim, max_abs_err, error_bound (the attack's
+    bound on max_abs_err; exact needs it within 1e-6 from float64, 1e-3 from float32), exact,
     rank_deficient, seconds, reason (why not exact: which layer, what broke; empty when exact),
     notes. With keep=True also the list of Reconstructions, one per row. A setting R-CONV
     refuses (RConvError: say, top-k leaves no bias gradient) gets a row with its error as
@@ -387,7 +388,7 @@ def _warm_up():
 
 def _sweep_row(model, image, label, dtype, cache, memory_limit, setting):
     """One attack of the size sweep as a table row, and its Reconstruction (None where R-CONV refused)."""
-    failed = dict(mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan, exact=False,
+    failed = dict(mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan, error_bound=math.nan, exact=False,
                   rank_deficient=False, seconds=math.nan, peak_mb=math.nan, added_mb=math.nan, methods="", notes="")
     try:
         grads = client_gradients(model, image, label, dtype=dtype)
@@ -395,7 +396,7 @@ def _sweep_row(model, image, label, dtype, cache, memory_limit, setting):
                                                           memory_limit=memory_limit))
     except RConvError as error:  # a setting R-CONV refuses (too little memory, say) is a row, not a crash
         return dict(setting, **failed, reason=str(error)), None
-    return dict(setting, **image_metrics(image, result.image), exact=result.exact,
+    return dict(setting, **image_metrics(image, result.image), error_bound=result.error_bound, exact=result.exact,
                 rank_deficient=not all(r.full_rank for r in result.layers), seconds=result.seconds,
                 peak_mb=memory.peak_mb, added_mb=memory.added_mb,
                 methods=",".join(r.method for r in result.layers), reason="; ".join(result.reasons),
@@ -416,7 +417,7 @@ def size_sweep(networks, indices, *, dtypes=("float64", "float32"), dataset="sam
     channels, seed, verdict and recoverable (constraint_report's counting verdict, before any
     gradient), index, label, dtype, start ("cold": the first image of the network and dtype, with an
     empty cache, so every per-model factorisation is included; "warm": a further image, sharing
-    the cache), mse, psnr, ssim, max_abs_err, exact, rank_deficient, seconds, peak_mb (the process's
+    the cache), mse, psnr, ssim, max_abs_err, error_bound, exact, rank_deficient, seconds, peak_mb (the process's
     peak resident memory during the attack; its lifetime peak where the system cannot reset it),
     added_mb (that peak's growth over the size before the attack), methods (each conv layer's,
     first to last), reason, notes. With keep=True also the list of Reconstructions, one per row.

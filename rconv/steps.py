@@ -8,6 +8,7 @@ the image cannot be trusted, if it cannot.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -50,6 +51,7 @@ class LayerReport:
     seconds: float = 0.0
     estimated: bool = False  # the layer could not be determined: rank is a counting bound, the input an estimate
     clipped: float = 0.0  # project=True: the largest change clipping made to the input, relative to its largest value
+    error_bound: float = math.inf  # bound on the max abs error of its recovered input (inf: none)
 
     @property
     def full_rank(self):
@@ -74,6 +76,8 @@ class Reconstruction:
     labels: torch.Tensor | None = None  # (B,) the recovered label of each image
     image_exact: torch.Tensor | None = None  # (B,) bool: which images are exact (all of them when exact)
     batch_size: int = 1  # images in the client's batch, as the Linear layer's gradients tell it
+    error_bound: float = math.inf  # bound on the image's max abs error; exact needs it within 1e-6 (float64) / 1e-3
+    noise: float = math.nan  # the gradients' relative noise the bound assumed
 
     def report(self):
         """The per-layer diagnostics as a pandas DataFrame, in solving order (last layer first)."""

@@ -11,7 +11,7 @@ LAYERS = [
     {"errors", "geometry", "paths", "progress", "vertices"},
     {"sparse", "memory", "models", "data", "client", "constraints", "parallel", "linear_search"},
     {"solvers", "network", "linear_split"},
-    {"tolerances", "activations", "equations"},
+    {"tolerances", "activations", "equations", "bounds"},
     {"systems"},
     {"steps"},
     {"batch"},

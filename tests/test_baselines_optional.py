@@ -32,7 +32,8 @@ def test_a_baseline_without_breaching_raises_the_same_sentence(no_breaching, sam
 
 
 def test_compare_baselines_runs_rconv_alone_without_breaching(no_breaching, packs):
-    table, shown = rc.compare_baselines("cifar10", "lenet", [0, 1], methods=[], data_root=packs, progress=False)
+    table, shown = rc.compare_baselines("cifar10", "lenet", [0, 1], methods=[], dtype="float64", data_root=packs,
+                                        progress=False)
     assert list(table.method) == ["rconv", "rconv"] and table.exact.all()
     assert set(shown) == {"original", "rconv"}
 

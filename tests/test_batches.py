@@ -45,6 +45,24 @@ def test_a_batch_of_eight_from_float32_is_above_60_db(cifar_batch):
     assert (claimed.max_abs_err <= 1e-3).all()
 
 
+def test_a_batch_reports_a_bound_that_holds_per_image(cifar_batch):
+    result, matched = attack(cifar_batch, 4, torch.float64)
+    assert 0 < result.error_bound <= 1e-6 and (matched.table.max_abs_err <= result.error_bound).all()
+    assert all(0 < r.error_bound < math.inf for r in result.layers)
+
+
+@pytest.mark.parametrize("strength", [1e-7, 1e-6])
+def test_noisy_batch_gradients_are_never_claimed_exact_beyond_the_bound(cifar_batch, strength):
+    images, labels = cifar_batch.images[:4], cifar_batch.labels[:4]
+    grads = rc.defend(rc.client_gradients(cifar_batch.model, images, labels, dtype=torch.float32), "gaussian",
+                      strength)
+    result = rc.reconstruct(cifar_batch.model, grads, (3, 32, 32), batch_size=4, cache=CACHE)
+    matched = rc.match_batch(images, labels, result)
+    claimed = matched.table[matched.table.image_exact]
+    assert (claimed.max_abs_err <= min(1e-3, result.error_bound)).all()
+    assert result.exact == bool(result.image_exact.all()) and (result.exact or result.reasons)
+
+
 def test_a_known_batch_size_gives_the_same_images(cifar_batch):
     inferred, _ = attack(cifar_batch, 2, torch.float64)
     given, _ = attack(cifar_batch, 2, torch.float64, batch_size=2)

@@ -59,7 +59,7 @@ def test_filter_sweep_and_baselines_on_a_local_cluster_give_the_serial_rows(clus
     sweep = dict(dataset="cifar100", model_name="lenet", position=3, counts=[2, 4], indices=[0, 1], seeds=[50, 51],
                  data_root=packs, progress=False)
     pd.testing.assert_frame_equal(rc.filter_sweep(**sweep, executor=cluster), rc.filter_sweep(**sweep))
-    compared = dict(methods=[], data_root=packs, progress=False)
+    compared = dict(methods=[], dtype="float64", data_root=packs, progress=False)
     table, shown = rc.compare_baselines("cifar10", "lenet", [0, 1, 2], executor=cluster, **compared)
     serial, serial_shown = rc.compare_baselines("cifar10", "lenet", [0, 1, 2], **compared)
     pd.testing.assert_frame_equal(table.drop(columns=TIMING), serial.drop(columns=TIMING))
