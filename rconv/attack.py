@@ -168,13 +168,18 @@ class _Chain(NamedTuple):
     image: torch.Tensor  # (C, H, W)
 
 
-def _single_image(network, grads, sizes, options, cache, check_batch):
-    """The Linear layer's input, then every conv layer's from the last to the first."""
+def _single_image(network, grads, sizes, options, cache, check_batch, like=None):
+    """The Linear layer's input, then every conv layer's from the last to the first.
+
+    like: a _Chain whose activations are read the same way (the probe: its change must come from the
+    noise, not from a near-zero unit read differently).
+    """
     top = linear_step(network, grads, sizes[-1], options, check_batch)
     signal, results = top.signal, []
     for step in reversed(network.steps):
         previous = network.steps[step.number - 2].activation if step.number > 1 else None
-        results.insert(0, conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous))
+        frozen = like.results[step.number - 1].branches if like is not None else None
+        results.insert(0, conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous, frozen))
         signal = results[0].signal
     return _Chain(top, results, signal.activated)
 
@@ -189,7 +194,7 @@ def _error_bound(model, network, grads, sizes, options, cache, chain):
     probed = probe_level(level, [report.residual for report in reports])
     noisy = perturbed(list(model.parameters()), grads, probed)
     try:
-        probe = _single_image(network, noisy, sizes, options, cache, check_batch=False)
+        probe = _single_image(network, noisy, sizes, options, cache, check_batch=False, like=chain)
     except RConvError:  # the noisier gradients lost what the attack needs (a saturated loss): no bound
         return unbounded(len(reports), level)
     return probe_bound(_measured(chain), _measured(probe), level, probed)
@@ -225,13 +230,26 @@ class _BatchChain(NamedTuple):
     images: torch.Tensor  # (B, C, H, W)
 
 
-def _batch_chain(network, grads, sizes, options, cache, batch_size):
-    """The batch's Linear layer split into images, then every conv layer for all of them, last to first."""
+def _batch_chain(network, grads, sizes, options, cache, batch_size, like=None):
+    """The batch's Linear layer split into images, then every conv layer for all of them, last to first.
+
+    like: an earlier _BatchChain: read every image's activations as it read its image with the nearest
+    features (the probe); None comes back when the images do not pair up one to one.
+    """
     top = batch_linear_step(network, grads, sizes[-1], options, batch_size)
     signals, layers = top.signals, []
+    order = _match(like.top.features, top.features) if like is not None else None
+    if like is not None and order is None:
+        return None
+    earlier_of = {m: n for n, m in enumerate(order or [])}  # this run's image m is the earlier run's image n
     for step in reversed(network.steps) if signals else ():
         previous = network.steps[step.number - 2].activation if step.number > 1 else None
-        layers.insert(0, batch_conv_step(step, signals, grads, sizes[step.number - 1], options, cache, previous))
+        frozen = None
+        if like is not None:
+            earlier = like.layers[step.number - 1].branches
+            frozen = [earlier[earlier_of[m]] for m in range(len(signals))]
+        layers.insert(0, batch_conv_step(step, signals, grads, sizes[step.number - 1], options, cache, previous,
+                                         frozen))
         signals = layers[0].signals
     images = (torch.stack([s.activated for s in signals]) if signals else
               torch.zeros(0, *sizes[0], dtype=torch.float64, device=options.device))
@@ -268,12 +286,12 @@ def _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted):
     probed = probe_level(level, residuals)
     try:
         probe = _batch_chain(network, perturbed(list(model.parameters()), grads, probed), sizes, options, cache,
-                             batch_size=found)
+                             batch_size=found, like=chain)
     except RConvError:  # the noisier gradients lost what the attack needs: no bound
         return [unbounded(len(network.steps), level)] * found
-    order = _match(chain.top.features, probe.top.features)
-    if order is None or len(probe.layers) != len(chain.layers):
+    if probe is None or len(probe.layers) != len(chain.layers):
         return [unbounded(len(network.steps), level)] * found
+    order = _match(chain.top.features, probe.top.features)
     return [probe_bound(_batch_measured(chain, n), _batch_measured(probe, order[n]), level, probed)
             if ok else unbounded(len(network.steps)) for n, ok in enumerate(trusted)]
 

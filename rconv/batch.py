@@ -54,6 +54,7 @@ class BatchLayer(NamedTuple):
     signals: list  # Signal per image for the layer below
     determined: list  # bool per image: this layer determined its input
     notes: tuple
+    branches: list  # steps.Branches per image: how the activation was read
 
 
 def batch_linear_step(network, grads, shape, options, batch_size):
@@ -258,12 +259,17 @@ def _solve_batch_layer(methods, why, equations, weight_grad, options, label):
     return best
 
 
-def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_activation):
-    """Recover one conv layer's inputs for every image of the batch; report the layer; pass the gradients below."""
+def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_activation, frozen=None):
+    """Recover one conv layer's inputs for every image of the batch; report the layer; pass the gradients below.
+
+    frozen: Branches per image of an earlier run to read the activation by (the error bound's probe).
+    """
     start = time.perf_counter()
     channels, height, width = input_shape
     batch, label = len(signals), step.label
-    built = [layer_equations(step, s, grads, input_shape, options, cache, repair=False) for s in signals]
+    frozen = frozen or [None] * batch
+    built = [layer_equations(step, s, grads, input_shape, options, cache, repair=False, frozen=f)
+             for s, f in zip(signals, frozen)]
     equations = [b[0] for b in built]
     output_grads = torch.stack([b[1] for b in built])
     bias_grad = built[0][2]  # the batch's: the same for every image
@@ -293,7 +299,7 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
                                              stride=step.conv.stride, padding=step.padding)
     below = [Signal(xn, gn, noise, s.determined and ok)
              for xn, gn, noise, s, ok in zip(x, input_grads, noises, signals, solved.determined)]
-    return BatchLayer(x, report, below, solved.determined, solved.notes)
+    return BatchLayer(x, report, below, solved.determined, solved.notes, [b[3] for b in built])
 
 
 def _gradient_misfit(equations, x, weight_grad):

@@ -116,13 +116,21 @@ class _LinearStep(NamedTuple):
     notes: list
 
 
+class Branches(NamedTuple):
+    """How a layer's activation was read: its derivative at every output, and which pre-activations are known."""
+
+    derivative: torch.Tensor  # (F, P, Q)
+    known: torch.Tensor  # (F, P, Q) bool
+
+
 class _ConvResult(NamedTuple):
-    """One conv layer's recovered input, its report, what it hands the layer below, and notes."""
+    """One conv layer's recovered input, its report, what it hands the layer below, notes, and its Branches."""
 
     input: torch.Tensor  # (C, H, W)
     report: LayerReport
     signal: Signal
     notes: tuple
+    branches: Branches
 
 
 def fc_features(weight_grad, bias_grad):
@@ -163,20 +171,26 @@ def linear_step(network, grads, shape, options, check_batch):
     return _LinearStep(features, misfit, Signal(activated, activated_grad, noise), notes)
 
 
-def layer_equations(step, signal, grads, input_shape, options, cache, repair=True):
-    """The layer's equations, its output gradient dL/dO, and its bias gradient.
+def layer_equations(step, signal, grads, input_shape, options, cache, repair=True, frozen=None):
+    """The layer's equations, its output gradient dL/dO, its bias gradient, and its Branches.
 
     repair: settle near-zero ReLU units with the bias gradient (one image's gradients only: a
     batch's bias gradient sums over its images and cannot tell whose unit it was).
+    frozen: Branches to use instead of reading the activation again (the error bound's probe).
     """
     wide = dict(device=options.device, dtype=torch.float64)
     conv, tolerances = step.conv, options.tolerances
     bias_grad = grads.of(conv.bias).to(**wide) if conv.bias is not None else None
-    derivative, band = branches(step, signal.activated, signal.activated_grad, bias_grad if repair else None,
-                                tolerances, signal.noise, options.relu_test)
+    if frozen is None:
+        derivative, band = branches(step, signal.activated, signal.activated_grad, bias_grad if repair else None,
+                                    tolerances, signal.noise, options.relu_test)
+    else:
+        derivative = frozen.derivative
     output_grad = signal.activated_grad * derivative
     output, known = preactivation(step, signal.activated, derivative, tolerances.saturation)
-    if step.activation == "relu" and options.relu_test == "relative":
+    if frozen is not None:
+        known = frozen.known
+    elif step.activation == "relu" and options.relu_test == "relative":
         known &= signal.activated > band  # a pre-activation read off a near-zero output may be a dead unit's
     bias = conv.bias.detach().to(**wide).view(-1, 1, 1) if conv.bias is not None else 0.0
     known_rows = known.reshape(-1)
@@ -186,7 +200,7 @@ def layer_equations(step, signal, grads, input_shape, options, cache, repair=Tru
                                  conv.kernel_size, conv.stride, step.padding),
         weights=weight_system(weight, conv.bias, conv.stride, step.padding, input_shape, cache),
         known=known_rows, output=(output - bias).reshape(-1)[known_rows])
-    return equations, output_grad, bias_grad
+    return equations, output_grad, bias_grad, Branches(derivative, known)
 
 
 def project_input(x, previous_activation, options):
@@ -283,11 +297,15 @@ def _solve(step, equations, options, determined_above):
     return best
 
 
-def conv_step(step, signal, grads, input_shape, options, cache, previous_activation):
-    """Recover one conv layer's input from its equations; report it; pass the gradient below."""
+def conv_step(step, signal, grads, input_shape, options, cache, previous_activation, frozen=None):
+    """Recover one conv layer's input from its equations; report it; pass the gradient below.
+
+    frozen: the Branches of an earlier run to read the activation by (the error bound's probe).
+    """
     start = time.perf_counter()
     channels, height, width = input_shape
-    equations, output_grad, bias_grad = layer_equations(step, signal, grads, input_shape, options, cache)
+    equations, output_grad, bias_grad, read = layer_equations(step, signal, grads, input_shape, options, cache,
+                                                              frozen=frozen)
     method, solved = _solve(step, equations, options, signal.determined)
     x = solved.x.reshape(channels, height, width)
     noise = noise_of(solved.spectrum, x, options.tolerances.dtype)
@@ -306,7 +324,7 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
                                             stride=step.conv.stride, padding=step.padding)[0]
     determined = signal.determined and report.full_rank
-    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes)
+    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes, read)
 
 
 def _layer_reasons(report, tolerances):
