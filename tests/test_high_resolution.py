@@ -182,7 +182,7 @@ def test_size_sweep_rows_say_size_start_memory_verdict_and_methods():
 
 
 def test_size_sweep_keeps_going_past_a_refused_attack():
-    table, kept = rc.size_sweep([("lenet_hr64", 64), ("lenet", 32)], [0], dtypes=["float32"], memory_limit=10 ** 7,
+    table, kept = rc.size_sweep([("lenet_hr64", 64), ("lenet", 32)], [0], dtypes=["float64"], memory_limit=10 ** 7,
                                 keep=True, progress=False)
     refused, small = table.iloc[0], table.iloc[1]
     assert not refused.exact and "conv layer" in refused.reason and "memory_limit" in refused.reason
