@@ -24,6 +24,8 @@ _PUBLISHED_DECIMALS = 7
 NOISE_MARGIN = 3.0
 # At most this many near-zero units per filter are re-decided from the bias gradient (2^n tries).
 _REPAIR_MAX_UNITS = 10
+# Guards the division by a band that is zero (exact outputs); far below any real one.
+TINY_BAND = 1e-300
 
 
 class Noise(NamedTuple):
@@ -90,6 +92,29 @@ def _published_branches(step, activated):
         return Branches(torch.where(rounded < 0, torch.full_like(activated, step.slope),
                                     torch.ones_like(activated)), 0.0)
     return Branches(activation_grad(step.activation, step.slope, activated, 0.0), 0.0)
+
+
+def batch_branches(step, signals, bias_grad, tolerances, relu_test):
+    """Branches of every image of a batch, near-zero units settled jointly with the batch's bias gradient.
+
+    The batch's dL/db[f] sums every image's dL/dO[f]: one equation per filter over all their
+    units, which settles the few units (of any image) too close to zero to read, as for one image.
+    """
+    read = [branches(step, s.activated, s.activated_grad, None, tolerances, s.noise, relu_test) for s in signals]
+    if relu_test == "absolute" or bias_grad is None or not read:
+        return read
+    bands = [r.band for r in read]
+    if max(bands) <= 0:
+        return read
+    # images side by side along the height: a filter's sum over that picture is the batch's sum;
+    # each output over its own image's band, so that one band (1) tells near-zero units of all
+    closeness = torch.cat([s.activated / max(b, TINY_BAND) for s, b in zip(signals, bands)], dim=1)
+    grads = torch.cat([s.activated_grad for s in signals], dim=1)
+    derivative = torch.cat([r.derivative for r in read], dim=1)
+    tolerance = tolerances.residual * float(torch.linalg.norm(bias_grad))
+    repaired = _repair_branches(step, derivative, closeness, grads, bias_grad, 1.0, tolerance)
+    heights = [s.activated.shape[1] for s in signals]
+    return [Branches(d, b) for d, b in zip(torch.split(repaired, heights, dim=1), bands)]
 
 
 def branches(step, activated, activated_grad, bias_grad, tolerances, noise, relu_test):

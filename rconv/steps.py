@@ -171,19 +171,21 @@ def linear_step(network, grads, shape, options, check_batch):
     return _LinearStep(features, misfit, Signal(activated, activated_grad, noise), notes)
 
 
-def layer_equations(step, signal, grads, input_shape, options, cache, repair=True, frozen=None):
+def layer_equations(step, signal, grads, input_shape, options, cache, repair=True, frozen=None, read=None):
     """The layer's equations, its output gradient dL/dO, its bias gradient, and its Branches.
 
     repair: settle near-zero ReLU units with the bias gradient (one image's gradients only: a
     batch's bias gradient sums over its images and cannot tell whose unit it was).
     frozen: Branches to use instead of reading the activation again (the error bound's probe).
+    read: the activation already read (activations.Branches, a batch's from batch_branches).
     """
     wide = dict(device=options.device, dtype=torch.float64)
     conv, tolerances = step.conv, options.tolerances
     bias_grad = grads.of(conv.bias).to(**wide) if conv.bias is not None else None
     if frozen is None:
-        derivative, band = branches(step, signal.activated, signal.activated_grad, bias_grad if repair else None,
-                                    tolerances, signal.noise, options.relu_test)
+        derivative, band = read if read is not None else branches(
+            step, signal.activated, signal.activated_grad, bias_grad if repair else None, tolerances, signal.noise,
+            options.relu_test)
     else:
         derivative = frozen.derivative
     output_grad = signal.activated_grad * derivative
