@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import Noise
+from .activations import NOISE_MARGIN, Noise, batch_branches
 from .linear_split import split_linear
 from .memory import check
 from .solvers import TINY, System, eps, rank_rtol, solve
@@ -32,6 +32,9 @@ from .systems import (COMPLETION_MAX_DIRECTIONS, complete, counted_equations, es
 # A joint system of both kinds of constraint over the whole batch is solved dense, up to this
 # many unknowns (a 6,848 x 6,144 matrix for two of the paper's LeNet layer-2 inputs, ~0.3 GB).
 JOINT_DENSE_MAX_UNKNOWNS = 8192
+# A split feature's entries may stray from the truth by up to ~17x its error bar (error bars are
+# 0.06-2.1x the actual error, and far above it in float32); zeros are looked for up to 30x.
+_SPLIT_ERROR_MARGIN = 30.0
 _FLOAT64_BYTES = 8
 
 
@@ -39,6 +42,7 @@ class BatchLinear(NamedTuple):
     """The Linear layer of a batch: one Signal per image found, their labels, and what the split said."""
 
     signals: list
+    readings: list  # lists of Signals like `signals`, each reading the features' zeros its own way
     features: torch.Tensor  # (B, N)
     labels: torch.Tensor  # (B,)
     trusted: bool  # the split vouches for every member (status "ok")
@@ -64,17 +68,47 @@ def batch_linear_step(network, grads, shape, options, batch_size):
     weight = linear.weight.detach().to(**wide)
     split = split_linear(grads.of(linear.weight).to(**wide), grads.of(linear.bias).to(**wide), weight,
                          linear.bias.detach().to(**wide), dtype=options.tolerances.dtype, batch_size=batch_size)
-    signals = []
-    for features, contribution in zip(split.features.to(**wide), split.contributions.to(**wide)):
-        activated = features.view(shape)
-        signals.append(Signal(activated, (weight.T @ contribution).view(shape),
-                              Noise(gain=LINEAR_NOISE_GAIN, negative=max(0.0, -float(activated.min())))))
+    signals, cautious = [], []
+    for features, contribution, error_bar in zip(split.features.to(**wide), split.contributions.to(**wide),
+                                                 split.error_bars.tolist()):
+        activated, activated_grad = features.view(shape), (weight.T @ contribution).view(shape)
+        signals.append(Signal(activated, activated_grad, Noise(LINEAR_NOISE_GAIN, max(0.0, -float(activated.min())))))
+        cautious.append(Signal(activated, activated_grad, Noise(LINEAR_NOISE_GAIN, _zero_noise(activated, error_bar))))
     notes = [f"Linear layer: batch split {split.status}: {len(signals)} image(s) found, batch size "
              f"{split.batch_size}, gradient rank {split.rank}"] + list(split.notes)
     reasons = [f"Linear layer: the batch split is {split.status}: {reason}" for reason in split.reasons]
     if split.status != "ok" and not reasons:
         reasons.append(f"Linear layer: the batch split is {split.status}")
-    return BatchLinear(signals, split.features.to(**wide), split.labels, split.status == "ok", reasons, notes)
+    readings = [signals] + ([cautious] if any(a.noise != b.noise for a, b in zip(signals, cautious)) else [])
+    return BatchLinear(signals, readings, split.features.to(**wide), split.labels, split.status == "ok", reasons,
+                       notes)
+
+
+def _zero_noise(activated, error_bar):
+    """The noise on a split feature's zeros by its error bar, for the ReLU test (which reads units
+    below 3x it as zero): the cautious reading, beside the one by its negative entries alone.
+
+    A feature split off an ill-conditioned batch (two images of one label) errs by more than
+    rounding and maybe to one side only (by a multiple of another member's features), so its
+    negative entries understate the noise on its zeros, while its error bar may overstate it by
+    far more than its smallest true activations (measured: either reading misreads some batches,
+    never both). Above both the negative entries' noise and one
+    error bar, the zeros' cluster ends at the widest gap (as a ratio) between consecutive entries.
+    """
+    negative = max(0.0, -float(activated.min()))
+    scale = float(activated.abs().max())
+    low = max(NOISE_MARGIN * negative, error_bar * scale)
+    high = _SPLIT_ERROR_MARGIN * error_bar * scale
+    if high <= low:
+        return low / NOISE_MARGIN
+    values = activated.flatten()
+    between = torch.sort(values[(values > low) & (values <= high)]).values
+    if len(between) == 0:
+        return low / NOISE_MARGIN
+    edges = torch.cat([torch.tensor([max(low, TINY)], dtype=values.dtype, device=values.device), between,
+                       torch.tensor([high], dtype=values.dtype, device=values.device)])
+    widest = int(torch.argmax(edges[1:] / edges[:-1]))
+    return float(torch.sqrt(edges[widest] * edges[widest + 1])) / NOISE_MARGIN
 
 
 def _joint_gradients(equations, rhs, dtype, memory_limit, label):
@@ -248,6 +282,8 @@ def _solve_batch_layer(methods, why, equations, weight_grad, options, label):
         return _solve_per_image(equations, options, label, why)
     best = None
     for method in methods:
+        if method == "gradients+weights" and best is not None and best.rank == sum(e.unknowns for e in equations):
+            break  # more rows cannot settle an inconsistency that a full-rank solve met (and the dense one is slow)
         if method == "weights":
             solved = _solve_per_image(equations, options, label, "")
         else:
@@ -267,9 +303,15 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
     start = time.perf_counter()
     channels, height, width = input_shape
     batch, label = len(signals), step.label
-    frozen = frozen or [None] * batch
-    built = [layer_equations(step, s, grads, input_shape, options, cache, repair=False, frozen=f)
-             for s, f in zip(signals, frozen)]
+    if frozen is None:
+        bias = grads.of(step.conv.bias).to(device=options.device, dtype=torch.float64) \
+            if step.conv.bias is not None else None
+        reads = batch_branches(step, signals, bias, options.tolerances, options.relu_test)
+        frozen = [None] * batch
+    else:
+        reads = [None] * batch
+    built = [layer_equations(step, s, grads, input_shape, options, cache, repair=False, frozen=f, read=r)
+             for s, f, r in zip(signals, frozen, reads)]
     equations = [b[0] for b in built]
     output_grads = torch.stack([b[1] for b in built])
     bias_grad = built[0][2]  # the batch's: the same for every image
