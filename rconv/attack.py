@@ -21,7 +21,7 @@ from .memory import default_limit
 from .network import check_gradients, check_input_shape, parse_network
 from .progress import progress_bar
 from .batch import batch_conv_step, batch_linear_step
-from .bounds import Measured, bound_reasons, noise_level, perturbed, probe_bound, probe_level, unbounded
+from .bounds import Measured, bound_reasons, keep_rank, noise_level, perturbed, probe_bound, probe_level, unbounded
 from .steps import (FIRST_LAYER_METHODS, LayerReport, Options, Reconstruction, conv_step, fc_features, linear_step,
                     rank_one, verdict)
 from .tolerances import Tolerances
@@ -248,8 +248,11 @@ def _batch_chain(network, grads, sizes, options, cache, batch_size, like=None):
         if like is not None:
             earlier = like.layers[step.number - 1].branches
             frozen = [earlier[earlier_of[m]] for m in range(len(signals))]
-        layers.insert(0, batch_conv_step(step, signals, grads, sizes[step.number - 1], options, cache, previous,
-                                         frozen))
+        readings = top.readings if not layers and like is None else [signals]
+        solved = [batch_conv_step(step, reading, grads, sizes[step.number - 1], options, cache, previous, frozen)
+                  for reading in readings]
+        # the reading of the features' zeros that the layer's data agree with
+        layers.insert(0, min(solved, key=lambda layer: max(layer.report.residual, layer.report.bias_residual)))
         signals = layers[0].signals
     images = (torch.stack([s.activated for s in signals]) if signals else
               torch.zeros(0, *sizes[0], dtype=torch.float64, device=options.device))
@@ -284,16 +287,26 @@ def _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted):
     level = noise_level([layer.report.residual for layer in chain.layers
                          if layer.report.method.split()[0] == "gradients"], options.tolerances.dtype)
     probed = probe_level(level, residuals)
-    try:
-        probe = _batch_chain(network, perturbed(list(model.parameters()), grads, probed), sizes, options, cache,
-                             batch_size=found, like=chain)
-    except RConvError:  # the noisier gradients lost what the attack needs: no bound
-        return [unbounded(len(network.steps), level)] * found
-    if probe is None or len(probe.layers) != len(chain.layers):
+    noisy = perturbed(list(model.parameters()), grads, probed)
+    # noise that raises the Linear layer's rank reads as more images; then only the part of it
+    # that keeps the rank (what moves the members' features, to first order)
+    probe = _batch_probe(network, noisy, sizes, options, cache, chain) or \
+        _batch_probe(network, keep_rank(grads, noisy, network.linear, found), sizes, options, cache, chain)
+    if probe is None:
         return [unbounded(len(network.steps), level)] * found
     order = _match(chain.top.features, probe.top.features)
     return [probe_bound(_batch_measured(chain, n), _batch_measured(probe, order[n]), level, probed)
             if ok else unbounded(len(network.steps)) for n, ok in enumerate(trusted)]
+
+
+def _batch_probe(network, noisy, sizes, options, cache, chain):
+    """The batch's attack rerun on `noisy` gradients, reading activations as `chain` did; None when
+    it loses what the attack needs or its images do not pair with chain's."""
+    try:
+        probe = _batch_chain(network, noisy, sizes, options, cache, batch_size=len(chain.top.signals), like=chain)
+    except RConvError:
+        return None
+    return probe if probe is not None and len(probe.layers) == len(chain.layers) else None
 
 
 def _batch_measured(chain, n):

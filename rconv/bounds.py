@@ -101,6 +101,26 @@ def perturbed(parameters, grads, level):
     return Gradients(parameters, noisy)
 
 
+def keep_rank(grads, noisy, linear, rank):
+    """`noisy` (Gradients) with the Linear layer's noise projected onto the rank-`rank` matrices
+    tangent at its gradients [dL/dW, dL/db]: a batch's probe.
+
+    B images leave that matrix rank B. Noise off the tangent would raise its rank, which the split
+    reads as more images (and refuses); to first order it moves no member's feature, so the
+    bound loses nothing by leaving it out.
+    """
+    weight, bias = linear.weight, linear.bias
+    clean = torch.cat([grads.of(weight).to(torch.float64), grads.of(bias).to(torch.float64)[:, None]], dim=1)
+    noise = torch.cat([noisy.of(weight), noisy.of(bias)[:, None]], dim=1) - clean
+    left, _, right = torch.linalg.svd(clean, full_matrices=False)
+    left, right = left[:, :rank], right[:rank].T
+    noise = left @ (left.T @ noise) + (noise @ right) @ right.T - left @ (left.T @ noise @ right) @ right.T
+    kept = clean + noise
+    replaced = {id(weight): kept[:, :-1], id(bias): kept[:, -1]}
+    parameters = list(noisy.parameters)
+    return Gradients(parameters, [replaced.get(id(p), noisy.of(p)) for p in parameters])
+
+
 def _unit(tensor):
     return tensor / max(float(torch.linalg.norm(tensor)), _TINY)
 

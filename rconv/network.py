@@ -110,6 +110,7 @@ class Gradients:
     """A client's gradients, checked against the model and looked up by parameter."""
 
     def __init__(self, parameters, grads):
+        self.parameters = tuple(parameters)
         self._by_id = {id(p): g for p, g in zip(parameters, grads)}
         self.dtype, self.device = grads[0].dtype, grads[0].device
 
