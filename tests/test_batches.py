@@ -158,3 +158,31 @@ def test_duplicate_labels_are_reported_not_crashed(cifar_batch):
         assert (matched.table.max_abs_err <= 1e-6).all()
     else:
         assert result.reasons
+
+
+@pytest.mark.slow
+def test_two_images_of_one_label_come_back_exact(packs):
+    # MNIST's first eight hold two 1s: the split is ill-conditioned along them, and its features'
+    # errors (one-sided, 1e-11) once read dead ReLU units as active (every image wrong before)
+    case = rc.setup("mnist", "lenet_batch", range(8), data_root=packs, init="default")
+    assert len(set(case.labels.tolist())) == 7
+    grads = rc.client_gradients(case.model, case.images, case.labels, dtype=torch.float64)
+    result = rc.reconstruct(case.model, grads, tuple(case.images.shape[1:]))
+    matched = rc.match_batch(case.images, case.labels, result)
+    assert result.exact and (matched.table.max_abs_err <= 1e-6).all()
+    assert (matched.table.label == matched.table.recovered_label).all()
+
+
+@pytest.mark.slow
+def test_a_float32_batch_of_sixteen_settles_its_near_zero_units_jointly(packs):
+    # one LeakyReLU unit of layer 1's output 7e-8 below zero reads positive from float32; the
+    # batch's shared bias gradient settles it (without: residual 7e-3, every image at 8 dB)
+    case = rc.setup("cifar100", "lenet_batch", range(16), data_root=packs, init="default")
+    grads = rc.client_gradients(case.model, case.images, case.labels, dtype=torch.float32)
+    result = rc.reconstruct(case.model, grads, tuple(case.images.shape[1:]), cache=CACHE)
+    matched = rc.match_batch(case.images, case.labels, result)
+    assert (matched.table.psnr >= 60).all() and (matched.table.label == matched.table.recovered_label).all()
+    assert all(r.bias_residual <= 1e-5 for r in result.layers)
+    # the probe keeps the Linear layer's rank, so the batch gets a finite bound
+    assert result.error_bound < math.inf
+    assert (matched.table.max_abs_err[matched.table.image_exact] <= result.error_bound).all()
