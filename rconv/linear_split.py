@@ -158,12 +158,25 @@ def _check(weight_grad, bias_grad, weight, bias, dtype, batch_size):
                    None if batch_size is None else int(batch_size))
 
 
-def _row_space(inputs, left, sigma, right):
-    """M's numerical row space: rank by the precision's threshold, noise, active coordinates."""
+def _numerical_rank(sigma, tol):
+    """Singular values above the precision's threshold, relative to ||M||_F."""
+    return int((sigma > tol.rank * float(np.linalg.norm(sigma))).sum())
+
+
+def gradient_rank(weight_grad, bias_grad, weight, bias, *, dtype) -> int:
+    """The rank split_linear reads off a Linear layer's mean gradients: the distinct images it looks for.
+
+    Arguments as for split_linear.
+    """
+    inputs = _check(weight_grad, bias_grad, weight, bias, dtype, None)
+    return _numerical_rank(np.linalg.svd(inputs.gradient, compute_uv=False), inputs.tol)
+
+
+def _row_space(inputs, left, sigma, right, rank=None):
+    """M's numerical row space: rank by the precision's threshold (unless given), noise, active coordinates."""
     tol = inputs.tol
-    total = float(np.linalg.norm(sigma))
-    rank = int((sigma > tol.rank * total).sum())
-    noise = float(sigma[rank]) if rank < len(sigma) else tol.eps * total
+    rank = _numerical_rank(sigma, tol) if rank is None else rank
+    noise = float(sigma[rank]) if rank < len(sigma) else tol.eps * float(np.linalg.norm(sigma))
     noise_rel = noise / float(sigma[rank - 1])
     basis = right[:rank].T
     n = basis.shape[0] - 1
@@ -447,3 +460,33 @@ def split_linear(weight_grad, bias_grad, weight, bias, *, dtype, batch_size=None
     verdict = _verdict(d, space.rank, gap, classes, inputs.tol, inputs.batch_size)
     verdict.notes.insert(0, found.how)
     return _result(d, verdict, space.rank, device)
+
+
+def track_split(weight_grad, bias_grad, weight, bias, *, dtype, zeros) -> LinearSplit | None:
+    """An earlier split's members followed into perturbed gradients (the error bound's probe).
+
+    zeros: a bool mask (N,) per member of the earlier split, where its feature is zero (behind a
+    ReLU). Member n becomes the vector of the new gradients' row space (of rank len(zeros)) that
+    vanishes there, in the same order: the first-order move of a vertex, with no search (whose
+    tolerances are those of the precision, not of the probe's added noise). None when a mask
+    holds too few zeros to pin its member. Arguments otherwise as for split_linear.
+    """
+    inputs = _check(weight_grad, bias_grad, weight, bias, dtype, len(zeros))
+    rank, device = len(zeros), weight_grad.device
+    left, sigma, right = np.linalg.svd(inputs.gradient, full_matrices=False)
+    if rank == 0 or rank > len(sigma) or sigma[0] == 0:
+        return None
+    space = _row_space(inputs, left, sigma, right, rank)
+    rows = []
+    for zero in zeros:
+        pinned = space.basis[:-1][np.asarray(zero, dtype=bool)]
+        if len(pinned) < rank:
+            return None
+        null = np.linalg.svd(pinned, full_matrices=True)[2][-1]
+        row = space.basis @ null
+        if abs(row[-1]) <= _BIAS_FLOOR * np.abs(row).max():
+            return None
+        rows.append(row / row[-1])
+    d = _decompose(space, np.array(rows), inputs.tol, rank)
+    gap = space.sigma[-1] / max(space.noise, TINY)
+    return _result(d, _verdict(d, rank, gap, len(inputs.bias), inputs.tol, rank), rank, device)

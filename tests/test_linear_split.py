@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import rconv_core as rc
+from rconv.linear_split import gradient_rank, track_split
 
 # The network of the prototype's measurements: N = 12 x 8 x 8 = 768 features, PyTorch's initialisation.
 CHANNELS, STRIDES = (12, 16, 12, 12), (2, 2, 1, 1)
@@ -323,3 +324,28 @@ def test_cuda_tensors_come_back_on_their_device(data):
                              dtype=torch.float64)
     assert on_gpu.features.device.type == "cuda" and on_gpu.status == on_cpu.status == "ok"
     assert torch.allclose(on_gpu.features.cpu(), on_cpu.features, rtol=0, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------------------------------
+# the error bound's probe: members followed into perturbed gradients
+
+def test_gradient_rank_counts_the_distinct_images(data):
+    true = truth(default_model("cifar100"), data, "cifar100", distinct_labels(data, "cifar100", 4), torch.float64)
+    assert gradient_rank(true.weight_grad, true.bias_grad, true.weight, true.bias, dtype=torch.float64) == 4
+
+
+def test_tracking_follows_each_member_in_order(data):
+    true = truth(default_model("cifar100"), data, "cifar100", distinct_labels(data, "cifar100", 4), torch.float64)
+    split = true.split()
+    zeros = [(f.abs() <= 1e-9 * f.abs().max()).numpy() for f in split.features]
+    noise = torch.randn(true.weight_grad.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noisy = true.weight_grad + 1e-9 * true.weight_grad.norm() * noise / noise.norm()
+    tracked = track_split(noisy, true.bias_grad, true.weight, true.bias, dtype=torch.float64, zeros=zeros)
+    moved = (tracked.features - split.features).abs().amax(1) / split.features.abs().amax(1)
+    assert tracked.features.shape == split.features.shape and torch.equal(tracked.labels, split.labels)
+    assert (moved > 0).all() and (moved < 1e-6).all()  # the same members, in the same order, moved by the noise
+    # its zeros stay zeros to the noise's order (a least-squares null vector of the noisy row space)
+    assert all(f[torch.as_tensor(z)].abs().max() <= 1e-7 * f.abs().max() for f, z in zip(tracked.features, zeros))
+    # a mask with too few zeros cannot pin its member
+    assert track_split(noisy, true.bias_grad, true.weight, true.bias, dtype=torch.float64,
+                       zeros=[np.zeros(768, dtype=bool)] * 4) is None
