@@ -17,6 +17,7 @@ import torch
 
 from .activations import RELU_TESTS
 from .errors import RConvError
+from .linear_split import gradient_rank
 from .memory import default_limit
 from .network import check_gradients, check_input_shape, parse_network
 from .progress import progress_bar
@@ -236,7 +237,8 @@ def _batch_chain(network, grads, sizes, options, cache, batch_size, like=None):
     like: an earlier _BatchChain: read every image's activations as it read its image with the nearest
     features (the probe); None comes back when the images do not pair up one to one.
     """
-    top = batch_linear_step(network, grads, sizes[-1], options, batch_size)
+    zeros = [(b.derivative == 0).flatten().cpu().numpy() for b in like.layers[-1].branches] if like else None
+    top = batch_linear_step(network, grads, sizes[-1], options, batch_size, zeros)
     signals, layers = top.signals, []
     order = _match(like.top.features, top.features) if like is not None else None
     if like is not None and order is None:
@@ -288,10 +290,13 @@ def _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted):
                          if layer.report.method.split()[0] == "gradients"], options.tolerances.dtype)
     probed = probe_level(level, residuals)
     noisy = perturbed(list(model.parameters()), grads, probed)
-    # noise that raises the Linear layer's rank reads as more images; then only the part of it
-    # that keeps the rank (what moves the members' features, to first order)
-    probe = _batch_probe(network, noisy, sizes, options, cache, chain) or \
-        _batch_probe(network, keep_rank(grads, noisy, network.linear, found), sizes, options, cache, chain)
+    linear = network.linear
+    if gradient_rank(noisy.of(linear.weight), noisy.of(linear.bias), linear.weight.detach().double(),
+                     linear.bias.detach().double(), dtype=options.tolerances.dtype) != found:
+        # noise that raises the rank reads as more images (and a long search for them): only the
+        # part of it that keeps the rank, which is what moves the members' features to first order
+        noisy = keep_rank(grads, noisy, linear, found)
+    probe = _batch_probe(network, noisy, sizes, options, cache, chain)
     if probe is None:
         return [unbounded(len(network.steps), level)] * found
     order = _match(chain.top.features, probe.top.features)

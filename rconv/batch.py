@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .activations import NOISE_MARGIN, Noise, batch_branches
-from .linear_split import split_linear
+from .linear_split import split_linear, track_split
 from .memory import check
 from .solvers import TINY, System, eps, rank_rtol, solve
 from .steps import (LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of,
@@ -61,13 +61,20 @@ class BatchLayer(NamedTuple):
     branches: list  # steps.Branches per image: how the activation was read
 
 
-def batch_linear_step(network, grads, shape, options, batch_size):
-    """Split the Linear layer's gradients into the batch's images: features, gradients reaching them, labels."""
+def batch_linear_step(network, grads, shape, options, batch_size, zeros=None):
+    """Split the Linear layer's gradients into the batch's images: features, gradients reaching them, labels.
+
+    zeros: where an earlier split's features were zero, one mask per member (the error bound's
+    probe): its members are followed into these gradients (linear_split.track_split) when they can be.
+    """
     wide = dict(device=options.device, dtype=torch.float64)
     linear = network.linear
     weight = linear.weight.detach().to(**wide)
-    split = split_linear(grads.of(linear.weight).to(**wide), grads.of(linear.bias).to(**wide), weight,
-                         linear.bias.detach().to(**wide), dtype=options.tolerances.dtype, batch_size=batch_size)
+    arguments = (grads.of(linear.weight).to(**wide), grads.of(linear.bias).to(**wide), weight,
+                 linear.bias.detach().to(**wide))
+    split = track_split(*arguments, dtype=options.tolerances.dtype, zeros=zeros) if zeros is not None else None
+    if split is None:
+        split = split_linear(*arguments, dtype=options.tolerances.dtype, batch_size=batch_size)
     signals, cautious = [], []
     for features, contribution, error_bar in zip(split.features.to(**wide), split.contributions.to(**wide),
                                                  split.error_bars.tolist()):
