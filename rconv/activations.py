@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .solvers import eps
+from .solvers import TINY, eps
 
 RELU_TESTS = ("relative", "absolute")  # the suite's ReLU test and the published code's
 # The values an activation's output can take, for project=True.
@@ -29,8 +29,6 @@ _REPAIR_MAX_UNITS = 10
 _BATCH_OUTLIER = 10.0
 # At most this many units of one filter are flipped (one at a time) from the batch's bias gradient.
 _FLIPS_PER_FILTER = 4
-# Guards the division by a band that is zero (exact outputs); far below any real one.
-TINY_BAND = 1e-300
 
 
 class Noise(NamedTuple):
@@ -142,7 +140,7 @@ def batch_branches(step, signals, bias_grad, tolerances, relu_test):
         return read
     # images side by side along the height: a filter's sum over that picture is the batch's sum;
     # each output over its own image's band, so that one band (1) tells near-zero units of all
-    closeness = torch.cat([s.activated / max(b, TINY_BAND) for s, b in zip(signals, bands)], dim=1)
+    closeness = torch.cat([s.activated / max(b, TINY) for s, b in zip(signals, bands)], dim=1)
     grads = torch.cat([s.activated_grad for s in signals], dim=1)
     derivative = torch.cat([r.derivative for r in read], dim=1)
     # a filter's misfit far above the others' (the batch's rounding) is a misread unit, even below

@@ -99,8 +99,8 @@ def _zero_noise(activated, error_bar):
     rounding and maybe to one side only (by a multiple of another member's features), so its
     negative entries understate the noise on its zeros, while its error bar may overstate it by
     far more than its smallest true activations (measured: either reading misreads some batches,
-    never both). Above both the negative entries' noise and one
-    error bar, the zeros' cluster ends at the widest gap (as a ratio) between consecutive entries.
+    never both). Above both the negative entries' noise and one error bar, the zeros' cluster
+    ends at the widest gap (as a ratio) between consecutive entries.
     """
     negative = max(0.0, -float(activated.min()))
     scale = float(activated.abs().max())
