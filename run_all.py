@@ -88,7 +88,7 @@ NOTEBOOKS = {
                                 dict(n_images=2, networks=[["lenet", 32], ["lenet_hr64", 64]],
                                      counterexamples=[["lenet", 64]], wide_images=0)),
     "Batches": Notebook("Experiments/Batches.ipynb", "experiments/batches", {},
-                        dict(datasets=["cifar100"], models=["lenet_batch"], batch_sizes=[1, 2], dtypes=["float64"],
+                        dict(datasets=["cifar100"], models=["lenet_batch"], batch_sizes=[1, 2], dtypes=["float64"], batches=1,
                              baseline_sizes=[2], baseline_iterations={"dlg": 2, "inverting_gradients": 2},
                              show_size=2)),
 }
