@@ -32,8 +32,9 @@ def hr64():
     return case_of("lenet_hr64")
 
 
-def check_preset(case):
-    """Exact from float64 and >= 60 dB from float32; a further image on a shared cache as exact as a fresh one."""
+def check_preset(case, fresh=True):
+    """Exact from float64 and >= 60 dB from float32; a further image on a shared cache as exact as a fresh one
+    (fresh=False leaves that comparison to the smaller presets: a cold 224-px attack takes 8 s)."""
     cache = {}
     first = attack(case, 0, torch.float64, cache=cache)
     assert first.exact, first.reasons
@@ -42,9 +43,9 @@ def check_preset(case):
     further = attack(case, 1, torch.float64, cache=cache)
     assert further.exact and max_error(further, case.images[1]) <= EXACT_ERROR, further.reasons
     assert len(cache) > 0, "the cache holds what depends only on the weights"
-    fresh = attack(case, 1, torch.float64)
-    assert torch.allclose(further.image, fresh.image, rtol=0, atol=1e-10)
-    single = attack(case, 0, torch.float32)
+    if fresh:
+        assert torch.allclose(further.image, attack(case, 1, torch.float64).image, rtol=0, atol=1e-10)
+    single = attack(case, 0, torch.float32, cache=cache)
     assert single.exact, single.reasons
     assert rc.image_metrics(case.images[0], single.image)["psnr"] >= FLOAT32_PSNR
 
@@ -56,7 +57,7 @@ def test_lenet_hr64_is_exact_from_float64_and_float32(hr64):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["lenet_hr128", "lenet_hr224"])
 def test_larger_presets_are_exact_from_float64_and_float32(model):
-    check_preset(case_of(model))
+    check_preset(case_of(model), fresh=model != "lenet_hr224")
 
 
 @pytest.mark.parametrize("model", ["lenet_hr64", "lenet_hr128", "lenet_hr224"])
@@ -247,7 +248,7 @@ def test_a_large_layer_s_rank_deficient_gradients_are_completed_quickly():
 
 
 @pytest.mark.parametrize("input_shape, weight_shape, stride, padding", [
-    ((24, 16, 16), (32, 24, 5, 5), 2, 2),  # lenet_batch's second layer, fewer filters
+    ((24, 8, 8), (32, 24, 5, 5), 2, 2),  # lenet_batch's second layer's geometry, fewer filters, a smaller input
     ((5, 33, 31), (7, 5, 3, 4), (2, 3), (1, 2)),  # uneven everything
 ])
 def test_the_patch_gram_is_the_sparse_product(input_shape, weight_shape, stride, padding):
