@@ -7,28 +7,30 @@ is known, its weight constraints). This module is the suite's public API; the pa
 `rconv` holds the implementation, one concern per module (see ARCHITECTURE.md).
 """
 
-from rconv.activations import RELU_TESTS
-from rconv.attack import FIRST_LAYER_METHODS, LayerReport, Reconstruction, reconstruct, reconstruct_batch
-from rconv.baselines import BASELINES, breaching_missing, compare_baselines, run_baseline
-from rconv.batches import batch_summary, batch_sweep
-from rconv.cases import Case, setup
+from rconv.common.errors import RConvError
+from rconv.common.paths import resolve_path
+from rconv.cases.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TESTING_PRESETS, ConvNet,
+                                activation_name, build_model)
+from rconv.cases.data import DATASETS, SAMPLE_PHOTOS, dataset_info, load_images
+from rconv.cases.client import DEFENCES, DTYPES, as_dtype, client_gradients, defend
+from rconv.cases.setup import Case, setup
+from rconv.split.linear import LinearSplit, split_linear
+from rconv.attack.constraints import grad_constraints, min_filters, weight_constraints
+from rconv.attack.activations import RELU_TESTS
+from rconv.attack.tolerances import default_relu_tol
+from rconv.attack.reconstruct import (FIRST_LAYER_METHODS, LayerReport, Reconstruction, reconstruct,
+                                      reconstruct_batch)
+from rconv.analysis.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, match_batch,
+                                    output_gradients, solve_steps)
+from rconv.analysis.summaries import (batch_summary, breaking_points, filter_summary, size_summary, success_rates,
+                                      summarize)
+from rconv.analysis.plotting import (plot_batches, plot_defences, plot_filters, plot_grid, plot_methods,
+                                     plot_precision, plot_psnr, plot_reconstruction, plot_sizes, plot_success)
+from rconv.studies.executors import SweepFailed, distributed_missing, executor_for
+from rconv.studies.experiments import attack_grid, attack_images, filter_sweep, size_sweep
+from rconv.studies.baselines import BASELINES, breaching_missing, compare_baselines, run_baseline
+from rconv.studies.batches import batch_sweep
 from rconv.cli import main
-from rconv.client import DEFENCES, DTYPES, as_dtype, client_gradients, defend
-from rconv.constraints import grad_constraints, min_filters, weight_constraints
-from rconv.data import DATASETS, SAMPLE_PHOTOS, dataset_info, load_images
-from rconv.errors import RConvError
-from rconv.experiments import (attack_grid, attack_images, breaking_points, filter_summary, filter_sweep,
-                               size_summary, size_sweep, success_rates, summarize)
-from rconv.linear_split import LinearSplit, split_linear
-from rconv.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TESTING_PRESETS, ConvNet,
-                          activation_name, build_model)
-from rconv.parallel import SweepFailed, distributed_missing, executor_for
-from rconv.paths import resolve_path
-from rconv.plotting import (plot_defences, plot_filters, plot_grid, plot_methods, plot_precision, plot_psnr,
-                            plot_reconstruction, plot_sizes, plot_success, plot_batches)
-from rconv.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, match_batch,
-                           output_gradients, solve_steps)
-from rconv.tolerances import default_relu_tol
 
 __all__ = [
     "RConvError",  # errors

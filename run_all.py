@@ -728,7 +728,7 @@ def main(argv=None):
         parser.error("--scheduler needs a Dask scheduler's address, such as tcp://host:8786")
     on_cluster = (args.workers or args.scheduler) and set(names) & set(ON_CLUSTER)
     if on_cluster:
-        from rconv.parallel import distributed_missing
+        from rconv.studies.executors import distributed_missing
         if distributed_missing():
             parser.error(distributed_missing())
     if args.quick and args.results_dir is None:
@@ -770,8 +770,8 @@ def _cluster(scheduler):
     if scheduler is None:
         yield None
         return
-    from rconv.errors import RConvError
-    from rconv.parallel import executor_for
+    from rconv.common.errors import RConvError
+    from rconv.studies.executors import executor_for
     opened = contextlib.ExitStack()
     # The cluster's processes inherit an ignored SIGINT: Ctrl-C then reaches run_all alone, which closes
     # the cluster in order, instead of every worker printing its own KeyboardInterrupt.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rconv_core as rc
-from rconv.data import data_place
+from rconv.cases.data import data_place
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse
 import torch
 
-import rconv.sparse
+import rconv.linalg.solvers
+import rconv.linalg.sparse
 import rconv_core as rc
 from conftest import max_error
 
@@ -112,15 +113,15 @@ def test_superlu_takes_over_without_pardiso(hr64, monkeypatch):
     reference = attack(hr64, 0, torch.float64)
     factorised = []
 
-    class CountedSuperLU(rconv.sparse._SuperLU):
+    class CountedSuperLU(rconv.linalg.sparse._SuperLU):
         def __init__(self, *args, **kwargs):
             factorised.append(args[0].shape)
             super().__init__(*args, **kwargs)
 
     # _mkl_pardiso is lru_cached: replacing the module's attribute is what every caller sees.
-    monkeypatch.setattr(rconv.sparse, "_mkl_pardiso", lambda: None)
-    monkeypatch.setattr(rconv.sparse, "_SuperLU", CountedSuperLU)
-    assert rconv.sparse.backend() == "superlu"
+    monkeypatch.setattr(rconv.linalg.sparse, "_mkl_pardiso", lambda: None)
+    monkeypatch.setattr(rconv.linalg.sparse, "_SuperLU", CountedSuperLU)
+    assert rconv.linalg.sparse.backend() == "superlu"
     result = attack(hr64, 0, torch.float64)
     assert factorised, "the sparse solves went through SuperLU"
     assert result.exact and max_error(result, hr64.images[0]) <= EXACT_ERROR, result.reasons
@@ -130,15 +131,16 @@ def test_superlu_takes_over_without_pardiso(hr64, monkeypatch):
 @pytest.mark.parametrize("backend", ["pardiso", "superlu"])
 def test_count_below_agrees_with_a_dense_eigenvalue_count(backend, monkeypatch):
     if backend == "superlu":
-        monkeypatch.setattr(rconv.sparse, "_mkl_pardiso", lambda: None)
-    elif rconv.sparse.backend() != "pardiso":
+        monkeypatch.setattr(rconv.linalg.sparse, "_mkl_pardiso", lambda: None)
+    elif rconv.linalg.sparse.backend() != "pardiso":
         pytest.skip("MKL's PARDISO is not installed here")
     generator = np.random.default_rng(0)
     factor = generator.standard_normal((40, 30))
     matrix = factor.T @ factor  # symmetric positive definite, eigenvalues well apart
     eigenvalues = np.linalg.eigvalsh(matrix)
     for threshold in (eigenvalues[0] / 2, 1.01 * eigenvalues[5], np.median(eigenvalues), 2 * eigenvalues[-1]):
-        assert rconv.sparse.count_below(scipy.sparse.csr_matrix(matrix), threshold) == int((eigenvalues < threshold).sum())
+        assert rconv.linalg.solvers.count_below(scipy.sparse.csr_matrix(matrix), threshold) == \
+            int((eigenvalues < threshold).sum())
 
 
 def test_sample_photos_at_224_px():
@@ -206,7 +208,7 @@ def test_size_sweep_refuses_malformed_networks_before_any_work(networks, message
 def completion_case(known_fraction, seed=0):
     """A layer of 4 x 16 x 16 inputs whose 4 filters of 3 x 3 give 36 gradient constraints per channel
     (220 of 256 pixels left undetermined in each), and a share of its weight constraints known."""
-    from rconv.equations import GradientSystem, LayerEquations, weight_system
+    from rconv.attack.equations import GradientSystem, LayerEquations, weight_system
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(1, 4, 16, 16, generator=generator, dtype=torch.float64)
     weight = torch.randn(4, 4, 3, 3, generator=generator, dtype=torch.float64)
@@ -223,7 +225,7 @@ def completion_case(known_fraction, seed=0):
 def test_completion_in_the_gradient_null_space_has_the_stacked_system_s_rank(known_fraction):
     """rank [I (x) A; B] = rank A * C + rank (B N): the completion's rank is the hybrid system's, and with
     enough weight rows its input is the layer's."""
-    from rconv.systems import complete_gradients
+    from rconv.attack.systems import complete_gradients
     x, equations = completion_case(known_fraction)
     solved = complete_gradients(equations, torch.float64)
     stacked = torch.cat([torch.block_diag(*[equations.gradients.matrix] * 4), equations.weights.dense()[equations.known]])
@@ -253,8 +255,8 @@ def test_a_large_layer_s_rank_deficient_gradients_are_completed_quickly():
 ])
 def test_the_patch_gram_is_the_sparse_product(input_shape, weight_shape, stride, padding):
     """M^T M over the known rows from the kernels' patches equals the sparse product it replaces."""
-    from rconv.equations import WeightSystem
-    from rconv.geometry import pair
+    from rconv.attack.equations import WeightSystem
+    from rconv.common.geometry import pair
     generator = torch.Generator().manual_seed(3)
     system = WeightSystem(torch.randn(*weight_shape, generator=generator, dtype=torch.float64), input_shape,
                           pair(stride), pair(padding))

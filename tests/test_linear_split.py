@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import rconv_core as rc
-from rconv.linear_split import gradient_rank, track_split
+from rconv.split.linear import gradient_rank, track_split
 
 # The network of the prototype's measurements: N = 12 x 8 x 8 = 768 features, PyTorch's initialisation.
 CHANNELS, STRIDES = (12, 16, 12, 12), (2, 2, 1, 1)

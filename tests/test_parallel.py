@@ -13,8 +13,8 @@ import pandas as pd
 import papermill
 import pytest
 
-import rconv.experiments
-import rconv.parallel
+import rconv.studies.experiments
+import rconv.studies.executors
 import rconv_core as rc
 import run_all
 from conftest import REPO
@@ -31,7 +31,7 @@ def small_grid(packs, executor):
 
 def worker_cache_misses():
     """How many models this process's worker cache has built (run on the workers)."""
-    return rconv.parallel._worker_cache.cache_info().misses
+    return rconv.studies.executors._worker_cache.cache_info().misses
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +79,14 @@ def test_a_process_pool_gives_the_serial_rows(serial_grid, packs):
 @pytest.fixture
 def seed_51_breaks(monkeypatch):
     """A setup that fails (not with RConvError) for seed 51 alone, as a bug or a lost worker would."""
-    real = rconv.experiments.setup
+    real = rconv.studies.experiments.setup
 
     def broken_for_51(dataset, model, indices, seed, **options):
         if seed == 51:
             raise ZeroDivisionError("a fault of seed 51")
         return real(dataset, model, indices, seed, **options)
 
-    monkeypatch.setattr(rconv.experiments, "setup", broken_for_51)
+    monkeypatch.setattr(rconv.studies.experiments, "setup", broken_for_51)
 
 
 @pytest.mark.parametrize("threads", [None, 2], ids=["serial", "thread_pool"])
@@ -180,7 +180,7 @@ def test_the_install_hint_names_the_pinned_version():
     pin = next(line for line in (REPO / "requirements-distributed.txt").read_text().splitlines()
                if line.startswith("dask"))
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["distributed"] == [pin] and rconv.parallel.DISTRIBUTED_PIN == pin
+    assert extras["distributed"] == [pin] and rconv.studies.executors.DISTRIBUTED_PIN == pin
 
 
 @pytest.mark.parametrize("name", run_all.ON_CLUSTER)

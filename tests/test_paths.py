@@ -1,10 +1,10 @@
 """Relative paths point into the checkout whatever the working directory (Jupyter runs a notebook from its folder)."""
 from pathlib import Path
 
-import rconv.paths
+import rconv.common.paths
 import rconv_core as rc
 from conftest import REPO
-from rconv.data import data_place
+from rconv.cases.data import data_place
 
 
 def test_a_relative_path_is_read_from_the_repository_root_whatever_the_working_directory(tmp_path, monkeypatch):
@@ -22,14 +22,14 @@ def test_an_absolute_path_is_kept(tmp_path, monkeypatch):
 def test_an_installed_suite_reads_relative_paths_from_the_working_directory(tmp_path, monkeypatch):
     site_packages = tmp_path / "site-packages"  # an installed suite: the package without the checkout around it
     site_packages.mkdir()
-    monkeypatch.setattr(rconv.paths, "_PACKAGE_PARENT", site_packages)
+    monkeypatch.setattr(rconv.common.paths, "_PACKAGE_PARENT", site_packages)
     monkeypatch.chdir(tmp_path)
-    assert rconv.paths.repository_root() is None
+    assert rconv.common.paths.repository_root() is None
     assert rc.resolve_path("results/x") == tmp_path / "results/x"
 
 
 def test_the_checkout_is_found():
-    assert rconv.paths.repository_root() == REPO
+    assert rconv.common.paths.repository_root() == REPO
 
 
 def test_a_relative_data_root_is_read_from_the_repository_root(tmp_path, monkeypatch):
@@ -37,7 +37,7 @@ def test_a_relative_data_root_is_read_from_the_repository_root(tmp_path, monkeyp
     (checkout / "Testing").mkdir(parents=True)
     (checkout / "run_all.py").touch()
     (checkout / "packs").mkdir()
-    monkeypatch.setattr(rconv.paths, "_PACKAGE_PARENT", checkout)
+    monkeypatch.setattr(rconv.common.paths, "_PACKAGE_PARENT", checkout)
     monkeypatch.chdir(checkout / "Testing")
     assert data_place("packs") == checkout / "packs"
     (checkout / "Testing" / "mine").mkdir()

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import rconv_core as rc
-from rconv.geometry import conv_output_size
-from rconv.models import activation_module
+from rconv.common.geometry import conv_output_size
+from rconv.cases.models import activation_module
 from conftest import attack, max_error, uniform_init
 
 EXACT = 1e-8

@@ -1,0 +1,1 @@
+"""Measuring and showing outcomes: metrics and explanations, and every figure, built from tables."""

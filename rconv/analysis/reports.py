@@ -1,0 +1,243 @@
+"""Measuring a reconstruction and explaining it: image metrics, per-step tables, constraint counts."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cases.client import as_dtype
+from ..attack.constraints import min_filters
+from ..common.errors import RConvError
+from ..common.geometry import footprints
+from ..attack.network import check_input_shape, parse_network
+from ..common.checks import whole_number
+
+# PSNR below this no longer shows the image: where the suite says a defence stops the attack.
+BROKEN_PSNR = 20.0
+# SSIM's default 7x7 window needs images at least this large.
+_SSIM_MIN_SIDE = 7
+
+
+def as_image(image, name):
+    """One image as a float64 (C, H, W) CPU tensor; `name` goes into the error for anything else."""
+    array = torch.as_tensor(image).detach().cpu().double()
+    if array.dim() == 4:
+        if array.shape[0] != 1:
+            raise RConvError(f"{name} must be one image; got a batch of shape {tuple(array.shape)}")
+        array = array[0]
+    if array.dim() != 3:
+        raise RConvError(f"{name} must have shape (C, H, W) or (1, C, H, W); got {tuple(array.shape)}")
+    return array
+
+
+def image_metrics(original, reconstructed):
+    """mse, psnr (dB, data range 1), ssim (scikit-image, data range 1) and max_abs_err of two images in [0, 1]."""
+    from skimage.metrics import structural_similarity
+    a, b = as_image(original, "original"), as_image(reconstructed, "reconstructed")
+    if a.shape != b.shape:
+        raise RConvError(f"images differ in shape: original {tuple(a.shape)}, reconstructed {tuple(b.shape)}")
+    difference = (a - b).numpy()
+    mse = float(np.mean(difference ** 2))
+    finite = np.isfinite(difference).all()
+    psnr = math.inf if mse == 0 else (10 * math.log10(1.0 / mse) if finite else -math.inf)
+    # SSIM compares what a viewer sees, so the reconstruction is clipped to the image range.
+    viewed = np.clip(np.nan_to_num(b.permute(1, 2, 0).numpy()), 0, 1)
+    ssim = float(structural_similarity(a.permute(1, 2, 0).numpy(), viewed, channel_axis=2, data_range=1.0)) \
+        if min(a.shape[1:]) >= _SSIM_MIN_SIDE else math.nan
+    return dict(mse=mse, psnr=psnr, ssim=ssim, max_abs_err=float(np.abs(difference).max()))
+
+
+def layer_inputs(model, image):
+    """The true input of every conv layer (first to last) and of the Linear layer, for one image (float64)."""
+    model = copy.deepcopy(model).double()
+    network = parse_network(model)
+    seen = {}
+    hooks = [step.conv.register_forward_hook(lambda module, args, out, n=step.number: seen.__setitem__(n, args[0]))
+             for step in network.steps]
+    hooks.append(network.linear.register_forward_hook(lambda module, args, out: seen.__setitem__("linear", args[0])))
+    try:
+        with torch.no_grad():
+            image = torch.as_tensor(image)
+            model(image.reshape(1, *image.shape[-3:]).double())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [seen[step.number][0] for step in network.steps], seen["linear"][0]
+
+
+def output_gradients(model, image, label, dtype=torch.float64):
+    """The true dL/dO of every conv layer's pre-activation output (first to last) for one image."""
+    dtype = as_dtype(dtype)
+    model = copy.deepcopy(model).to(dtype)
+    network = parse_network(model)
+    outputs = {}
+
+    def keep(out, number):
+        out.retain_grad()
+        outputs[number] = out
+
+    hooks = [step.conv.register_forward_hook(lambda m, a, o, n=step.number: keep(o, n)) for step in network.steps]
+    try:
+        image = torch.as_tensor(image).to(dtype)
+        loss = F.cross_entropy(model(image.reshape(1, *image.shape[-3:])), torch.as_tensor([int(label)]))
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [outputs[step.number].grad[0].detach() for step in network.steps]
+
+
+def solve_steps(result, model=None, image=None):
+    """R-CONV's steps in solving order (Linear layer, then conv layers last to first) as a DataFrame.
+
+    With the model and the true image, each step also shows the largest error of what it
+    recovered (the layer's input) against the truth.
+    """
+    import pandas as pd
+    truth = layer_inputs(model, image) if model is not None and image is not None else None
+    rows = [dict(step="linear", method="dL/dW / dL/db", equations=None, unknowns=len(result.features), rank=None,
+                 cond=None, residual=result.linear_misfit, bias_residual=None)]
+    if truth is not None:
+        rows[0]["max_abs_err"] = float((result.features.double() - truth[1].reshape(-1)).abs().max())
+    for report in reversed(result.layers):
+        row = dict(step=f"conv {report.layer}", method=report.method, equations=report.equations,
+                   unknowns=report.unknowns, rank=report.rank, cond=report.cond, residual=report.residual,
+                   bias_residual=report.bias_residual)
+        if truth is not None:
+            recovered = result.inputs[report.layer - 1].double()
+            row["max_abs_err"] = float((recovered - truth[0][report.layer - 1].reshape(recovered.shape)).abs().max())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _determined_by(row):
+    """Which constraints can determine a layer's input by counting, in words."""
+    if row["gradients_suffice"]:
+        return "gradients"
+    if row["uncovered_pixels"]:
+        return "none: pixels no kernel position reaches"
+    if row["weight_constraints"] >= row["unknowns"]:
+        return "weights where active (ReLU)" if row["activation"] == "relu" else "weights"
+    if row["max_equations"] >= row["unknowns"]:
+        return "both jointly"
+    return "none: too few equations"
+
+
+def _verdict(rows):
+    """The counting verdict for the whole network, naming the first layer that cannot be determined."""
+    for row in rows:
+        if row["determined_by"].startswith("none"):
+            return (f"not: layer {row['layer']} has {row['unknowns']:,} unknowns and at most "
+                    f"{row['max_equations']:,} equations" if "few" in row["determined_by"] else
+                    f"not: layer {row['layer']} has {row['uncovered_pixels']:,} input values no kernel "
+                    f"position reaches")
+    return "recoverable"
+
+
+def constraint_report(model, input_shape, *, batch_size=1):
+    """What each conv layer offers R-CONV before any gradient exists: unknowns against constraints.
+
+    One row per conv layer. gradient_constraints counts dL/dW entries (F*k*k per input
+    channel, all channels); weight_constraints counts pre-activation outputs (F*P*Q);
+    max_equations counts the independent equations both can offer together (gradient
+    constraints give at most H*W per channel). min_filters is the counting bound of
+    min_filters(); gradients_suffice / weights_suffice say whether one kind alone could
+    determine the input, and determined_by which constraints can ("gradients", "weights",
+    "both jointly", or "none: ..."). These are necessary conditions: ReLU reveals the
+    pre-activation only where active (weights_need_active is the share of outputs that must
+    be), and the numerical rank decides in the end. The table's attrs hold the network's
+    verdict: attrs["recoverable"] (bool) and attrs["verdict"] ("recoverable", or "not: layer 2
+    has 12,288 unknowns and at most 8,896 equations").
+
+    batch_size: count for the mean gradients of B images: B times the unknowns and the weight
+    constraints (each image has its own), the gradient constraints shared (at most B*H*W per
+    channel). max_batch is the largest B each layer supports by counting (inf when its weight
+    constraints suffice image by image), and attrs["max_batch"] the network's: the smallest over its
+    layers, and below the number of classes, which a batch must stay under for its Linear layer to split.
+    """
+    batch_size = whole_number(batch_size, "batch_size")
+    import pandas as pd
+    network = parse_network(model)
+    sizes = check_input_shape(network, input_shape)
+    rows = []
+    for step in network.steps:
+        channels, height, width = sizes[step.number - 1]
+        filters, out_h, out_w = sizes[step.number]
+        kh, kw = step.conv.kernel_size
+        unknowns = batch_size * channels * height * width
+        along_rows, along_columns = footprints((height, width), (kh, kw), step.conv.stride, step.padding)
+        uncovered = height * width - sum(along_rows.covered) * sum(along_columns.covered)
+        needed = min_filters((height, width), (kh, kw), step.conv.stride, step.padding)
+        gradient_constraints = filters * kh * kw * channels
+        weight_constraints = batch_size * filters * out_h * out_w
+        per_image = filters * out_h * out_w
+        row = dict(
+            layer=step.number, input=f"{channels}x{height}x{width}", filters=filters, kernel=f"{kh}x{kw}",
+            stride=step.conv.stride[0], padding=step.padding[0], activation=step.activation,
+            unknowns=unknowns, gradient_constraints=gradient_constraints,
+            weight_constraints=weight_constraints,
+            max_equations=channels * min(filters * kh * kw, batch_size * height * width) + weight_constraints,
+            uncovered_pixels=uncovered * channels, min_filters=needed,
+            gradients_suffice=filters >= needed * batch_size,
+            weights_suffice=weight_constraints >= unknowns and uncovered == 0 and step.activation != "relu",
+            weights_need_active=min(1.0, unknowns / weight_constraints),
+            batch_size=batch_size, max_batch=_layer_max_batch(channels, height * width, filters * kh * kw, per_image,
+                                                              uncovered))
+        row["determined_by"] = _determined_by(row)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.attrs["verdict"] = _verdict(rows)
+    table.attrs["recoverable"] = table.attrs["verdict"] == "recoverable"
+    classes = network.linear.out_features
+    table.attrs["max_batch"] = int(min(table.max_batch.min(), classes - 1))
+    return table
+
+
+def _layer_max_batch(channels, pixels, kernel_rows, weight_rows, uncovered):
+    """The largest batch whose B*C*H*W unknowns a layer's equations can match by counting: each image's
+    weight_rows, plus kernel_rows gradient constraints per channel (B*H*W at most) shared by the batch."""
+    if uncovered:
+        return 0
+    if weight_rows >= channels * pixels:
+        return math.inf
+    return max(kernel_rows // pixels, channels * kernel_rows // (channels * pixels - weight_rows))
+
+
+class BatchMatch(NamedTuple):
+    """A batch's reconstructions matched to its originals (the attack returns them in no particular order)."""
+
+    order: list  # order[i]: the reconstruction matched to original i, or None when fewer were found
+    table: object  # pandas DataFrame, one row per original: image_metrics, labels, image_exact
+
+
+def match_batch(originals, labels, result):
+    """Match each original of a batch to the reconstruction closest to it (least total squared error).
+
+    originals: (B, C, H, W) images; labels: their (B,) true labels; result: reconstruct()'s Reconstruction.
+    """
+    import pandas as pd
+    from scipy.optimize import linear_sum_assignment
+    originals = torch.as_tensor(originals).double()
+    found = result.image.double()
+    if originals.dim() != 4 or found.dim() != 4 or originals.shape[1:] != found.shape[1:]:
+        raise RConvError(f"match_batch needs originals (B, C, H, W) shaped like the reconstruction "
+                         f"{tuple(found.shape)}; got {tuple(originals.shape)}")
+    order = [None] * len(originals)
+    if len(found):
+        cost = torch.cdist(originals.flatten(1), torch.nan_to_num(found, nan=1e9, posinf=1e9,
+                                                                   neginf=-1e9).flatten(1)).numpy()
+        for i, j in zip(*linear_sum_assignment(cost)):
+            order[i] = int(j)
+    rows = []
+    for i, j in enumerate(order):
+        metrics = image_metrics(originals[i], found[j]) if j is not None else \
+            dict(mse=math.nan, psnr=math.nan, ssim=math.nan, max_abs_err=math.nan)
+        rows.append(dict(member=i, matched=j, label=int(labels[i]),
+                         recovered_label=int(result.labels[j]) if j is not None else None,
+                         image_exact=bool(result.image_exact[j]) if j is not None else False) | metrics)
+    return BatchMatch(order, pd.DataFrame(rows))

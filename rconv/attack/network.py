@@ -1,0 +1,174 @@
+"""Reading a model as R-CONV sees it: conv steps, one final Linear layer, and checked gradients."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..common.errors import RConvError
+from ..common.geometry import conv_output_size
+
+_INVERTIBLE = (nn.Conv2d, nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Flatten, nn.Linear)
+_ACTIVATION_TYPES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+
+
+@dataclass
+class ConvStep:
+    """One conv layer with the activation after it."""
+
+    number: int  # 1 for the first conv layer, as LayerReport.layer
+    name: str  # where it sits in the model, e.g. "model[0]"
+    conv: nn.Conv2d
+    activation: str = "identity"
+    slope: float = 0.0  # LeakyReLU's negative slope
+    padding: tuple = (0, 0)
+
+    @property
+    def label(self):
+        return f"conv layer {self.number} ({self.name})"
+
+
+@dataclass
+class Network:
+    """The conv steps, first to last, and the final Linear layer of a model R-CONV can invert."""
+
+    steps: list
+    linear: nn.Linear
+    parameter_names: list
+
+
+def _flat_layers(module, prefix="model"):
+    """(name, layer) of every leaf of nested Sequentials, named as Python indexes them (model[2], model.head[0])."""
+    for key, child in module.named_children():
+        name = f"{prefix}[{key}]" if key.isdigit() else f"{prefix}.{key}"
+        if isinstance(child, nn.Sequential):
+            yield from _flat_layers(child, name)
+        else:
+            yield name, child
+
+
+def _conv_padding(conv, label):
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        if all(k % 2 == 1 for k in conv.kernel_size):
+            return tuple(k // 2 for k in conv.kernel_size)
+        raise RConvError(f"{label}: padding='same' with an even kernel pads unevenly; use an explicit padding")
+    return tuple(conv.padding)
+
+
+def _conv_step(name, conv, number):
+    label = f"conv layer {number} ({name})"
+    if conv.groups != 1 or any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
+        raise RConvError(f"{label}: only groups=1, dilation=1 and zero padding are supported; got "
+                         f"groups={conv.groups}, dilation={conv.dilation}, padding_mode={conv.padding_mode!r}")
+    return ConvStep(number, name, conv, padding=_conv_padding(conv, label))
+
+
+def _attach_activation(steps, name, layer):
+    where = f"{name} ({type(layer).__name__}{f', after conv layer {len(steps)}' if steps else ''})"
+    if not steps or steps[-1].activation != "identity":
+        raise RConvError(f"{where} must directly follow a Conv2d layer")
+    if isinstance(layer, nn.LeakyReLU) and layer.negative_slope <= 0:
+        raise RConvError(f"{where}: negative_slope must be positive to be invertible; got {layer.negative_slope}")
+    steps[-1].activation = _ACTIVATION_TYPES[type(layer)]
+    steps[-1].slope = float(getattr(layer, "negative_slope", 0.0))
+
+
+def parse_network(model):
+    """Check that R-CONV can invert `model` and list its conv steps and final Linear layer."""
+    if not isinstance(model, nn.Sequential):
+        raise RConvError(f"R-CONV needs an nn.Sequential (or ConvNet) of Conv2d, activations, Flatten and one "
+                         f"final Linear; got {type(model).__name__}")
+    steps, linear = [], None
+    for name, layer in _flat_layers(model):
+        kind = type(layer).__name__
+        where = f"{name} ({kind}{f', after conv layer {len(steps)}' if steps else ''})"
+        if not isinstance(layer, _INVERTIBLE):
+            raise RConvError(f"{where} cannot be inverted by R-CONV; supported layers are Conv2d, ReLU, "
+                             f"LeakyReLU, Sigmoid, Tanh, Identity, Flatten and one final Linear")
+        if linear is not None:
+            raise RConvError(f"{where} follows the Linear layer; R-CONV needs the Linear layer to be the last one")
+        if isinstance(layer, nn.Conv2d):
+            steps.append(_conv_step(name, layer, len(steps) + 1))
+        elif type(layer) in _ACTIVATION_TYPES:
+            _attach_activation(steps, name, layer)
+        elif isinstance(layer, nn.Linear):
+            if layer.bias is None:
+                raise RConvError(f"the Linear layer {name} has no bias; R-CONV recovers the Linear layer's input "
+                                 f"as dL/dW / dL/db and needs the bias gradient")
+            linear = layer
+    if linear is None:
+        raise RConvError("the model has no final Linear layer; R-CONV starts from the Linear layer's gradients")
+    return Network(steps, linear, [name for name, _ in model.named_parameters()])
+
+
+class Gradients:
+    """A client's gradients, checked against the model and looked up by parameter."""
+
+    def __init__(self, parameters, grads):
+        self.parameters = tuple(parameters)
+        self._by_id = {id(p): g for p, g in zip(parameters, grads)}
+        self.dtype, self.device = grads[0].dtype, grads[0].device
+
+    def of(self, parameter):
+        return self._by_id[id(parameter)]
+
+
+def check_gradients(model, network, grads):
+    """The Gradients of `grads` (a list in model.parameters() order, or a dict by parameter name)."""
+    parameters = list(model.parameters())
+    if isinstance(grads, dict):
+        missing = [name for name in network.parameter_names if name not in grads]
+        extra = [name for name in grads if name not in network.parameter_names]
+        if missing or extra:
+            raise RConvError(f"gradients by name must match model.named_parameters(): missing {missing}, "
+                             f"unexpected {extra}")
+        grads = [grads[name] for name in network.parameter_names]
+    grads = list(grads)
+    if len(grads) != len(parameters):
+        raise RConvError(f"expected {len(parameters)} gradient tensors (one per parameter of the model, in "
+                         f"model.parameters() order); got {len(grads)}")
+    for name, parameter, grad in zip(network.parameter_names, parameters, grads):
+        if not isinstance(grad, torch.Tensor):
+            raise RConvError(f"gradient of {name} is a {type(grad).__name__}, not a tensor")
+        if tuple(grad.shape) != tuple(parameter.shape):
+            raise RConvError(f"gradient of {name} has shape {tuple(grad.shape)}; the parameter has shape "
+                             f"{tuple(parameter.shape)}")
+        if not torch.isfinite(grad).all():
+            raise RConvError(f"gradient of {name} holds NaN or infinite values")
+    first = {}  # the first parameter whose gradient has each dtype
+    for name, grad in zip(network.parameter_names, grads):
+        first.setdefault(grad.dtype, name)
+    if len(first) > 1:
+        found = ", ".join(f"{name} is {str(dtype).replace('torch.', '')}" for dtype, name in first.items())
+        raise RConvError(f"the gradients mix dtypes ({found}); pass every tensor in the one precision the client "
+                         f"computed them in")
+    return Gradients(parameters, grads)
+
+
+def check_input_shape(network, input_shape):
+    """The (C, H, W) of every conv layer's input, then of the last conv layer's output."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3:
+        raise RConvError(f"input_shape must be (C, H, W) or (1, C, H, W); got {tuple(input_shape)}")
+    sizes = [shape]
+    for step in network.steps:
+        channels, height, width = sizes[-1]
+        if channels != step.conv.in_channels:
+            raise RConvError(f"{step.label} expects {step.conv.in_channels} input channels; input_shape {shape} "
+                             f"gives {channels}")
+        out = conv_output_size((height, width), step.conv.kernel_size, step.conv.stride, step.padding)
+        if min(out) < 1:
+            raise RConvError(f"{step.label} leaves no output for an input of {height}x{width}")
+        sizes.append((step.conv.out_channels, *out))
+    features = math.prod(sizes[-1])
+    if features != network.linear.in_features:
+        raise RConvError(f"input_shape {shape} gives {features} features at the Linear layer, which expects "
+                         f"{network.linear.in_features}")
+    return sizes

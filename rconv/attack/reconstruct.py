@@ -1,0 +1,368 @@
+"""The attack: R-CONV from the Linear layer down to the image (rconv.steps holds the steps).
+
+reconstruct() checks its arguments, reads the Linear layer's input off its gradients, recovers
+each conv layer's input from the last layer to the first, and decides whether the image can be
+trusted, and if not, why. reconstruct_batch() runs it for many clients on one model.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+
+from .activations import RELU_TESTS
+from ..common.errors import RConvError
+from ..split.linear import gradient_rank
+from ..linalg.memory import default_limit
+from .network import check_gradients, check_input_shape, parse_network
+from ..common.progress import progress_bar
+from .batch_steps import batch_conv_step, batch_linear_step
+from .bounds import Measured, bound_reasons, keep_rank, noise_level, perturbed, probe_bound, probe_level, unbounded
+from .steps import (FIRST_LAYER_METHODS, LayerReport, Options, Reconstruction, conv_step, fc_features, linear_step,
+                    rank_one, verdict)
+from .tolerances import Tolerances
+from ..common.checks import as_whole, whole_number
+
+__all__ = ["FIRST_LAYER_METHODS", "LayerReport", "Reconstruction", "reconstruct", "reconstruct_batch"]
+
+
+def _check_methods(first_layer, relu_test, methods):
+    if first_layer not in FIRST_LAYER_METHODS:
+        raise RConvError(f"first_layer must be one of {', '.join(FIRST_LAYER_METHODS)}; got {first_layer!r}")
+    if relu_test not in RELU_TESTS:
+        raise RConvError(f"relu_test must be one of {', '.join(RELU_TESTS)}; got {relu_test!r}")
+    if not isinstance(methods, dict):
+        raise RConvError(f"methods must be a dict conv layer number -> method, e.g. {{2: 'weights'}}; got {methods!r}")
+    for layer, method in methods.items():
+        if method not in FIRST_LAYER_METHODS:
+            raise RConvError(f"methods[{layer!r}] must be one of {', '.join(FIRST_LAYER_METHODS)}; got {method!r}")
+
+
+def _check_arguments(grads, input_shape, relu_tol, image_range, device):
+    """Refuse reconstruct()'s arguments of the wrong kind, each by name, before any work."""
+    def number(value):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+    def sequence(value):
+        return not isinstance(value, (str, bytes, torch.Tensor)) and isinstance(value, Iterable)
+
+    if grads is None or not sequence(grads):
+        raise RConvError(f"grads must be a list of gradient tensors in model.parameters() order, or a dict by "
+                         f"parameter name; got {type(grads).__name__}")
+    if not sequence(input_shape) or not all(as_whole(s) is not None for s in input_shape):
+        raise RConvError(f"input_shape must be (C, H, W) of whole numbers; got {input_shape!r}")
+    if relu_tol is not None and not (number(relu_tol) and math.isfinite(relu_tol) and relu_tol >= 0):
+        raise RConvError(f"relu_tol must be a finite number >= 0, or None for the dtype's default; got {relu_tol!r}")
+    bounds = tuple(image_range) if sequence(image_range) else ()
+    if len(bounds) != 2 or not all(number(v) for v in bounds) or not bounds[0] < bounds[1]:
+        raise RConvError(f"image_range must be two numbers (low, high) with low < high; got {image_range!r}")
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise RConvError(f"unknown device {device!r}; use 'cpu', 'cuda' or None (the gradients' device)") from error
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RConvError(f"device={device!r} asks for a GPU, but torch finds none on this machine; use "
+                         f"device='cpu' or None (the gradients' device)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # a GPU index that does not exist, a backend not built
+        raise RConvError(f"device={device!r} cannot be used here: {str(error).splitlines()[0]}") from error
+
+
+def _options(network, grads, settings):
+    """The Options of a call, checked against the network and its gradients."""
+    if not grads.dtype.is_floating_point:
+        raise RConvError(f"gradients must be floating point; got {grads.dtype}")
+    layers = len(network.steps)
+    wrong = [layer for layer in settings["methods"] if not (isinstance(layer, int) and 1 <= layer <= layers)]
+    if wrong:
+        raise RConvError(f"methods names conv layers {wrong}; this network's conv layers are 1..{layers}")
+    device = torch.device(settings["device"]) if settings["device"] is not None else grads.device
+    memory_limit = settings["memory_limit"] if settings["memory_limit"] is not None else default_limit()
+    return Options(settings["first_layer"], dict(settings["methods"]), settings["relu_test"], settings["project"],
+                    settings["image_range"], Tolerances.for_dtype(grads.dtype, settings["relu_tol"]), device,
+                    memory_limit)
+
+
+def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None, relu_tol=None,
+                relu_test="relative", project=False, image_range=(0.0, 1.0), device=None, check_batch=True,
+                cache=None, memory_limit=None, batch_size=None):
+    """Recover the training image behind one client's gradients with R-CONV.
+
+    Args:
+        model: the network the client trained (nn.Sequential of Conv2d, activations, Flatten, Linear).
+        grads: gradients in model.parameters() order (list) or by parameter name (dict).
+        input_shape: (C, H, W) of the image.
+        first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),
+            "gradients" (gradient constraints only) or "hybrid" (both, each scaled to unit norm).
+        methods: a dict conv layer number (1 = first) -> "weights", "gradients" or "hybrid", forcing a
+            method on that layer. Layers not named choose for themselves: gradient constraints, then
+            (large layers) weight constraints where the counting allows, then both, until the
+            layer's input is determined (full numerical rank).
+        relu_tol: the ReLU test's floor: outputs at or below relu_tol * (the layer's largest output), or
+            three times the layer's noise floor if that is larger, count as inactive; None picks
+            default_relu_tol for the gradients' dtype. Ignored by relu_test="absolute".
+        relu_test: "relative" (relu_tol, the layer's noise floor, and the bias gradient to settle
+            near-zero units) or "absolute" (the published code: outputs rounded to 7 decimals).
+        project: clip every recovered layer input to the values it can take (the image to
+            image_range, ReLU outputs to >= 0, Sigmoid to [0, 1], Tanh to [-1, 1]). The truth
+            lies in that box, so clipping never moves an estimate away from it: a regularisation
+            for noisy or defended gradients. Off by default, so exactness is judged unaided; a
+            layer input that clipping moves beyond the residual tolerance is not exact.
+        image_range: (low, high) with low < high, the values of the image's pixels, for project.
+        device: where to solve ("cpu", "cuda"); None means the gradients' device.
+        check_batch: refuse gradients whose Linear layer is not rank one (a batch of several images)
+            as one image's (batch_size=1), or attack them as a batch (batch_size=None); False
+            attacks any gradients as one image's (defended gradients are never quite rank one).
+        cache: a dict shared between calls on the same model, holding what depends only on the weights.
+        memory_limit: bytes the solves may take (None: three quarters of the memory available); a
+            solve that would need more raises RConvError naming the layer before allocating it.
+        batch_size: the number of images B behind the (mean) gradients; None infers it from the rank of
+            the Linear layer's weight gradient (the notes say so). A batch is split at its Linear layer
+            (split_linear), then every conv layer is solved for all its images (rconv.batch).
+    Returns a Reconstruction; for a batch its image is (B, C, H, W) in no particular order, with
+    labels and image_exact per image.
+    """
+    start = time.perf_counter()
+    _check_arguments(grads, input_shape, relu_tol, image_range, device)
+    methods = {} if methods is None else methods
+    _check_methods(first_layer, relu_test, methods)
+    _check_batch_size(batch_size)
+    network = parse_network(model)
+    grads = check_gradients(model, network, grads)
+    sizes = check_input_shape(network, input_shape)
+    options = _options(network, grads, dict(first_layer=first_layer, methods=methods, relu_test=relu_test,
+                                            relu_tol=relu_tol, project=project, image_range=image_range,
+                                            device=device, memory_limit=memory_limit))
+    if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
+        return _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
+    chain = _single_image(network, grads, sizes, options, cache, check_batch)
+    reports = [result.report for result in chain.results]
+    reasons = verdict(reports, options.tolerances)
+    # Only an image that passes every other check is worth the probe (it doubles the attack's time).
+    bound = unbounded(len(reports)) if reasons else _error_bound(model, network, grads, sizes, options, cache, chain)
+    for report, layer_bound in zip(reports, bound.layers):
+        report.error_bound = layer_bound
+    reasons += bound_reasons(bound, options.tolerances)
+    notes = chain.top.notes + [note for result in reversed(chain.results) for note in result.notes]
+    label = int(grads.of(network.linear.bias).argmin())  # one image's dL/db is negative at its label only
+    return Reconstruction(image=chain.image.detach().cpu()[None], layers=reports, exact=not reasons,
+                          reasons=reasons, seconds=time.perf_counter() - start,
+                          features=chain.top.features.cpu(), linear_misfit=chain.top.misfit, notes=notes,
+                          inputs=[result.input.cpu() for result in chain.results],
+                          labels=torch.tensor([label]), image_exact=torch.tensor([not reasons]),
+                          error_bound=bound.image, noise=bound.noise)
+
+
+class _Chain(NamedTuple):
+    """One image's attack: the Linear step, each conv layer's result (first to last), and the image."""
+
+    top: object  # steps._LinearStep
+    results: list  # steps._ConvResult per conv layer, first to last
+    image: torch.Tensor  # (C, H, W)
+
+
+def _single_image(network, grads, sizes, options, cache, check_batch, like=None):
+    """The Linear layer's input, then every conv layer's from the last to the first.
+
+    like: a _Chain whose activations are read the same way (the probe: its change must come from the
+    noise, not from a near-zero unit read differently).
+    """
+    top = linear_step(network, grads, sizes[-1], options, check_batch)
+    signal, results = top.signal, []
+    for step in reversed(network.steps):
+        previous = network.steps[step.number - 2].activation if step.number > 1 else None
+        frozen = like.results[step.number - 1].activation_read if like is not None else None
+        results.insert(0, conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous, frozen))
+        signal = results[0].signal
+    return _Chain(top, results, signal.activated)
+
+
+def _error_bound(model, network, grads, sizes, options, cache, chain):
+    """The ErrorBound of an image whose every layer was determined: the attack rerun on noisier gradients."""
+    reports = [result.report for result in chain.results]
+    # Residuals of layers solved from their gradient constraints alone measure those gradients' noise;
+    # a weight-constrained layer's residual also carries the error of the layer above.
+    level = noise_level([chain.top.misfit] + [r.residual for r in reports if r.method == "gradients"],
+                        options.tolerances.dtype)
+    probed = probe_level(level, [report.residual for report in reports])
+    noisy = perturbed(list(model.parameters()), grads, probed)
+    try:
+        probe = _single_image(network, noisy, sizes, options, cache, check_batch=False, like=chain)
+    except RConvError:  # the noisier gradients lost what the attack needs (a saturated loss): no bound
+        return unbounded(len(reports), level)
+    return probe_bound(_measured(chain), _measured(probe), level, probed)
+
+
+def _measured(chain):
+    """What the bound needs of every conv layer of a _Chain, first to last."""
+    return [Measured(r.input, r.report.residual, r.report.cond) for r in chain.results]
+
+
+def _check_batch_size(batch_size):
+    if batch_size is not None:
+        whole_number(batch_size, "batch_size", hint=", or None to infer it")
+
+
+def _one_image(network, grads, options):
+    """Whether the Linear layer's weight gradient is rank one, as one image's is."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    linear = network.linear
+    bias_grad = grads.of(linear.bias).to(**wide)
+    if float(bias_grad.abs().max()) == 0.0:
+        return True  # the single-image path says why nothing can be recovered
+    _, misfit = fc_features(grads.of(linear.weight).to(**wide), bias_grad)
+    return rank_one(misfit, options.tolerances.dtype)
+
+
+class _BatchChain(NamedTuple):
+    """A batch's attack: the Linear split, each conv layer solved for every image (first to last), the images."""
+
+    top: object  # batch.BatchLinear
+    layers: list  # batch.BatchLayer per conv layer, first to last
+    images: torch.Tensor  # (B, C, H, W)
+
+
+def _batch_chain(network, grads, sizes, options, cache, batch_size, like=None):
+    """The batch's Linear layer split into images, then every conv layer for all of them, last to first.
+
+    like: an earlier _BatchChain: read every image's activations as it read its image with the nearest
+    features (the probe); None comes back when the images do not pair up one to one.
+    """
+    zeros = [(b.derivative == 0).flatten().cpu().numpy() for b in like.layers[-1].activation_reads] if like else None
+    top = batch_linear_step(network, grads, sizes[-1], options, batch_size, zeros)
+    signals, layers = top.signals, []
+    order = _match(like.top.features, top.features) if like is not None else None
+    if like is not None and order is None:
+        return None
+    earlier_of = {m: n for n, m in enumerate(order or [])}  # this run's image m is the earlier run's image n
+    for step in reversed(network.steps) if signals else ():
+        previous = network.steps[step.number - 2].activation if step.number > 1 else None
+        frozen = None
+        if like is not None:
+            earlier = like.layers[step.number - 1].activation_reads
+            frozen = [earlier[earlier_of[m]] for m in range(len(signals))]
+        readings = top.readings if not layers and like is None else [signals]
+        solved = [batch_conv_step(step, reading, grads, sizes[step.number - 1], options, cache, previous, frozen)
+                  for reading in readings]
+        # the reading of the features' zeros that the layer's data agree with
+        layers.insert(0, min(solved, key=lambda layer: max(layer.report.residual, layer.report.bias_residual)))
+        signals = layers[0].signals
+    images = (torch.stack([s.activated for s in signals]) if signals else
+              torch.zeros(0, *sizes[0], dtype=torch.float64, device=options.device))
+    return _BatchChain(top, layers, images)
+
+
+def _batch_verdict(chain, tolerances):
+    """Which images every layer determined, and the reasons per layer (first to last) why some are not."""
+    found = len(chain.top.signals)
+    trusted, reasons = [chain.top.trusted] * found, []
+    for layer in chain.layers:
+        trusted = [a and b for a, b in zip(trusted, layer.determined)]
+        undetermined = [n for n, ok in enumerate(layer.determined) if not ok]
+        layer_reasons = verdict([layer.report], tolerances)
+        if undetermined and not layer_reasons:
+            layer_reasons = [f"conv layer {layer.report.layer} ({layer.report.method}): image(s) {undetermined} "
+                             f"not determined at the gradients' precision (condition number up to "
+                             f"{layer.report.cond:.2g})"]
+        if layer_reasons and not layer.report.estimated and layer.report.full_rank:
+            trusted = [False] * found  # a residual or the bias misfit: the batch's data disagree somewhere
+        reasons.extend(layer_reasons)
+    return trusted, reasons
+
+
+def _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted):
+    """An ErrorBound per image of the batch (unbounded for images not trusted): the batch's attack rerun
+    on noisier gradients, each image matched to its rerun by its features."""
+    found = len(trusted)
+    if not any(trusted):
+        return [unbounded(len(network.steps))] * found
+    residuals = [layer.report.residual for layer in chain.layers]
+    level = noise_level([layer.report.residual for layer in chain.layers
+                         if layer.report.method.split()[0] == "gradients"], options.tolerances.dtype)
+    probed = probe_level(level, residuals)
+    noisy = perturbed(list(model.parameters()), grads, probed)
+    linear = network.linear
+    if gradient_rank(noisy.of(linear.weight), noisy.of(linear.bias), linear.weight.detach().double(),
+                     linear.bias.detach().double(), dtype=options.tolerances.dtype) != found:
+        # noise that raises the rank reads as more images (and a long search for them): only the
+        # part of it that keeps the rank, which is what moves the members' features to first order
+        noisy = keep_rank(grads, noisy, linear, found)
+    probe = _batch_probe(network, noisy, sizes, options, cache, chain)
+    if probe is None:
+        return [unbounded(len(network.steps), level)] * found
+    order = _match(chain.top.features, probe.top.features)
+    return [probe_bound(_batch_measured(chain, n), _batch_measured(probe, order[n]), level, probed)
+            if ok else unbounded(len(network.steps)) for n, ok in enumerate(trusted)]
+
+
+def _batch_probe(network, noisy, sizes, options, cache, chain):
+    """The batch's attack rerun on `noisy` gradients, reading activations as `chain` did; None when
+    it loses what the attack needs or its images do not pair with chain's."""
+    try:
+        probe = _batch_chain(network, noisy, sizes, options, cache, batch_size=len(chain.top.signals), like=chain)
+    except RConvError:
+        return None
+    return probe if probe is not None and len(probe.layers) == len(chain.layers) else None
+
+
+def _batch_measured(chain, n):
+    """What the bound needs of every conv layer of a _BatchChain, first to last, for its image n."""
+    return [Measured(layer.inputs[n], layer.report.residual, layer.report.cond) for layer in chain.layers]
+
+
+def _match(features, probed_features):
+    """For every image, the rerun's image whose features are nearest; None unless that pairs them one to one."""
+    if len(features) != len(probed_features):
+        return None
+    order = torch.cdist(features, probed_features).argmin(dim=1).tolist()
+    return order if len(set(order)) == len(order) else None
+
+
+def _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start):
+    """The attack on a mini-batch's mean gradients: its Linear layer split, then every conv layer for all images."""
+    cache = {} if cache is None else cache  # the batch's images share the factorisations of the weights
+    chain = _batch_chain(network, grads, sizes, options, cache, batch_size)
+    found = len(chain.top.signals)
+    notes = ([f"batch size inferred from the Linear layer's gradients: {found} image(s) found"]
+             if batch_size is None else []) + chain.top.notes
+    notes += [note for layer in reversed(chain.layers) for note in layer.notes]
+    trusted, layer_reasons = _batch_verdict(chain, options.tolerances)
+    reasons = chain.top.reasons + layer_reasons
+    if not found:
+        reasons = reasons or ["Linear layer: no image was found in the batch's gradients"]
+    bounds = _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted)
+    within = [ok and bound.image <= options.tolerances.image_error for ok, bound in zip(trusted, bounds)]
+    beyond = [n for n, (ok, fits) in enumerate(zip(trusted, within)) if ok and not fits]
+    if beyond:
+        worst = max(bounds[n].image for n in beyond)
+        reasons.append(f"error bound: image(s) {beyond} may be off by up to {worst:.2g} (max abs), above the "
+                       f"{options.tolerances.image_error:g} that exact allows for "
+                       f"{str(options.tolerances.dtype).replace('torch.', '')} gradients")
+    reports = [layer.report for layer in chain.layers]
+    for number, report in enumerate(reports):
+        report.error_bound = max((bound.layers[number] for bound in bounds), default=math.inf)
+    return Reconstruction(image=chain.images.cpu(), layers=reports, exact=not reasons and all(within),
+                          reasons=reasons, seconds=time.perf_counter() - start, features=chain.top.features.cpu(),
+                          notes=notes, inputs=[layer.inputs.cpu() for layer in chain.layers],
+                          labels=chain.top.labels.cpu(), image_exact=torch.tensor(within, dtype=torch.bool),
+                          batch_size=found, error_bound=max((b.image for b in bounds), default=math.inf),
+                          noise=max((b.noise for b in bounds if not math.isnan(b.noise)), default=math.nan))
+
+
+def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **options):
+    """reconstruct() for many clients' gradients on one model, sharing what depends only on the weights.
+
+    Returns one Reconstruction per entry of grads_list; options are reconstruct()'s keywords.
+    """
+    cache = options.pop("cache", None)
+    cache = {} if cache is None else cache
+    return [reconstruct(model, grads, input_shape, cache=cache, **options)
+            for grads in progress_bar(grads_list, desc="R-CONV", unit="image", enabled=progress)]

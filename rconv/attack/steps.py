@@ -1,0 +1,363 @@
+"""The steps of the attack on one image: the Linear layer, one conv layer, the verdict; and their records.
+
+linear_step reads the Linear layer's input off its gradients; conv_step recovers one conv
+layer's input from its equations (choosing the constraints that determine it), reports
+it, and hands the layer below its recovered output and output gradient; verdict says why
+the image cannot be trusted, if it cannot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .activations import VALUE_RANGES, Noise, branches, preactivation
+from ..cases.client import dtype_name
+from .constraints import min_filters
+from .equations import GradientSystem, LayerEquations, weight_system
+from ..common.errors import RConvError
+from ..linalg.solvers import TINY, eps
+from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
+from .tolerances import Tolerances
+
+FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
+# The Linear layer's ratio dL/dW / dL/db is well conditioned: its output carries the gradients'
+# rounding amplified at most this much.
+LINEAR_NOISE_GAIN = 10.0
+# A layer's recovered input carries its system's condition number times this, in units of eps.
+_SOLVE_NOISE_MARGIN = 10.0
+# A single image's Linear weight gradient is rank one up to this misfit, in units of eps
+# (capped for half precisions).
+_RANK_ONE_EPS, _RANK_ONE_CAP = 1e3, 0.05
+
+
+@dataclass
+class LayerReport:
+    """How one conv layer's input was recovered."""
+
+    layer: int  # conv layer number, 1 = the first
+    method: str  # "gradients", "weights", "hybrid" or "gradients+weights"
+    equations: int
+    unknowns: int
+    rank: int  # numerical rank at the gradients' precision
+    cond: float
+    residual: float  # relative residual of the solved system
+    bias_residual: float  # |sum dL/dO - dL/db| / |dL/db|: checks the recovered output gradient
+    known_outputs: float  # fraction of pre-activation outputs the activation reveals
+    seconds: float = 0.0
+    estimated: bool = False  # the layer could not be determined: rank is a counting bound, the input an estimate
+    clipped: float = 0.0  # project=True: the largest change clipping made to the input, relative to its largest value
+    error_bound: float = math.inf  # bound on the max abs error of its recovered input (inf: none)
+
+    @property
+    def full_rank(self):
+        return self.rank == self.unknowns and not self.estimated
+
+
+@dataclass
+class Reconstruction:
+    """A recovered image with the per-layer diagnostics that justify (or not) trusting it."""
+
+    image: torch.Tensor  # (B, C, H, W) float64: one image per member of the batch (B = 1 for one image)
+    layers: list = field(default_factory=list)  # LayerReport per conv layer, first to last
+    exact: bool = False  # every layer full rank with small residuals, and not moved by project's clipping
+    seconds: float = 0.0
+    method: str = "rconv"
+    features: torch.Tensor | None = None  # the recovered input of the Linear layer
+    linear_misfit: float = 0.0  # |dL/dW - dL/db x^T| / |dL/dW|: zero for one image's gradients
+    notes: list = field(default_factory=list)  # what limits this reconstruction, in words
+    reasons: list = field(default_factory=list)  # why it is not exact, layer by layer (empty when exact)
+    inputs: list = field(default_factory=list)  # recovered input of each conv layer, first to last
+    iterations: int = 0  # optimisation steps taken (the baselines); R-CONV takes none
+    labels: torch.Tensor | None = None  # (B,) the recovered label of each image
+    image_exact: torch.Tensor | None = None  # (B,) bool: which images are exact (all of them when exact)
+    batch_size: int = 1  # images in the client's batch, as the Linear layer's gradients tell it
+    error_bound: float = math.inf  # bound on the image's max abs error; exact needs it within 1e-6 (float64) / 1e-3
+    noise: float = math.nan  # the gradients' relative noise the bound assumed
+
+    def report(self):
+        """The per-layer diagnostics as a pandas DataFrame, in solving order (last layer first)."""
+        import pandas as pd
+        rows = [vars(r) | {"full_rank": r.full_rank} for r in reversed(self.layers)]
+        return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Options:
+    """reconstruct()'s settings, as every step needs them."""
+
+    first_layer: str
+    methods: dict  # conv layer number -> method forced on it
+    relu_test: str
+    project: bool
+    image_range: tuple
+    tolerances: Tolerances
+    device: torch.device
+    memory_limit: int | None  # bytes the solves may take
+
+
+class Signal(NamedTuple):
+    """What a step hands the conv layer below it: that layer's recovered activation output and its gradient."""
+
+    activated: torch.Tensor  # (F, P, Q)
+    activated_grad: torch.Tensor  # dL/d(activated)
+    noise: Noise
+    determined: bool = True  # every layer above was determined (full rank); else these data are wrong
+
+
+class _LinearStep(NamedTuple):
+    features: torch.Tensor
+    misfit: float
+    signal: Signal
+    notes: list
+
+
+class ActivationRead(NamedTuple):
+    """How a layer's activation was read: its derivative at every output, and which pre-activations are known.
+
+    The error bound's probe reruns the attack with the first run's ActivationRead frozen, so that both runs
+    solve the same equations.
+    """
+
+    derivative: torch.Tensor  # (F, P, Q)
+    known: torch.Tensor  # (F, P, Q) bool
+
+
+class _ConvResult(NamedTuple):
+    """One conv layer's recovered input, its report, what it hands the layer below, notes, and its ActivationRead."""
+
+    input: torch.Tensor  # (C, H, W)
+    report: LayerReport
+    signal: Signal
+    notes: tuple
+    activation_read: ActivationRead
+
+
+def fc_features(weight_grad, bias_grad):
+    """The Linear layer's input from x_n = dL/dW[m, n] / dL/db[m], all outputs m in least squares."""
+    energy = float(bias_grad @ bias_grad)
+    if energy == 0.0:
+        raise RConvError("the Linear layer's bias gradient is zero (the loss is saturated), so its input "
+                         "cannot be recovered")
+    features = bias_grad @ weight_grad / energy
+    misfit = float(torch.linalg.norm(weight_grad - torch.outer(bias_grad, features)) /
+                   torch.linalg.norm(weight_grad).clamp_min(TINY))
+    return features, misfit
+
+
+def rank_one(misfit, dtype):
+    """Whether a Linear weight gradient with this rank-one misfit (fc_features) is one image's."""
+    return misfit <= min(_RANK_ONE_CAP, _RANK_ONE_EPS * eps(dtype))
+
+
+def linear_step(network, grads, shape, options, check_batch):
+    """The Linear layer's input (the last conv layer's activation output) and the gradient reaching it."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    linear, dtype = network.linear, options.tolerances.dtype
+    bias_grad = grads.of(linear.bias).to(**wide)
+    features, misfit = fc_features(grads.of(linear.weight).to(**wide), bias_grad)
+    if check_batch and not rank_one(misfit, dtype):
+        raise RConvError(f"the Linear layer's weight gradient is not rank one (relative misfit {misfit:.2g}); "
+                         f"these look like the gradients of a batch of more than one image, and R-CONV "
+                         f"recovers a single image (pass check_batch=False to try anyway)")
+    notes = []
+    largest = float(bias_grad.abs().max())
+    if largest < torch.finfo(dtype).tiny:
+        notes.append(f"the loss is saturated: the Linear layer's bias gradient is subnormal in {dtype_name(dtype)} "
+                     f"(largest entry {largest:.2g}), so the gradients keep only a few significant bits")
+    activated = features.view(shape)
+    activated_grad = (linear.weight.detach().to(**wide).T @ bias_grad).view(shape)
+    noise = Noise(gain=LINEAR_NOISE_GAIN, negative=max(0.0, -float(activated.min())))
+    return _LinearStep(features, misfit, Signal(activated, activated_grad, noise), notes)
+
+
+def layer_equations(step, signal, grads, input_shape, options, cache, repair=True, frozen=None, read=None):
+    """The layer's equations, its output gradient dL/dO, its bias gradient, and its ActivationRead.
+
+    repair: settle near-zero ReLU units with the bias gradient (one image's gradients only: a
+    batch's bias gradient sums over its images and cannot tell whose unit it was).
+    frozen: the ActivationRead to use instead of reading the activation again (the error bound's probe).
+    read: the activation already read (activations.Branches, a batch's from batch_branches).
+    """
+    wide = dict(device=options.device, dtype=torch.float64)
+    conv, tolerances = step.conv, options.tolerances
+    bias_grad = grads.of(conv.bias).to(**wide) if conv.bias is not None else None
+    if frozen is None:
+        derivative, band = read if read is not None else branches(
+            step, signal.activated, signal.activated_grad, bias_grad if repair else None, tolerances, signal.noise,
+            options.relu_test)
+    else:
+        derivative = frozen.derivative
+    output_grad = signal.activated_grad * derivative
+    output, known = preactivation(step, signal.activated, derivative, tolerances.saturation)
+    if frozen is not None:
+        known = frozen.known
+    elif step.activation == "relu" and options.relu_test == "relative":
+        known &= signal.activated > band  # a pre-activation read off a near-zero output may be a dead unit's
+    bias = conv.bias.detach().to(**wide).view(-1, 1, 1) if conv.bias is not None else 0.0
+    known_rows = known.reshape(-1)
+    weight = conv.weight.detach().to(**wide)
+    equations = LayerEquations(
+        gradients=GradientSystem(output_grad, grads.of(conv.weight).to(**wide), input_shape[1:],
+                                 conv.kernel_size, conv.stride, step.padding),
+        weights=weight_system(weight, conv.bias, conv.stride, step.padding, input_shape, cache),
+        known=known_rows, output=(output - bias).reshape(-1)[known_rows])
+    return equations, output_grad, bias_grad, ActivationRead(derivative, known)
+
+
+def project_input(x, previous_activation, options):
+    """x clipped to the values it can take when options.project (the image to image_range, ReLU outputs to
+    >= 0, ...), and how far clipping moved it relative to its largest value."""
+    if not options.project:
+        return x, 0.0
+    low, high = VALUE_RANGES.get(previous_activation, (None, None)) if previous_activation else options.image_range
+    if low is None and high is None:
+        return x, 0.0
+    projected = x.clamp(low, high)
+    # The verdict judges the unclipped solve; how far clipping moved it says whether the returned
+    # input still solves the layer's equations.
+    clipped = float((projected - x).abs().max() / x.abs().max().clamp_min(TINY)) if x.numel() else 0.0
+    return projected, clipped
+
+
+def bias_misfit(output_grad, bias_grad):
+    """|sum dL/dO - dL/db| / |dL/db| over the filters: does the recovered output gradient fit the bias's?
+    (output_grad may hold a batch's images in its first dimension: their sum must fit.)"""
+    if bias_grad is None:
+        return 0.0
+    total = output_grad.sum((-2, -1))
+    total = total.sum(0) if total.dim() == 2 else total
+    return float(torch.linalg.norm(total - bias_grad) / torch.linalg.norm(bias_grad).clamp_min(TINY))
+
+
+def noise_of(spectrum, x, dtype):
+    """The Noise a solve leaves in its recovered (unclipped) input x, for the ReLU test of the layer below."""
+    return Noise(gain=_SOLVE_NOISE_MARGIN * min(spectrum.cond, 1.0 / eps(dtype)),
+                 negative=max(0.0, -float(x.min())) if x.numel() else 0.0)
+
+
+def _gradients_could_suffice(step, equations):
+    """The counting bound: enough filters for the gradient constraints to determine every channel."""
+    return step.conv.out_channels >= min_filters(equations.gradients.input_size, step.conv.kernel_size,
+                                                 step.conv.stride, step.padding)
+
+
+def _system_method(method):
+    """The system a reported method solves: "gradients+weights" is the hybrid stack."""
+    return "hybrid" if method == "gradients+weights" else method
+
+
+def _candidates(step, equations, options):
+    """The methods to try on a layer, in order, until one determines its input.
+
+    A forced method (methods= or, for the first layer, first_layer=) is tried alone, except
+    that a large hybrid layer first tries its weight constraints alone, whose factorisation is
+    cached per model. Otherwise the gradient constraints go first (the paper's way), then, on
+    large layers, the weight constraints when the counting allows, then both jointly.
+    """
+    forced = options.methods.get(step.number, options.first_layer if step.number == 1 else None)
+    large = equations.unknowns > DENSE_MAX_UNKNOWNS
+    weights_could = int(equations.known.sum()) >= equations.unknowns
+    if forced is not None:
+        return ["weights", "hybrid"] if forced == "hybrid" and large and weights_could else [forced]
+    order = ["gradients"] if not large or _gradients_could_suffice(step, equations) else []
+    if large and weights_could:
+        order.append("weights")
+    if bool(equations.known.any()) or not order:
+        order.append("gradients+weights")
+    return order
+
+
+def _solve(step, equations, options, determined_above):
+    """The layer's method and LayerSolve: the first candidate that determines its input, else the
+    one that came closest (the highest rank).
+
+    A large layer is only estimated (cheaply, see estimate_layer) when no candidate offers as many
+    equations as it has unknowns, or when a layer above it was not determined: its data are wrong.
+    """
+    candidates = _candidates(step, equations, options)
+    if equations.unknowns > DENSE_MAX_UNKNOWNS:
+        if not determined_above:
+            return candidates[-1], estimate_layer(equations, _system_method(candidates[-1]), step.label,
+                                                  "the layer above it was not determined")
+        counted = [m for m in candidates if counted_equations(equations, _system_method(m)) >= equations.unknowns]
+        if not counted:
+            bound = counted_equations(equations, _system_method(candidates[-1]))
+            return candidates[-1], estimate_layer(equations, _system_method(candidates[-1]), step.label,
+                                                  f"it has {equations.unknowns:,} unknowns and at most {bound:,} "
+                                                  f"equations")
+        candidates = counted
+    best = None
+    for method in candidates:
+        solved = solve_layer(equations, _system_method(method),
+                             options.tolerances.dtype, memory_limit=options.memory_limit, label=step.label,
+                             fallback=method == "gradients+weights" and best is not None)
+        if solved is not None and (best is None or solved.spectrum.rank > best[1].spectrum.rank):
+            best = (method, solved)
+        if best is not None and best[1].spectrum.rank == equations.unknowns:
+            break
+    return best
+
+
+def conv_step(step, signal, grads, input_shape, options, cache, previous_activation, frozen=None):
+    """Recover one conv layer's input from its equations; report it; pass the gradient below.
+
+    frozen: the ActivationRead of an earlier run to read the activation by (the error bound's probe).
+    """
+    start = time.perf_counter()
+    channels, height, width = input_shape
+    equations, output_grad, bias_grad, read = layer_equations(step, signal, grads, input_shape, options, cache,
+                                                              frozen=frozen)
+    method, solved = _solve(step, equations, options, signal.determined)
+    x = solved.x.reshape(channels, height, width)
+    noise = noise_of(solved.spectrum, x, options.tolerances.dtype)
+    x, clipped = project_input(x, previous_activation, options)
+    bias_residual = bias_misfit(output_grad, bias_grad)
+    gradient_rows = equations.gradients.shape[0] * channels
+    report = LayerReport(
+        layer=step.number, method=method,
+        equations=(gradient_rows if method != "weights" else 0) + (int(equations.known.sum())
+                                                                  if method != "gradients" else 0),
+        unknowns=channels * height * width, rank=solved.spectrum.rank, cond=solved.spectrum.cond,
+        residual=solved.residual, bias_residual=bias_residual,
+        known_outputs=float(equations.known.double().mean()), seconds=time.perf_counter() - start,
+        clipped=clipped, estimated=solved.estimated)
+    weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
+    input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
+                                            stride=step.conv.stride, padding=step.padding)[0]
+    determined = signal.determined and report.full_rank
+    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes, read)
+
+
+def _layer_reasons(report, tolerances):
+    """Why one layer's recovered input cannot be trusted, in words (none when it can)."""
+    where = f"conv layer {report.layer} ({report.method})"
+    reasons = []
+    if report.estimated:  # its residuals say nothing more: see the notes for why it was only estimated
+        return [f"{where}: not determined, only a minimum-norm estimate (rank at most {report.rank} of "
+                f"{report.unknowns} unknowns)"]
+    if not report.full_rank:
+        reasons.append(f"{where}: rank {report.rank} of {report.unknowns} unknowns from {report.equations} "
+                       f"equations, so part of its input is undetermined")
+    if not report.residual <= tolerances.residual:
+        reasons.append(f"{where}: relative residual {report.residual:.2g} above the tolerance "
+                       f"{tolerances.residual:.2g} (condition number {report.cond:.2g})")
+    if not report.bias_residual <= tolerances.residual:
+        reasons.append(f"{where}: its recovered output gradient misses the bias gradient by {report.bias_residual:.2g} "
+                       f"(tolerance {tolerances.residual:.2g}), so an activation branch was misread above it")
+    if not report.clipped <= tolerances.residual:
+        reasons.append(f"{where}: project=True clipped its recovered input by up to {report.clipped:.2g} of its "
+                       f"largest value (tolerance {tolerances.residual:.2g}), so the clipped input no longer solves "
+                       f"the layer's equations; for the image, is image_range right?")
+    return reasons
+
+
+def verdict(reports, tolerances):
+    """Why the image is not exact, layer by layer, last layer first; exact when there is no reason."""
+    return [reason for report in reversed(reports) for reason in _layer_reasons(report, tolerances)]
+
+

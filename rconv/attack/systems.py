@@ -1,0 +1,443 @@
+"""Solving one conv layer's equations for its input, by the method asked for.
+
+"gradients": A x[c] = dL/dW[:, c] channel by channel (split by stride residue class when large);
+"weights": M x = O - b at the known outputs; "hybrid": both, each scaled to unit norm. Layers
+up to DENSE_MAX_UNKNOWNS unknowns use dense factorisations (the paper's 32-px networks); larger
+ones the sparse normal equations, factorised once per model where they depend only on the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..linalg.memory import check, size
+from ..linalg.solvers import TINY, Factor, NormalFactor, Spectrum, System, cg_least_squares, eps, norm_2, rank_rtol, solve
+
+# Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
+# a dense system would take minutes and gigabytes, and the sparse normal equations take over.
+DENSE_MAX_UNKNOWNS = 4096
+# Gradient-constraint matrices up to this many columns are solved whole; wider ones with a stride
+# split into their residue classes, which A never mixes (a quarter of the columns each at stride 2).
+_WHOLE_GRADIENT_COLUMNS = 1100
+# The hybrid first layer corrects the weight-constraint solution within the span of this many
+# of M's smallest singular directions (see _deflated_hybrid).
+DEFLATION_SIZE = 128
+# Correction steps of the deflated hybrid solve.
+_DEFLATION_STEPS = 2
+_FLOAT64_BYTES = 8
+# A sparse matrix in scipy's COO and CSR forms takes about this many bytes per nonzero at its peak.
+_SPARSE_BYTES_PER_ENTRY = 40
+# A large layer whose gradient constraints leave a null space of at most this many directions (over
+# all channels) is completed within it from the weight constraints, densely, instead of factorising
+# the whole stacked system (minutes for the 19,712 unknowns of LeNet_All_ReLU's second layer).
+COMPLETION_MAX_DIRECTIONS = 4096
+# Passes of the completion: the second corrects the first with the residuals of both systems.
+_COMPLETION_PASSES = 2
+# A completion's condition number is this many times the amplification one random probe measures:
+# a random direction sees the average amplification, the worst one can be a few times larger.
+_PROBE_MARGIN = 10.0
+# CGLS steps for a large layer that cannot be determined (too few equations, or wrong data from an
+# undetermined layer above): a minimum-norm estimate for the picture, not a solution to trust.
+_ESTIMATE_STEPS = 50
+
+
+class LayerSolve(NamedTuple):
+    """A solved conv layer: its input (C, H*W), the system's Spectrum, its relative residual, and notes."""
+
+    x: torch.Tensor
+    spectrum: Spectrum
+    residual: float
+    notes: tuple = ()
+    estimated: bool = False  # a cheap estimate of an undeterminable layer: the rank is only a counting bound
+
+
+class _Block(NamedTuple):
+    """One kind of constraint in a stacked system, scaled by `scale`."""
+
+    scale: float
+    apply: object
+    apply_t: object
+    rhs: torch.Tensor
+    gram: object  # builds K^T K of the block
+    matrix: object  # builds K of the block
+
+
+def _hybrid_scales(equations):
+    # Each kind of constraint is scaled to unit Frobenius norm so that neither dominates. A kind
+    # that offers no equation at all (every ReLU unit off) keeps scale 1: scaling zero up would
+    # overflow its Gram matrix into NaN instead of reporting rank 0.
+    gradients = equations.gradients
+    frobenius = float(torch.linalg.norm(gradients.matrix)) if equations.unknowns <= DENSE_MAX_UNKNOWNS \
+        else gradients.frobenius()
+    grad_norm = math.sqrt(equations.channels) * frobenius
+    weight_norm = float(equations.weights.row_norms[equations.known].sum().sqrt())
+    return (1.0 / grad_norm if grad_norm > 0 else 1.0), (1.0 / weight_norm if weight_norm > 0 else 1.0)
+
+
+def _gradient_block(equations, scale):
+    gradients, channels, pixels = equations.gradients, equations.channels, equations.pixels
+    if equations.unknowns <= DENSE_MAX_UNKNOWNS:
+        matrix = gradients.matrix
+        apply = lambda x: (matrix @ x.view(channels, pixels).T).T.reshape(-1, 1)  # noqa: E731
+        apply_t = lambda y: (matrix.T @ y.view(channels, -1).T).T.reshape(-1, 1)  # noqa: E731
+    else:
+        apply = lambda x: gradients.apply(x.view(channels, pixels).T).T.reshape(-1, 1)  # noqa: E731
+        apply_t = lambda y: gradients.apply_t(y.view(channels, -1).T).T.reshape(-1, 1)  # noqa: E731
+    return _Block(scale, apply, apply_t, gradients.rhs.T.reshape(-1, 1),
+                  lambda: torch.block_diag(*[gradients.matrix.T @ gradients.matrix] * channels),
+                  lambda: torch.block_diag(*[gradients.matrix] * channels))
+
+
+def _weight_block(equations, scale):
+    weights, known = equations.weights, equations.known
+
+    def scatter(y):
+        full = y.new_zeros(weights.shape[0], y.shape[1])
+        full[known] = y
+        return weights.apply_t(full)
+
+    return _Block(scale, lambda x: weights.apply(x)[known], scatter, equations.output.reshape(-1, 1),
+                  lambda: weights.gram(known), lambda: weights.dense()[known])
+
+
+def joint_system(equations, with_gradients):
+    """Weight constraints (and, with_gradients, the gradient constraints of every channel) on x (C*H*W, 1)."""
+    grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
+    blocks = ([_gradient_block(equations, grad_scale)] if with_gradients else []) + \
+        [_weight_block(equations, weight_scale)]
+    sizes = [len(block.rhs) for block in blocks]
+
+    def apply(x):
+        return torch.cat([b.scale * b.apply(x) for b in blocks])
+
+    def apply_t(y):
+        return sum(b.scale * b.apply_t(piece) for b, piece in zip(blocks, torch.split(y, sizes)))
+
+    return System((sum(sizes), equations.weights.shape[1]), apply, apply_t,
+                  torch.cat([b.scale * b.rhs for b in blocks]),
+                  gram=lambda: sum(b.scale * b.scale * b.gram() for b in blocks),
+                  matrix=lambda: torch.cat([b.scale * b.matrix() for b in blocks]))
+
+
+def _deflated_hybrid(equations, dtype):
+    """The hybrid first layer, fast: weight constraints solved through a factorisation cached per
+    model, then corrected by the least-squares fit of both kinds of constraints within the span of
+    M's smallest singular directions, the only ones where the weights alone are unreliable."""
+    weights, channels = equations.weights, equations.channels
+    system = joint_system(equations, with_gradients=True)
+    factor = weights.factor(rank_rtol(torch.float64, weights.shape))
+    subspace = factor.small_subspace(min(weights.shape[1], DEFLATION_SIZE))
+    grad_scale, weight_scale = _hybrid_scales(equations)
+    matrix = equations.gradients.matrix
+    directions = subspace.basis.shape[1]
+    grad_images = (matrix @ subspace.basis.view(channels, matrix.shape[1], directions)).reshape(-1, directions)
+    reduced = torch.cat([grad_scale * grad_images, weight_scale * subspace.images])
+    x = factor.least_squares(equations.output.reshape(-1, 1))
+    eigenvalues, vectors = torch.linalg.eigh(reduced.T @ reduced)
+    sigma = eigenvalues.clamp_min(0).sqrt()
+    # Directions outside the subspace keep at least the weights' k-th smallest singular value.
+    top = math.hypot(weight_scale * factor.sigma_max, grad_scale * math.sqrt(channels) * norm_2(matrix))
+    top = max(top, float(sigma.max()))
+    floor = min(float(sigma.min()), weight_scale * float(subspace.sigma.max())) if directions < weights.shape[1] \
+        else float(sigma.min())
+    rtol = rank_rtol(dtype, system.shape)
+    keep = sigma > rtol * top
+    inverse = torch.where(keep, 1.0 / eigenvalues.clamp_min(TINY), torch.zeros_like(eigenvalues))
+    for _ in range(_DEFLATION_STEPS):
+        coefficients = vectors @ (inverse[:, None] * (vectors.T @ (reduced.T @ (system.rhs - system.apply(x)))))
+        x = x + subspace.basis @ coefficients
+    spectrum = Spectrum(weights.shape[1] - int((~keep).sum()), top / floor if floor > 0 else math.inf)
+    return x, spectrum, system
+
+
+def _solve_gradients(equations, dtype, memory_limit, label):
+    """Gradient constraints alone, all channels at once: whole A, or one residue class at a time."""
+    gradients, channels = equations.gradients, equations.channels
+    check(3 * gradients.dense_bytes(), f"{label}: the gradient-constraint matrix ({gradients.shape[0]:,} x "
+                                       f"{gradients.shape[1]:,}, dense)", memory_limit)
+    matrix, rhs = gradients.matrix, gradients.rhs
+    if gradients.shape[1] <= _WHOLE_GRADIENT_COLUMNS or max(gradients.stride) == 1:
+        check(3 * gradients.shape[1] ** 2 * _FLOAT64_BYTES,
+              f"{label}: the Gram matrix of its gradient constraints ({gradients.shape[1]:,} pixels)", memory_limit)
+        system = System(matrix.shape, lambda x: matrix @ x, lambda y: matrix.T @ y, rhs, matrix=matrix)
+        x, spectrum = solve(system, rank_rtol(dtype, matrix.shape))
+        return LayerSolve(x.T, Spectrum(spectrum.rank * channels, spectrum.cond), system.residual(x))
+    x = rhs.new_zeros(gradients.shape[1], channels)
+    rank, cond = 0, 0.0
+    for residue in gradients.residue_classes():
+        block = matrix[residue.rows][:, residue.pixels]
+        system = System(block.shape, lambda v, b=block: b @ v, lambda v, b=block: b.T @ v, rhs[residue.rows],
+                        matrix=block)
+        x[residue.pixels], spectrum = solve(system, rank_rtol(dtype, matrix.shape))
+        rank, cond = rank + spectrum.rank, max(cond, spectrum.cond)
+    residual = float(torch.linalg.norm(matrix @ x - rhs) / torch.linalg.norm(rhs).clamp_min(TINY))
+    return LayerSolve(x.T, Spectrum(rank * channels, cond), residual)
+
+
+def _gradient_gram(equations, scale):
+    """scale^2 (I_C (x) A^T A) as a scipy sparse matrix, from A's dense residue-class blocks."""
+    import numpy as np
+    import scipy.sparse
+    gradients, channels, pixels = equations.gradients, equations.channels, equations.pixels
+    rows, cols, values = [], [], []
+    for residue in gradients.residue_classes():
+        block = gradients.matrix[residue.rows][:, residue.pixels]
+        gram = (scale * scale * (block.T @ block)).cpu().numpy()
+        index = residue.pixels.cpu().numpy()
+        for c in range(channels):
+            rows.append(np.repeat(c * pixels + index, len(index)))
+            cols.append(np.tile(c * pixels + index, len(index)))
+            values.append(gram.reshape(-1))
+    size = channels * pixels
+    return scipy.sparse.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(size, size))
+
+
+def _gradient_gram_bytes(equations):
+    return equations.channels * sum(len(r.pixels) ** 2 for r in equations.gradients.residue_classes()) \
+        * _SPARSE_BYTES_PER_ENTRY
+
+
+def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
+    """The sparse normal equations of weight constraints (and gradient constraints), for large layers."""
+    notes = []
+    if with_gradients and _gradient_gram_bytes(equations) > (memory_limit or math.inf):
+        notes.append(f"{label}: gradient constraints left out, their Gram blocks would need "
+                     f"{size(_gradient_gram_bytes(equations))}")
+        with_gradients = False
+    if with_gradients:
+        check(3 * equations.gradients.dense_bytes(), f"{label}: the gradient-constraint matrix "
+              f"({equations.gradients.shape[0]:,} x {equations.gradients.shape[1]:,}, dense)", memory_limit)
+    weights, known = equations.weights, equations.known
+    check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
+          f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
+    system = joint_system(equations, with_gradients)
+    rtol = rank_rtol(dtype, system.shape)
+    try:
+        if not with_gradients and bool(known.all()):
+            factor = weights.normal_factor(rtol, memory_limit)  # depends only on the weights: once per model
+        else:
+            grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
+            gram = weight_scale ** 2 * weights.sparse_gram(known)
+            if with_gradients:
+                gram = gram + _gradient_gram(equations, grad_scale)
+            like = torch.empty(0, dtype=equations.output.dtype, device=equations.output.device)
+            factor = NormalFactor(gram, system.apply, system.apply_t, rtol, like, memory_limit)
+    except MemoryError as error:
+        check(int(error.args[0]), f"{label}: the sparse factorisation of its normal equations "
+                                  f"({weights.shape[1]:,} unknowns)", memory_limit)
+        raise
+    x = factor.solve(system)
+    if factor.kind == "ridge":
+        notes.append(f"{label}: rank-deficient at the gradients' precision; the solution is a ridge "
+                     f"(minimum-norm) estimate")
+    return LayerSolve(x.view(equations.channels, equations.pixels), factor.spectrum, system.residual(x), tuple(notes))
+
+
+def _solve_dense(equations, method, dtype, fallback):
+    """Weight constraints (and gradient constraints, for "hybrid") of a dense-sized layer."""
+    weights, known, channels, pixels = equations.weights, equations.known, equations.channels, equations.pixels
+    if bool(known.all()) and weights.shape[0] >= weights.shape[1]:
+        # M alone could determine the input and does not depend on the image: factorise it once.
+        if method == "hybrid":
+            x, spectrum, system = _deflated_hybrid(equations, dtype)
+        else:
+            system = joint_system(equations, with_gradients=False)
+            factor = weights.factor(rank_rtol(dtype, weights.shape))
+            x, spectrum = factor.solve(system), factor.spectrum
+    else:
+        system = joint_system(equations, with_gradients=method == "hybrid")
+        solved = solve(system, rank_rtol(dtype, system.shape), fast_only=fallback)
+        if solved is None:
+            return None
+        x, spectrum = solved
+    return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x))
+
+
+class _PseudoInverse(NamedTuple):
+    """One block of A (whole A, or one residue class) by its kept singular triplets."""
+
+    rows: object  # the block's rows of A (a slice or an index tensor)
+    columns: torch.Tensor
+    scaled_left: torch.Tensor  # U_r / sigma_r
+    right: torch.Tensor  # V_r
+
+    def apply(self, rhs):
+        """x[columns] = V_r (U_r / sigma_r)^T b[rows]."""
+        return self.right @ (self.scaled_left.T @ rhs[self.rows])
+
+
+class NullSpace(NamedTuple):
+    """A gradient-constraint matrix A's SVD, block by block (whole A, or its residue classes): its
+    minimum-norm solve and the null space it leaves to the weight constraints."""
+
+    blocks: list  # a _PseudoInverse per block
+    basis: torch.Tensor  # (columns of A, d) orthonormal: A basis = 0 at the gradients' precision
+    rank: int
+    cond: float  # of A's kept part, the largest over its blocks
+
+    def least_squares(self, rhs):
+        """A's minimum-norm least-squares solution for each column of rhs (rows, r)."""
+        x = rhs.new_zeros(self.basis.shape[0], rhs.shape[1])
+        for block in self.blocks:
+            x[block.columns] = block.apply(rhs)
+        return x
+
+
+def null_space(matrix, dtype, classes=None):
+    """The NullSpace of a dense A (rows, columns), block by block over `classes` (ResidueClasses), else whole."""
+    rtol = rank_rtol(dtype, matrix.shape)
+    blocks, null, rank, cond = [], [], 0, 0.0
+    for residue in classes or [None]:
+        block = matrix if residue is None else matrix[residue.rows][:, residue.pixels]
+        columns = torch.arange(matrix.shape[1], device=matrix.device) if residue is None else residue.pixels
+        left, sigma, right = torch.linalg.svd(block, full_matrices=True)
+        top = float(sigma.max()) if sigma.numel() else 0.0
+        kept = int((sigma > rtol * top).sum()) if top > 0 else 0
+        blocks.append(_PseudoInverse(slice(None) if residue is None else residue.rows, columns,
+                                     left[:, :kept] / sigma[:kept], right[:kept].T))
+        directions = right[kept:].T  # every right singular direction past the rank, a wide block's included
+        embedded = directions.new_zeros(matrix.shape[1], directions.shape[1])
+        embedded[columns] = directions
+        null.append(embedded)
+        rank += kept
+        cond = max(cond, float(sigma[0] / sigma[kept - 1]) if kept else math.inf)
+    return NullSpace(blocks, torch.cat(null, dim=1), rank, cond)
+
+
+def null_images(weights, basis, known):
+    """M (e_c (x) n_j)[known] for every channel c and null direction n_j (columns of basis, (H*W, d)), as
+    (known rows, C*d): one single-channel convolution of the directions with every (filter, channel) kernel."""
+    filters, channels = weights.weight.shape[:2]
+    directions = basis.shape[1]
+    if directions == 0:
+        return basis.new_zeros(int(known.sum()), 0)
+    kernels = weights.weight.reshape(filters * channels, 1, *weights.weight.shape[2:])
+    images = torch.nn.functional.conv2d(basis.T.reshape(directions, 1, *weights.input_shape[1:]), kernels,
+                                        stride=weights.stride, padding=weights.padding)
+    out = images.reshape(directions, filters, channels, -1)  # (d, F, C, P*Q)
+    return out.permute(1, 3, 2, 0).reshape(filters * out.shape[3], channels * directions)[known]
+
+
+class Completion(NamedTuple):
+    """x = x_A + N z: the gradient constraints' minimum-norm solution, completed in their null space."""
+
+    x: torch.Tensor  # (C, columns of A)
+    spectrum: Spectrum  # rank and condition number of the stacked system
+    residual: float  # the larger relative residual of the two kinds of constraint
+
+
+def complete(null, gradients, weights, images, dtype):
+    """Complete A's minimum-norm solution within its null space from the known weight rows.
+
+    gradients: (apply, rhs) with apply(x (C, columns)) -> (rows, C); weights: (apply, rhs) with
+    apply(x) -> (known rows, 1); images: the weight rows on the null space (null_images). The
+    rank is exact: rank [I (x) A; B] = C rank A + rank (B N). The condition number is measured:
+    how much a probe of rounding-sized noise on both right-hand sides moves x (see _PROBE_MARGIN).
+    """
+    (apply_gradients, gradient_rhs), (apply_weights, weight_rhs) = gradients, weights
+    # An empty null space leaves nothing to complete: the weight rows only check A's solution.
+    reduced = Factor(tuple(images.shape), rank_rtol(dtype, images.shape), images) if images.shape[1] else None
+
+    def fit(gradient_target, weight_target):
+        x = gradient_target.new_zeros(gradient_target.shape[1], null.basis.shape[0])
+        for _ in range(_COMPLETION_PASSES):
+            x += null.least_squares(gradient_target - apply_gradients(x)).T
+            if reduced is None:
+                continue
+            misfit = weight_target - apply_weights(x)
+            z = reduced.solve(System(tuple(images.shape), lambda v: images @ v, lambda y: images.T @ y, misfit))
+            x += z.view(x.shape[0], -1) @ null.basis.T
+        return x
+
+    x = fit(gradient_rhs, weight_rhs)
+    residual = max(_relative(apply_gradients(x), gradient_rhs), _relative(apply_weights(x), weight_rhs))
+    generator = torch.Generator().manual_seed(0)
+    probe = fit(gradient_rhs + _rounding_noise(gradient_rhs, dtype, generator),
+                weight_rhs + _rounding_noise(weight_rhs, dtype, generator))
+    amplification = float(torch.linalg.norm(probe - x) / (torch.linalg.norm(x).clamp_min(TINY) * eps(dtype)))
+    spectrum = reduced.spectrum if reduced is not None else Spectrum(0, 1.0)
+    rank = null.rank * gradient_rhs.shape[1] + spectrum.rank
+    return Completion(x, Spectrum(rank, max(null.cond, spectrum.cond, _PROBE_MARGIN * amplification)), residual)
+
+
+def _rounding_noise(target, dtype, generator):
+    """Gaussian noise of relative size eps(dtype) against target."""
+    noise = torch.randn(target.shape, dtype=target.dtype, generator=generator).to(target.device)
+    return noise * (eps(dtype) * float(torch.linalg.norm(target)) / float(torch.linalg.norm(noise).clamp_min(TINY)))
+
+
+def _relative(value, target):
+    return float(torch.linalg.norm(value - target) / torch.linalg.norm(target).clamp_min(TINY))
+
+
+def complete_gradients(equations, dtype, *, memory_limit=None, label="conv layer"):
+    """A layer whose gradient constraints are rank-deficient, completed from its weight constraints
+    (complete): None when their null space is too large to solve densely."""
+    gradients, weights, known = equations.gradients, equations.weights, equations.known
+    channels, pixels = equations.channels, equations.pixels
+    if channels * (pixels - min(gradients.shape)) > COMPLETION_MAX_DIRECTIONS or not bool(known.any()):
+        return None
+    check(3 * gradients.dense_bytes(), f"{label}: the gradient-constraint matrix ({gradients.shape[0]:,} x "
+                                       f"{gradients.shape[1]:,}, dense)", memory_limit)
+    whole = gradients.shape[1] <= _WHOLE_GRADIENT_COLUMNS or max(gradients.stride) == 1
+    null = null_space(gradients.matrix, dtype, None if whole else gradients.residue_classes())
+    columns = channels * null.basis.shape[1]
+    if columns > COMPLETION_MAX_DIRECTIONS:
+        return None
+    check(3 * weights.shape[0] * columns * _FLOAT64_BYTES, f"{label}: its weight constraints on the null space of "
+          f"its gradient constraints ({weights.shape[0]:,} x {columns:,}, dense)", memory_limit)
+    completed = complete(null, (lambda x: gradients.apply(x.T), gradients.rhs),
+                         (lambda x: weights.apply(x.reshape(-1, 1))[known], equations.output.reshape(-1, 1)),
+                         null_images(weights, null.basis, known), dtype)
+    note = (f"{label}: its gradient constraints left {columns:,} directions undetermined (rank {null.rank} of "
+            f"{pixels} per channel); the weight constraints determined {completed.spectrum.rank - null.rank * channels:,} "
+            f"of them",)
+    return LayerSolve(completed.x, completed.spectrum, completed.residual, note)
+
+
+def counted_equations(equations, method):
+    """The most independent equations `method` can offer the layer (a counting bound on its rank)."""
+    gradients = equations.channels * min(equations.gradients.shape) if method != "weights" else 0
+    return gradients + (int(equations.known.sum()) if method != "gradients" else 0)
+
+
+def estimate_layer(equations, method, label, reason):
+    """A cheap minimum-norm estimate of a large layer that cannot be determined, with its rank bound."""
+    if method == "gradients":
+        gradients = equations.gradients
+        system = System(gradients.shape, gradients.apply, gradients.apply_t, gradients.rhs)
+    else:
+        system = joint_system(equations, with_gradients=method != "weights")
+    x = cg_least_squares(system, _ESTIMATE_STEPS)
+    residual = system.residual(x)
+    x = x.T if method == "gradients" else x.view(equations.channels, equations.pixels)
+    bound = min(counted_equations(equations, method), equations.unknowns)
+    note = f"{label}: {reason}; its rank is bounded by counting (at most {bound:,}), and its input is a " \
+           f"minimum-norm estimate ({_ESTIMATE_STEPS} CGLS steps)"
+    return LayerSolve(x.reshape(equations.channels, equations.pixels), Spectrum(bound, math.inf), residual,
+                      (note,), estimated=True)
+
+
+def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv layer", fallback=False):
+    """Solve one conv layer for its input with `method` ("gradients", "weights" or "hybrid"): a LayerSolve.
+
+    memory_limit: bytes the solve may take; label names the layer in errors and notes.
+    fallback: an attempt to repair rank-deficient gradient constraints; gives up (None) rather
+    than analyse a dense system that is rank-deficient too, and completes a large layer within
+    the gradient constraints' null space when that is small (complete_gradients).
+    """
+    if method == "hybrid" and not bool(equations.known.any()):
+        method = "gradients"  # no weight constraint left (every ReLU unit off): the per-channel solve is the same
+    if method == "gradients":
+        return _solve_gradients(equations, dtype, memory_limit, label)
+    if equations.unknowns <= DENSE_MAX_UNKNOWNS:
+        return _solve_dense(equations, method, dtype, fallback)
+    if method == "hybrid" and fallback:
+        completed = complete_gradients(equations, dtype, memory_limit=memory_limit, label=label)
+        if completed is not None:
+            return completed
+    return _solve_sparse(equations, method == "hybrid", dtype, memory_limit, label)
