@@ -19,7 +19,7 @@ from rconv.attack.constraints import grad_constraints, min_filters, weight_const
 from rconv.attack.activations import RELU_TESTS
 from rconv.attack.tolerances import default_relu_tol
 from rconv.attack.reconstruct import (FIRST_LAYER_METHODS, LayerReport, Reconstruction, reconstruct,
-                                      reconstruct_batch)
+                                      reconstruct_batch, reconstruct_clients)
 from rconv.analysis.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, match_batch,
                                     output_gradients, solve_steps)
 from rconv.analysis.summaries import (batch_summary, breaking_points, filter_summary, size_summary, success_rates,
@@ -40,7 +40,8 @@ __all__ = [
     "resolve_path",  # where relative paths point
     "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
-    "reconstruct", "reconstruct_batch", "Reconstruction", "LayerReport",  # the attack
+    "reconstruct", "reconstruct_clients", "Reconstruction", "LayerReport",  # the attack
+    "reconstruct_batch",  # reconstruct_clients' former name
     "split_linear", "LinearSplit", "match_batch",  # mini-batches: the Linear layer split, results matched
     "FIRST_LAYER_METHODS", "RELU_TESTS",
     "BASELINES", "run_baseline", "compare_baselines", "breaching_missing",  # optimisation baselines

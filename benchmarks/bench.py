@@ -5,14 +5,14 @@ client's gradients are computed first (not timed: that is the client's work), Py
 warmed up on another network, and then:
   cold start  one image with an empty cache, so every per-model factorisation is included
               (median of several runs);
-  total       all the images through reconstruct_batch with an empty cache, cold start
+  total       all the images through reconstruct_clients with an empty cache, cold start
               included (median of several runs).
   warm        the median time of the images after the first in that batch: a further image on
               the same model, its factorisations cached.
 Peak memory is the process's peak resident set (getrusage), which includes PyTorch itself;
 added_mb is the growth over the process's size just before the attack.
 
-The "Size ..." rows are the size sweep of issue 11: the sample photos at 32, 64, 128 and 224 px
+The "Size ..." rows are the high-resolution size sweep: the sample photos at 32, 64, 128 and 224 px
 on the network recoverable at each size (the lenet_hr presets from 64 px on), and the paper's
 LeNet at 96 px, which is not recoverable there and must say so quickly.
 
@@ -61,7 +61,7 @@ class Setting(NamedTuple):
 SIZE_IMAGES = 4
 # Warming up on lenet_hr64 loads the sparse solver's library too, without paying a 224-px factorisation.
 SIZE_WARM_UP = "lenet_hr64"
-# The batch rows' batch size (issue 12's benchmark: a batch of 8 at 32 px).
+# The batch rows' batch size: a mini-batch of 8 at 32 px, the size the suite's batch target is set for.
 BATCH_IMAGES = 8
 SETTINGS = {
     "Testing MNIST": Setting("mnist", None, 100),
@@ -76,7 +76,7 @@ SETTINGS = {
     "Size 128 / lenet_hr128": Setting(None, "lenet_hr128", SIZE_IMAGES, None, SIZE_WARM_UP),
     "Size 224 / lenet_hr224": Setting(None, "lenet_hr224", SIZE_IMAGES, None, SIZE_WARM_UP),
     "Size 96 / LeNet (not recoverable)": Setting("samples", "lenet", SIZE_IMAGES, 96, SIZE_WARM_UP),
-    # Issue 12's target: a batch of 8 at 32 px in at most 5 s (two batches: the second is warm).
+    # Target: a batch of 8 at 32 px in at most 5 s (two batches: the second is warm).
     "Batch 8 / lenet_batch": Setting("cifar100", "lenet_batch", 2 * BATCH_IMAGES, batch=BATCH_IMAGES),
 }
 
@@ -97,11 +97,11 @@ WORKER_SWEEP = WorkerSweep((("lenet", 20), ("lenet_all_relu", 10)), 2, ("float64
 # setting -> the notebook's `scheduler` (executor_for's argument): None serial, n a LocalCluster of n workers
 WORKER_SETTINGS = {"Success_rates / serial": None, "Success_rates / 1 worker": 1, "Success_rates / 2 workers": 2}
 WORKERS_GROUP = "workers"  # --only's name for the WORKER_SETTINGS rows
-TASK_THREADS = 1  # a sweep's tasks run on one torch thread, serial or not (rconv/parallel.py)
+TASK_THREADS = 1  # a sweep's tasks run on one torch thread, serial or not (rconv/studies/executors.py)
 # (gradient precision, first layer): the paper's setting and the suite's default for real clients
 MODES = [("float64", "weights"), ("float32", "hybrid")]
 # The published implementation on this project's machine (2 cores), float64, Testing settings:
-# about 1.5 s per image (issue 4's measurement). Used only for the speedup column.
+# about 1.5 s per image, measured once on it. Used only for the speedup column.
 PUBLISHED_SECONDS_PER_IMAGE = 1.5
 PUBLISHED_SIDE = 32  # the image side of that measurement
 
@@ -176,7 +176,7 @@ def measure(setting, dtype, first_layer, images, repeats, device, data_root):
         gc.collect()
         sync()
         start = time.perf_counter()
-        results = rc.reconstruct_batch(model, grads, shape, **options)
+        results = rc.reconstruct_clients(model, grads, shape, **options)
         sync()
         totals.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

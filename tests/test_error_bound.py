@@ -52,7 +52,7 @@ def test_defended_gradients_are_never_claimed_exact_beyond_their_bound(packs):
 def test_noisy_float32_gradients_are_not_exact_and_say_why(packs):
     images, labels = rc.load_images("cifar10", [0], root=packs)
     model = rc.build_model("lenet_c10", 3, 10)
-    grads = rc.defend(rc.client_gradients(model, images[0], labels[0], torch.float32), "gaussian", 3e-6)
+    grads = rc.defend(rc.client_gradients(model, images[0], labels[0], dtype=torch.float32), "gaussian", 3e-6)
     result = rc.reconstruct(model, grads, images[0].shape, check_batch=False)
     assert max_error(result, images[0]) > 1e-3
     assert not result.exact and result.error_bound >= max_error(result, images[0])
@@ -63,7 +63,7 @@ def test_clean_gradients_get_a_bound_per_layer_that_holds(samples):
     model = rc.build_model("lenet_4_relu", 3, 100)
     image, label = samples[0][0], int(samples[1][0])
     for dtype in (torch.float64, torch.float32):
-        result = rc.reconstruct(model, rc.client_gradients(model, image, label, dtype), image.shape)
+        result = rc.reconstruct(model, rc.client_gradients(model, image, label, dtype=dtype), image.shape)
         truth, _ = rc.layer_inputs(model, image)
         assert result.exact and max_error(result, image) <= result.error_bound <= EXACT_ERROR[dtype]
         for report, recovered, true in zip(result.layers, result.inputs, truth):
@@ -76,7 +76,7 @@ def test_clean_gradients_get_a_bound_per_layer_that_holds(samples):
 def test_an_undetermined_layer_has_no_bound(samples):
     model = rc.build_model("lenet", 3, 100)
     image, label = samples[0][0], int(samples[1][0])
-    result = rc.reconstruct(model, rc.client_gradients(model, image, label, torch.float64), image.shape,
+    result = rc.reconstruct(model, rc.client_gradients(model, image, label, dtype=torch.float64), image.shape,
                             first_layer="gradients")
     assert not result.exact and not result.layers[0].full_rank
     assert math.isinf(result.error_bound) and all(math.isinf(r.error_bound) for r in result.layers)

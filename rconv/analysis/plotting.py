@@ -27,7 +27,7 @@ def _show_image(axis, image):
     axis.set_yticks([])
 
 
-def plot_reconstruction(original, reconstructed, path=None, title=None):
+def plot_reconstruction(original, reconstructed, *, path=None, title=None):
     """Original beside reconstructed and their absolute difference, with the metrics; saved to path if given."""
     plt = _pyplot()
     metrics = image_metrics(original, reconstructed)
@@ -47,7 +47,7 @@ def plot_reconstruction(original, reconstructed, path=None, title=None):
     return _save(figure, path, rect=(0, 0, 1, 0.93 if title else 1))
 
 
-def plot_grid(originals, reconstructions, path=None, columns=10, title=None, indices=None):
+def plot_grid(originals, reconstructions, *, path=None, columns=10, title=None, indices=None):
     """Originals (odd rows) above their reconstructions (even rows); saved to path if given.
 
     indices: the images' dataset indices, written above each original.
@@ -83,7 +83,7 @@ def plot_grid(originals, reconstructions, path=None, columns=10, title=None, ind
     return _save(figure, path, dpi=110)
 
 
-def plot_methods(originals, reconstructions, path=None, title=None, columns=10):
+def plot_methods(originals, reconstructions, *, path=None, title=None, columns=10):
     """One row per method (after the originals), one column per image.
 
     reconstructions: a dict method name -> list of images (or Reconstructions), aligned with originals.
@@ -112,7 +112,7 @@ def _broken_line(axis, threshold=BROKEN_PSNR):
                         label=f"{threshold:g} dB: below it the attack failed")
 
 
-def plot_psnr(table, path=None, by="dtype", title=None):
+def plot_psnr(table, *, path=None, by="dtype", title=None):
     """PSNR of every image (dots) per group of `by` (e.g. dtype), from a results table or CSV path."""
     from matplotlib.lines import Line2D
     plt = _pyplot()
@@ -155,7 +155,7 @@ def _save(figure, path, dpi=120, rect=None):
     return figure
 
 
-def plot_precision(table, path=None):
+def plot_precision(table, *, path=None):
     """PSNR per gradient dtype for each first-layer method and ReLU test, one panel per dataset."""
     plt = _pyplot()
     table = _table(table)
@@ -186,7 +186,7 @@ def plot_precision(table, path=None):
     return _save(figure, path)
 
 
-def plot_defences(table, path=None, threshold=BROKEN_PSNR):
+def plot_defences(table, *, path=None, threshold=BROKEN_PSNR):
     """Median PSNR and SSIM against defence strength, plain and projected solves, per dataset."""
     plt = _pyplot()
     table = _table(table)
@@ -239,7 +239,7 @@ def _weight_count_marker(axis, model, count, colour, right_edge):
     axis.add_artist(Line2D([], [], color=colour, linestyle=":", linewidth=1.5, label=f"{label}, off the axis \u2192"))
 
 
-def plot_filters(table, path=None):
+def plot_filters(table, *, path=None):
     """Fraction of images and seeds whose gradient constraints are full rank, against filter count.
 
     One panel per conv layer, each with its own legend: a curve per model, labelled with that
@@ -278,7 +278,7 @@ def plot_filters(table, path=None):
     return _save(figure, path)
 
 
-def plot_success(table, path=None):
+def plot_success(table, *, path=None):
     """Per preset and dtype: the share recovered exactly, reported rank-deficient, and otherwise not exact."""
     plt = _pyplot()
     table = _table(table)
@@ -331,7 +331,7 @@ def _size_panel(axis, table, column, series, ylabel):
     axis.set_xticks(sorted(set(table["size"])))
 
 
-def plot_sizes(table, path=None):
+def plot_sizes(table, *, path=None):
     """A size_sweep table (or its CSV): time and peak memory against image size, and the counting
     verdict against the outcome.
 
@@ -393,7 +393,7 @@ def plot_sizes(table, path=None):
 _METHOD_STYLES = {"rconv": ("-", "o"), "dlg": (":", "v"), "idlg": (":", "^"), "inverting_gradients": ("--", "s")}
 
 
-def plot_batches(table, path=None):
+def plot_batches(table, *, path=None):
     """A batch_sweep table (or its CSV): exact share, median PSNR and seconds against batch size.
 
     Colour: network and dtype; line style: the attack (R-CONV solid, baselines dotted or dashed);

@@ -70,7 +70,7 @@ def layer_inputs(model, image):
     return [seen[step.number][0] for step in network.steps], seen["linear"][0]
 
 
-def output_gradients(model, image, label, dtype=torch.float64):
+def output_gradients(model, image, label, *, dtype=torch.float64):
     """The true dL/dO of every conv layer's pre-activation output (first to last) for one image."""
     dtype = as_dtype(dtype)
     model = copy.deepcopy(model).to(dtype)

@@ -31,7 +31,7 @@ def batch_summary(table, *, good_psnr=60.0):
     return pd.DataFrame(rows)
 
 
-def breaking_points(table, threshold=BROKEN_PSNR, by=("dataset", "defence", "project")):
+def breaking_points(table, *, threshold=BROKEN_PSNR, by=("dataset", "defence", "project")):
     """Per defence: the weakest strength whose median PSNR falls below `threshold` dB (NaN if none)."""
     import pandas as pd
     missing = [column for column in ("defence", "strength", "psnr") if column not in table.columns]
@@ -51,7 +51,7 @@ def breaking_points(table, threshold=BROKEN_PSNR, by=("dataset", "defence", "pro
     return pd.DataFrame(rows)
 
 
-def filter_summary(table, level=0.95):
+def filter_summary(table, *, level=0.95):
     """Per model and conv position: the fewest filters full rank for at least `level` of images and seeds,
     against the counting bound and the weight-constraint (R-GAP style) count."""
     import pandas as pd
@@ -83,7 +83,7 @@ def success_rates(table):
     return pd.DataFrame(rows)
 
 
-def summarize(table, by=("dataset", "model", "dtype", "first_layer")):
+def summarize(table, *, by=("dataset", "model", "dtype", "first_layer")):
     """Per setting: attacks (rows; images when a setting holds one seed and defence), exact count,
     rank-deficient count, median PSNR and SSIM, median seconds."""
     missing = [column for column in ("psnr", "ssim", "exact", "seconds") if column not in table.columns]

@@ -357,12 +357,17 @@ def _reconstruct_batch_members(model, network, grads, sizes, options, cache, bat
                           noise=max((b.noise for b in bounds if not math.isnan(b.noise)), default=math.nan))
 
 
-def reconstruct_batch(model, grads_list, input_shape, *, progress=False, **options):
+def reconstruct_clients(model, grads_list, input_shape, *, progress=False, **options):
     """reconstruct() for many clients' gradients on one model, sharing what depends only on the weights.
 
-    Returns one Reconstruction per entry of grads_list; options are reconstruct()'s keywords.
+    Each entry of grads_list is one client's update (itself one image, or a mini-batch with
+    `batch_size`). Returns one Reconstruction per entry; options are reconstruct()'s keywords.
     """
     cache = options.pop("cache", None)
     cache = {} if cache is None else cache
     return [reconstruct(model, grads, input_shape, cache=cache, **options)
             for grads in progress_bar(grads_list, desc="R-CONV", unit="image", enabled=progress)]
+
+
+# The name this function had before mini-batches existed; kept so that existing scripts still run.
+reconstruct_batch = reconstruct_clients

@@ -101,7 +101,7 @@ def _check_label_range(labels, classes):
                              f"(0..{classes - 1})")
 
 
-def client_gradients(model, image, label, dtype=torch.float32):
+def client_gradients(model, image, label, *, dtype=torch.float32):
     """The gradients a federated-learning client shares: cross-entropy, computed in `dtype`.
 
     Args:
@@ -158,7 +158,7 @@ def _quantize(flat, bits):
     return flat if top == 0 else (torch.round(flat.double() / top * levels) * top / levels).to(flat.dtype)
 
 
-def defend(grads, defence, strength, seed=0):
+def defend(grads, defence, strength, *, seed=0):
     """The gradients a client shares under a common defence, per tensor.
 
     Args:

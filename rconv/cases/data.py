@@ -197,7 +197,7 @@ def _find(info, indices, root, download):
     return found
 
 
-def load_images(dataset, indices, root=None, download=True, size=32):
+def load_images(dataset, indices, *, root=None, download=True, size=32):
     """Training images of MNIST, CIFAR10, CIFAR100 or "samples" as float32 (N, C, size, size) in [0, 1].
 
     Looks in `root`, then $RCONV_DATA, then data/ in the repository (downloading through

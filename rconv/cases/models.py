@@ -148,7 +148,7 @@ def preset_input_size(name):
     return MODELS[preset_name(name)].get("input_size", 32)
 
 
-def build_model(name, in_channels=3, num_classes=10, seed=50, **overrides):
+def build_model(name, in_channels=3, num_classes=10, *, seed=50, **overrides):
     """A preset from MODELS, deterministic for a seed, in float32 (what a server sends its clients).
 
     Any ConvNet argument but dtype can be overridden, e.g. activations=("leaky_relu",) * 4, and

@@ -76,7 +76,7 @@ def _config(breaching, name, shape, iterations):
         return breaching.get_config(overrides=overrides), notes
 
 
-def run_baseline(name, model, grads, input_shape, label=None, iterations=None, seed=0, batch_size=1):
+def run_baseline(name, model, grads, input_shape, *, label=None, iterations=None, seed=0, batch_size=1):
     """An optimisation attack of the breaching package on the same gradients, as a Reconstruction.
 
     Args:
