@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .attack.reconstruct import FIRST_LAYER_METHODS, reconstruct
-from .cases.setup import setup
-from .cases.client import as_dtype, client_gradients
-from .common.errors import RConvError
-from .cases.models import MODELS, activation_name, preset_name
 from .analysis.plotting import plot_grid, plot_reconstruction
 from .analysis.reports import image_metrics, match_batch
+from .attack.reconstruct import FIRST_LAYER_METHODS, reconstruct
+from .cases.client import as_dtype, client_gradients
+from .cases.models import MODELS, activation_name, preset_name
+from .cases.setup import setup
+from .common.errors import RConvError
 
 
 def _parser():

@@ -400,6 +400,7 @@ def plot_batches(table, *, path=None):
     a grey line marks each network's counting bound (max_batch) where it falls inside the plot.
     """
     from matplotlib.lines import Line2D
+
     from .summaries import batch_summary
     plt = _pyplot()
     summary = batch_summary(_table(table))

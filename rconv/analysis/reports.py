@@ -10,12 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cases.client import as_dtype
 from ..attack.constraints import min_filters
+from ..attack.network import check_input_shape, parse_network
+from ..cases.client import as_dtype
+from ..common.checks import whole_number
 from ..common.errors import RConvError
 from ..common.geometry import footprints
-from ..attack.network import check_input_shape, parse_network
-from ..common.checks import whole_number
 
 # PSNR below this no longer shows the image: where the suite says a defence stops the attack.
 BROKEN_PSNR = 20.0

@@ -11,6 +11,7 @@ import math
 from ..common.errors import RConvError
 from .reports import BROKEN_PSNR
 
+
 def batch_summary(table, *, good_psnr=60.0):
     """Per method, network, dtype and batch size: images, exact share, share at >= good_psnr dB, median PSNR,
     labels right, median seconds per batch, and the counting bound."""

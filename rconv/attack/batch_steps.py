@@ -20,14 +20,20 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import NOISE_MARGIN, Noise, batch_branches
-from ..split.linear import split_linear, track_split
 from ..linalg.memory import check
 from ..linalg.solvers import TINY, System, eps, rank_rtol, solve
-from .steps import (LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of,
-                    project_input)
-from .systems import (COMPLETION_MAX_DIRECTIONS, complete, counted_equations, estimate_layer, null_space,
-                      null_images, solve_layer)
+from ..split.linear import split_linear, track_split
+from .activations import NOISE_MARGIN, Noise, batch_branches
+from .steps import LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of, project_input
+from .systems import (
+    COMPLETION_MAX_DIRECTIONS,
+    complete,
+    counted_equations,
+    estimate_layer,
+    null_images,
+    null_space,
+    solve_layer,
+)
 
 # A joint system of both kinds of constraint over the whole batch is solved dense, up to this
 # many unknowns (a 6,848 x 6,144 matrix for two of the paper's LeNet layer-2 inputs, ~0.3 GB).

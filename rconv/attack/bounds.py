@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import torch
 
-from .network import Gradients
 from ..linalg.solvers import eps
+from .network import Gradients
 
 # The probe draws one random direction; the gradients' own noise may lie a few times closer to the
 # chain's most amplified directions (measured over 624 defended attacks and the 1,400 of the

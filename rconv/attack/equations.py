@@ -16,9 +16,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .constraints import grad_constraints, weight_entries
 from ..common.geometry import conv_output_size, pair
 from ..linalg.solvers import CHOLESKY_MIN_UNKNOWNS, Factor, NormalFactor
+from .constraints import grad_constraints, weight_entries
 
 _FLOAT64_BYTES = 8
 # Layers up to this many unknowns (a dense Gram of 0.5 GB) build their sparse Gram matrix from the

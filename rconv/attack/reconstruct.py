@@ -15,18 +15,27 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import RELU_TESTS
+from ..common.checks import as_whole, whole_number
 from ..common.errors import RConvError
-from ..split.linear import gradient_rank
-from ..linalg.memory import default_limit
-from .network import check_gradients, check_input_shape, parse_network
 from ..common.progress import progress_bar
+from ..linalg.memory import default_limit
+from ..split.linear import gradient_rank
+from .activations import RELU_TESTS
 from .batch_steps import batch_conv_step, batch_linear_step
 from .bounds import Measured, bound_reasons, keep_rank, noise_level, perturbed, probe_bound, probe_level, unbounded
-from .steps import (FIRST_LAYER_METHODS, LayerReport, Options, Reconstruction, conv_step, fc_features, linear_step,
-                    rank_one, verdict)
+from .network import check_gradients, check_input_shape, parse_network
+from .steps import (
+    FIRST_LAYER_METHODS,
+    LayerReport,
+    Options,
+    Reconstruction,
+    conv_step,
+    fc_features,
+    linear_step,
+    rank_one,
+    verdict,
+)
 from .tolerances import Tolerances
-from ..common.checks import as_whole, whole_number
 
 __all__ = ["FIRST_LAYER_METHODS", "LayerReport", "Reconstruction", "reconstruct", "reconstruct_batch"]
 

@@ -15,12 +15,12 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import VALUE_RANGES, Noise, branches, preactivation
 from ..cases.client import dtype_name
-from .constraints import min_filters
-from .equations import GradientSystem, LayerEquations, weight_system
 from ..common.errors import RConvError
 from ..linalg.solvers import TINY, eps
+from .activations import VALUE_RANGES, Noise, branches, preactivation
+from .constraints import min_filters
+from .equations import GradientSystem, LayerEquations, weight_system
 from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
 from .tolerances import Tolerances
 

@@ -14,7 +14,18 @@ from typing import NamedTuple
 import torch
 
 from ..linalg.memory import check, size
-from ..linalg.solvers import TINY, Factor, NormalFactor, Spectrum, System, cg_least_squares, eps, norm_2, rank_rtol, solve
+from ..linalg.solvers import (
+    TINY,
+    Factor,
+    NormalFactor,
+    Spectrum,
+    System,
+    cg_least_squares,
+    eps,
+    norm_2,
+    rank_rtol,
+    solve,
+)
 
 # Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
 # a dense system would take minutes and gigabytes, and the sparse normal equations take over.

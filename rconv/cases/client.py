@@ -9,8 +9,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ..common.errors import RConvError
 from ..common.checks import as_whole
+from ..common.errors import RConvError
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}

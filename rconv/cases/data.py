@@ -11,9 +11,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..common.checks import as_whole
 from ..common.errors import RConvError
 from ..common.paths import repository_root, resolve_path
-from ..common.checks import as_whole
 
 DATASETS = {
     "mnist": dict(torchvision="MNIST", channels=1, num_classes=10),
@@ -83,8 +83,8 @@ def _preprocess(picture, size):
 
 
 def _sample_photo(name):
-    from PIL import Image
     import skimage.data
+    from PIL import Image
     picture = np.asarray(getattr(skimage.data, name)())
     if picture.ndim == 2:
         picture = np.repeat(picture[..., None], 3, axis=2)

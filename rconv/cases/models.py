@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
+from ..common.checks import whole_number
 from ..common.errors import RConvError
 from ..common.geometry import conv_output_size
-from ..common.checks import whole_number
 
 LEAKY_SLOPE = 0.2  # the paper's LeakyReLU slope
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")

@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from .data import check_indices, dataset_info, load_images
 from ..common.errors import RConvError
+from .data import check_indices, dataset_info, load_images
 from .models import PRESET_DATASETS, build_model, preset_input_size, preset_name
 
 

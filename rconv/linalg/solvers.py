@@ -455,6 +455,7 @@ class NormalFactor:
 
     def _ridge(self, gram, cut, memory_limit):
         import scipy.sparse
+
         from .sparse import SparseFactor
         as_tensor = self._tensor
         estimates = power_estimates(self.n, self.like, lambda v: as_tensor(gram @ v.detach().cpu().numpy()),

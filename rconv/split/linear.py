@@ -28,9 +28,9 @@ import torch
 from scipy.special import softmax
 
 from ..cases.client import as_dtype, dtype_name
+from ..common.checks import as_whole
 from ..common.errors import RConvError
 from .search import TINY, RowSpace, SplitTolerances, search_members
-from ..common.checks import as_whole
 
 # Precisions whose tolerances were measured; half precisions carry too few bits to split a batch.
 _DTYPES = ("float64", "float32")

@@ -16,15 +16,15 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ..analysis.reports import image_metrics
+from ..attack.network import check_gradients, check_input_shape, parse_network
 from ..attack.reconstruct import Reconstruction, reconstruct
-from ..cases.setup import setup
 from ..cases.client import as_dtype, client_gradients, dtype_name
 from ..cases.data import check_indices, dataset_info
-from ..common.errors import RConvError
-from ..attack.network import check_gradients, check_input_shape, parse_network
-from .executors import chunked, path_text, run_tasks
-from ..analysis.reports import image_metrics
+from ..cases.setup import setup
 from ..common.checks import whole_number
+from ..common.errors import RConvError
+from .executors import chunked, path_text, run_tasks
 
 # name -> (breaching attack config, overrides)
 BASELINES = {

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ..analysis.reports import constraint_report, match_batch
 from ..attack.reconstruct import reconstruct
-from .baselines import run_baseline
-from ..cases.setup import setup
 from ..cases.client import as_dtype, client_gradients, dtype_name
 from ..cases.models import MODELS, preset_name
-from .executors import run_tasks
-from ..analysis.reports import constraint_report, match_batch
+from ..cases.setup import setup
 from ..common.checks import whole_number, whole_numbers
+from .baselines import run_baseline
+from .executors import run_tasks
 
 
 class _BatchTask(NamedTuple):

@@ -11,20 +11,20 @@ from typing import NamedTuple
 
 import torch
 
-from ..attack.activations import RELU_TESTS
-from ..attack.reconstruct import FIRST_LAYER_METHODS, reconstruct
-from ..cases.setup import setup
-from ..cases.client import DEFENCES, as_dtype, client_gradients, defend, dtype_name
-from ..attack.constraints import grad_constraints, min_filters
-from ..cases.data import check_indices, dataset_info
-from ..common.errors import RConvError
-from ..cases.models import MODELS, build_model, preset_input_size, preset_name
-from ..attack.network import check_input_shape, parse_network
-from .executors import ATTACKS_PER_TASK, chunked, path_text, run_tasks
-from ..common.progress import progress_bar
 from ..analysis.reports import constraint_report, image_metrics, output_gradients
-from ..linalg.solvers import rank_rtol
+from ..attack.activations import RELU_TESTS
+from ..attack.constraints import grad_constraints, min_filters
+from ..attack.network import check_input_shape, parse_network
+from ..attack.reconstruct import FIRST_LAYER_METHODS, reconstruct
+from ..cases.client import DEFENCES, as_dtype, client_gradients, defend, dtype_name
+from ..cases.data import check_indices, dataset_info
+from ..cases.models import MODELS, build_model, preset_input_size, preset_name
+from ..cases.setup import setup
 from ..common.checks import whole_number, whole_numbers
+from ..common.errors import RConvError
+from ..common.progress import progress_bar
+from ..linalg.solvers import rank_rtol
+from .executors import ATTACKS_PER_TASK, chunked, path_text, run_tasks
 
 
 def _check_choices(name, values, valid):
