@@ -1,3 +1,4 @@
+"""Shared fixtures and helpers: the sample packs, the networks and gradients many tests attack, and the attack."""
 import os
 from pathlib import Path
 
@@ -28,20 +29,82 @@ def packs():
 
 @pytest.fixture(scope="session")
 def samples():
+    """The first four bundled sample photos and their labels (no data needed)."""
     images, labels = rc.load_images("samples", range(4))
     return images, labels
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No $RCONV_DATA, and a check that nothing created data/ in the repository."""
+    monkeypatch.delenv("RCONV_DATA", raising=False)
+    existed = (REPO / "data").exists()
+    yield
+    assert (REPO / "data").exists() == existed, "loading images created data/ in the repository"
+
+
+# The networks and gradients many units' tests attack. Session-wide: a test that changes a model's weights
+# or dtype builds its own (or a deep copy) instead.
+
+@pytest.fixture(scope="session")
+def cifar_image():
+    """A random 3 x 32 x 32 image in [0, 1] (seed 7), the size of a CIFAR image."""
+    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def lenet():
+    """The paper's LeNet (preset "lenet") for 3-channel images and 10 classes."""
+    return rc.build_model("lenet", 3, 10)
+
+
+@pytest.fixture(scope="session")
+def lenet_grads(lenet, cifar_image):
+    """lenet's float64 gradients on cifar_image with label 2."""
+    return rc.client_gradients(lenet, cifar_image, 2, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def lenet_c10():
+    """The paper's CIFAR10 network of its Testing notebooks (preset "lenet_c10")."""
+    return rc.build_model("lenet_c10", 3, 10)
+
+
+@pytest.fixture(scope="session")
+def lenet_c10_grads(lenet_c10, cifar_image):
+    """lenet_c10's float64 gradients on cifar_image with label 3."""
+    return rc.client_gradients(lenet_c10, cifar_image, 3, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def lenet_c10_cache():
+    """What depends only on lenet_c10's weights, shared between its reconstructions (reconstruct's cache)."""
+    return {}
+
+
+PACK = "cifar10_train_first100.npz"
+
+
+def corrupt_pack(folder):
+    """A CIFAR10 sample pack in `folder` whose bytes are no zip archive; returns its path."""
+    folder.mkdir()
+    (folder / PACK).write_bytes(b"these bytes are not a zip archive " * 20)
+    return folder / PACK
+
+
 def max_error(result, image):
+    """The largest absolute pixel error of a Reconstruction against the image it should be."""
     return float((result.image - image.double().reshape(result.image.shape)).abs().max())
 
 
 def attack(model, image, label=0, dtype=torch.float64, **options):
+    """reconstruct() on the client's gradients of one image."""
     grads = rc.client_gradients(model, image, label, dtype=dtype)
     return rc.reconstruct(model, grads, tuple(image.shape[-3:]), **options)
 
 
 def uniform_init(model, seed=0, low=-0.5, high=0.5):
+    """Every parameter of `model` drawn from U(low, high), as the paper initialises its networks."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
