@@ -1,4 +1,5 @@
-# make test: unit, data and quick notebook tests.  make run: regenerate every notebook and results/.
+# make test: unit, data and quick notebook tests.  make run: render the templated notebooks, then regenerate
+# every notebook and results/.
 # Both create .venv and install requirements.txt when missing, pinned by requirements-lock.txt so that
 # every regeneration runs the same arithmetic (float32 rounding differs between library versions).
 PYTHON ?= python3

@@ -13,6 +13,8 @@ import pytest
 
 import run_all
 from conftest import REPO
+from runner import notebooks
+from runner.summary import notebook_link
 
 NOTEBOOK_PATHS = sorted(p for folder in ("Various_settings", "Testing", "Experiments")
                         for p in (REPO / folder).glob("*.ipynb") if not p.name.startswith("."))
@@ -32,28 +34,24 @@ EXPERIMENT_COLUMNS = {"Precision": {"dtype", "first_layer", "relu_test", "psnr",
                                   "within_bound", "reason"}}
 # Every notebook runs without the optional breaching package (Baselines then runs R-CONV alone).
 QUICK_NAMES = list(run_all.NOTEBOOKS)
+TEMPLATED = [name for name, entry in run_all.NOTEBOOKS.items() if "template" in entry]
 # The reference notebooks' step-by-step images (dataset, index) per Various_settings architecture.
 REFERENCE_IMAGES = {"LeNet": ("cifar100", 12), "LeNet_O": ("cifar100", 12), "LeNet_4_ReLU": ("cifar100", 12),
                     "O_CNN6": ("cifar10", 6), "LeNet_All_ReLU": ("cifar100", 2)}
 
 
-def test_various_settings_notebooks_share_their_cells():
-    """Only the title, the description of the architecture and the parameters differ between the five."""
-    def shared(path):
-        notebook = nbformat.read(path, as_version=4)
-        return [cell.source for cell in notebook.cells
-                if not {"parameters", "specific"} & set(cell.metadata.get("tags", []))]
-
-    paths = sorted((REPO / "Various_settings").glob("*.ipynb"))
-    assert len(paths) == 5
-    reference = shared(paths[0])
-    assert len(reference) >= 14
-    for path in paths[1:]:
-        assert shared(path) == reference, f"{path.name} differs from {paths[0].name} outside its own cells"
+@pytest.mark.parametrize("name", TEMPLATED, ids=str)
+def test_templated_notebooks_are_what_their_template_renders(name):
+    """Edit templates/ and notebooks.toml, not the notebooks: `python run_all.py --render` rewrites them."""
+    stored = nbformat.read(REPO / run_all.NOTEBOOKS[name]["path"], as_version=4)
+    baked = stored.metadata.get("papermill", {}).get("parameters")  # what a run baked into its parameters cell
+    rendered = notebooks.render(name, baked)
+    assert notebooks.sources(stored) == notebooks.sources(rendered), \
+        f"{name} differs from its template: edit the template, then run `python run_all.py --render`"
 
 
 def test_every_notebook_is_run_by_run_all():
-    listed = {REPO / path for path, _, _, _ in run_all.NOTEBOOKS.values()}
+    listed = {REPO / entry["path"] for entry in run_all.NOTEBOOKS.values()}
     assert listed == set(NOTEBOOK_PATHS)
 
 
@@ -74,8 +72,8 @@ def test_notebook_structure(path):
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))], \
             "notebooks call rconv_core; functions and classes belong there"
     inspected = papermill.inspect_notebook(str(path))
-    _, _, table_parameters, quick = next(v for v in run_all.NOTEBOOKS.values() if REPO / v[0] == path)
-    assert set(table_parameters) | set(quick) | {"results_dir", "data_root"} <= set(inspected)
+    quick = next(v["quick"] for v in run_all.NOTEBOOKS.values() if REPO / v["path"] == path)
+    assert set(quick) | {"results_dir", "data_root"} <= set(inspected)
 
 
 def repository_address():
@@ -138,7 +136,7 @@ def test_injected_parameters_are_baked_into_the_parameters_cell():
         nbformat.v4.new_code_cell('# Parameters\nn_images = 3\nname = "x"\nresults_dir = "out/x"\n',
                                   metadata={"tags": ["injected-parameters"]}),
         nbformat.v4.new_code_cell("print(n_images)")])
-    run_all._bake_parameters(notebook)
+    notebooks.bake_parameters(notebook)
     assert [c.source for c in notebook.cells] == [
         'n_images = 3  # first n images\nname = "x"  # a label\nseed = 50\n\nresults_dir = "out/x"', "print(n_images)"]
 
@@ -148,10 +146,10 @@ def test_the_machine_s_paths_are_scrubbed_from_outputs():
                   text="/opt/env/lib/python3.11/site-packages/torch/jit/_script.py:9: Warning\n"
                        f"in {run_all.ROOT}/results\n"
                        f"{run_all.ROOT} and {run_all.ROOT}x")
-    run_all._scrub_output(output)
+    notebooks.scrub_output(output)
     assert output["text"] == (f"site-packages/torch/jit/_script.py:9: Warning\nin results\n. and {run_all.ROOT}x")
     data = dict(output_type="display_data", data={"text/plain": f"{run_all.ROOT}/a", "image/png": "iVBOR/x/y/"})
-    run_all._scrub_output(data)
+    notebooks.scrub_output(data)
     assert data["data"] == {"text/plain": "a", "image/png": "iVBOR/x/y/"}
 
 
@@ -170,17 +168,28 @@ def test_stored_outputs_hold_no_absolute_paths():
 
 
 def test_results_readme_links_reach_the_notebooks(tmp_path):
-    stored = run_all._notebook_link("Various_settings/LeNet.ipynb", in_place=True)
+    stored = notebook_link("Various_settings/LeNet.ipynb", in_place=True)
     assert (REPO / "results" / stored).resolve() == REPO / "Various_settings/LeNet.ipynb"
-    executed = run_all._notebook_link("Testing/Test_on_MNIST.ipynb", in_place=False)
+    executed = notebook_link("Testing/Test_on_MNIST.ipynb", in_place=False)
     assert executed == "notebooks/Testing/Test_on_MNIST.ipynb"
 
 
-def test_progress_bar_redraws_settle_to_their_final_state():
-    outputs = [dict(output_type="stream", name="stderr", text="a:  10%\r"), dict(output_type="stream",
-               name="stderr", text="a: 100%\nb:  50%\rb: 100%\n"), dict(output_type="display_data", data={}),
-               dict(output_type="stream", name="stdout", text="done\n")]
-    settled = run_all._settle_streams(outputs)
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_progress_bar_redraws_settle_to_their_final_state(tmp_path):
+    """run_all has nbclient coalesce each cell's streams: a terminal's final state, one output per stream."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import sys\nfrom IPython.display import display\n"
+        "sys.stderr.write('a:  10%\\r'); sys.stderr.flush()\n"
+        "sys.stderr.write('a: 100%\\nb:  50%\\rb: 100%\\n'); sys.stderr.flush()\n"
+        "display('a figure')\nprint('done')")])
+    notebook.metadata["kernelspec"] = dict(name="python3", display_name="Python 3", language="python")
+    nbformat.write(notebook, tmp_path / "bars.ipynb")
+    (tmp_path / "stage").mkdir()
+    job = run_all._Job("bars", str(tmp_path / "bars.ipynb"), tmp_path / "stage", tmp_path / "results",
+                       tmp_path / "out.ipynb", {"results_dir": str(tmp_path / "stage" / "results")})
+    assert run_all._execute(job, cell_timeout=60).ok
+    settled = nbformat.read(tmp_path / "stage" / "notebook.ipynb", as_version=4).cells[-1].outputs
     assert [o["output_type"] for o in settled] == ["stream", "display_data", "stream"]
     assert settled[0]["text"] == "a: 100%\nb: 100%\n"
 
@@ -197,29 +206,36 @@ def quick_run(tmp_path_factory, packs):
 
 @pytest.mark.slow
 @pytest.mark.notebooks
-def test_quick_run_executes_every_notebook(quick_run):
+@pytest.mark.parametrize("name", QUICK_NAMES, ids=str)
+def test_quick_run_executes_every_notebook(quick_run, name):
+    results, done = quick_run
+    assert f"FAILED: {name} " not in done.stderr, done.stderr[-3000:]
+    path, subfolder, quick = (run_all.NOTEBOOKS[name][key] for key in ("path", "results", "quick"))
+    executed = nbformat.read(results / "notebooks" / path, as_version=4)
+    code = [c for c in executed.cells if c.cell_type == "code"]
+    assert all(c.execution_count is None for c in code)
+    assert not any(o.get("output_type") == "error" for c in code for o in c.outputs), name
+    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert images, f"{name} shows no figure"
+    table = pd.read_csv(results / subfolder / "metrics.csv")
+    if name in run_all.EXPERIMENTS:
+        assert EXPERIMENT_COLUMNS[name] <= set(table.columns) and len(table) > 0, name
+        assert (results / subfolder / "summary.csv").exists()
+    else:
+        assert COLUMNS <= set(table.columns), name
+        assert len(table) == quick["n_images"] * 2, name
+        assert (results / subfolder / "psnr.png").exists()
+    parameters = next(c for c in executed.cells if "parameters" in c.metadata.get("tags", [])).source
+    assert not [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])], name
+    baked = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(parameters).body}
+    assert {key: baked[key] for key in quick} == quick, f"{name}: quick values baked into its parameters cell"
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_quick_run_summarises_every_notebook(quick_run):
     results, done = quick_run
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in QUICK_NAMES:
-        path, subfolder, parameters, quick = run_all.NOTEBOOKS[name]
-        executed = nbformat.read(results / "notebooks" / path, as_version=4)
-        code = [c for c in executed.cells if c.cell_type == "code"]
-        assert all(c.execution_count is None for c in code)
-        assert not any(o.get("output_type") == "error" for c in code for o in c.outputs), name
-        images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-        assert images, f"{name} shows no figure"
-        table = pd.read_csv(results / subfolder / "metrics.csv")
-        if name in run_all.EXPERIMENTS:
-            assert EXPERIMENT_COLUMNS[name] <= set(table.columns) and len(table) > 0, name
-            assert (results / subfolder / "summary.csv").exists()
-        else:
-            assert COLUMNS <= set(table.columns), name
-            assert len(table) == quick["n_images"] * 2, name
-            assert (results / subfolder / "psnr.png").exists()
-        parameters = next(c for c in executed.cells if "parameters" in c.metadata.get("tags", [])).source
-        assert not [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])], name
-        baked = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(parameters).body}
-        assert {key: baked[key] for key in quick} == quick, f"{name}: quick values baked into its parameters cell"
     summary = pd.read_csv(results / "summary.csv")
     assert set(summary.notebook) == set(run_all.NOTEBOOKS) - set(run_all.EXPERIMENTS)
     readme = (results / "README.md").read_text()
@@ -232,21 +248,20 @@ def test_quick_run_executes_every_notebook(quick_run):
     not_exact = judged[~judged.exact.astype(str).eq("True")]
     assert len(not_exact) > 0, "the quick run has attacks that fail (Precision's half precisions), to check"
     assert (not_exact.reason.str.len() > 0).all(), "every not-exact row of every table says why"
-    stored = nbformat.read(REPO / run_all.NOTEBOOKS["LeNet"][0], as_version=4)
+    stored = nbformat.read(REPO / run_all.NOTEBOOKS["LeNet"]["path"], as_version=4)
     assert "quick" not in json.dumps(stored.metadata), "--results-dir must leave stored notebooks alone"
 
 
 @pytest.mark.slow
 @pytest.mark.notebooks
 def test_run_all_reports_the_failing_notebook_and_cell(tmp_path, monkeypatch, capsys, packs):
-    path, subfolder, parameters, quick = run_all.NOTEBOOKS["Test_on_CIFAR10"]
-    monkeypatch.setitem(run_all.NOTEBOOKS, "Test_on_CIFAR10", (path, subfolder, dict(parameters, model="resnet"),
-                                                               quick))
+    entry = run_all.NOTEBOOKS["Test_on_CIFAR10"]
+    monkeypatch.setitem(run_all.NOTEBOOKS, "Test_on_CIFAR10", dict(entry, quick=dict(entry["quick"], model="resnet")))
     status = run_all.main(["--only", "Test_on_CIFAR10", "--quick", "--results-dir", str(tmp_path),
                            "--data-root", str(packs)])
     assert status == 1
     assert "FAILED: Test_on_CIFAR10 at cell" in capsys.readouterr().err
-    assert not (tmp_path / "notebooks" / path).exists()
+    assert not (tmp_path / "notebooks" / entry["path"]).exists()
 
 
 def test_run_all_list_and_unknown_names(capsys):

@@ -16,15 +16,17 @@ import pytest
 
 import run_all
 from conftest import REPO
+from runner.folders import results_folder
 
 
 
 def copy_repository(target):
-    """What run_all needs to run the Testing notebooks in place: the code, those notebooks and results/."""
+    """What run_all needs to run the Testing notebooks in place: the code, its registry, those notebooks and
+    results/."""
     target.mkdir()
-    for name in ("run_all.py", "rconv_core.py"):
+    for name in ("run_all.py", "rconv_core.py", "notebooks.toml"):
         shutil.copy2(REPO / name, target / name)
-    for folder in ("rconv", "Testing", "results"):
+    for folder in ("rconv", "runner", "Testing", "results"):
         shutil.copytree(REPO / folder, target / folder, ignore=shutil.ignore_patterns(
             "__pycache__", run_all.LOCK, f"{run_all.STAGING}*"))
     return target
@@ -230,7 +232,7 @@ def test_run_all_keeps_quick_and_full_results_apart(tmp_path, capsys):
 
 
 def test_run_all_lock_refuses_a_second_run(tmp_path, capsys):
-    with run_all._results_folder(tmp_path / "results", "quick"):
+    with results_folder(tmp_path / "results", "quick"):
         with pytest.raises(SystemExit):
             run_all.main(["--quick", "--only", "Test_on_MNIST", "--results-dir", str(tmp_path / "results")])
     assert f"another run_all.py (process {os.getpid()}) is writing to" in capsys.readouterr().err
