@@ -42,6 +42,7 @@ test: $(VENV)/.installed $(VENV)/.distributed
 	$(PY) -m pytest -q
 
 run: $(VENV)/.baselines
+	$(PY) run_all.py --render
 	$(PY) run_all.py --jobs $(JOBS)
 
 bench: $(VENV)/.installed
