@@ -169,6 +169,17 @@ def test_ctrl_c_leaves_everything_as_it_was_and_the_lock_holds(repo):
 
 @pytest.mark.slow
 @pytest.mark.notebooks
+def test_a_hung_cell_fails_its_notebook_and_names_the_cell(repo):
+    fake_notebook(repo / "Testing" / "Test_on_CIFAR10.ipynb", after="time.sleep(120)")
+    before = snapshot(repo)
+    done = run_all_in(repo, "--only", "Test_on_CIFAR10", "--cell-timeout", "3", timeout=60)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "FAILED: Test_on_CIFAR10 at cell 2 (CellTimeoutError" in done.stderr  # after papermill's injected cell
+    assert snapshot(repo) == before
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
 def test_two_runs_of_one_notebook_do_not_share_a_path(repo, tmp_path):
     fake_notebook(repo / "Testing" / "Test_on_CIFAR10.ipynb", after="time.sleep(2)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
