@@ -17,7 +17,7 @@ MODULE_LAYERS = {
     "attack": [{"constraints", "network"}, {"tolerances", "activations", "equations", "bounds"}, {"systems"},
                {"steps"}, {"batch_steps"}, {"reconstruct"}],
     "analysis": [{"reports"}, {"summaries"}, {"plotting"}],
-    "studies": [{"executors"}, {"experiments", "baselines"}, {"batches"}],
+    "studies": [{"executors", "findings"}, {"experiments", "baselines"}, {"batches"}],
     "cli": [{""}],
 }
 MODULES = sorted(".".join(p.relative_to(REPO / "rconv").with_suffix("").parts)
