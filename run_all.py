@@ -31,7 +31,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
@@ -43,14 +42,12 @@ from jupyter_client.manager import AsyncKernelManager
 from runner import EXPERIMENTS, NOTEBOOKS, ON_CLUSTER, ROOT  # noqa: F401
 from runner.folders import LOCK, MARKER, STAGING, STORED_RESULTS, Refused, relative, results_folder, store  # noqa: F401
 from runner.notebooks import clean, render_stored
-from runner.summary import summarize
+from runner.summary import ENVIRONMENT, environment_warnings, recorded_environment, summarize
 
 INTERRUPTED = 130  # the shell's exit status after Ctrl-C
 CELL_TIMEOUT = 7200  # seconds; the longest cell of a full run (Success_rates' sweep) takes under an hour
 _STOP_SECONDS = 10  # after Ctrl-C, how long the running notebooks get to notice their killed kernels
 _KILL_EVERY = 0.5  # seconds between two passes killing kernels, one of which may have been starting
-_KERNELS = {}  # job name -> the kernel running its notebook, for Ctrl-C to kill
-_current = threading.local()  # the job that the executor's thread is running
 
 
 class _Job(NamedTuple):
@@ -69,26 +66,26 @@ class _Outcome(NamedTuple):
     error: str = ""  # where it failed: the cell and its exception
 
 
-class _Kernel(AsyncKernelManager):
-    """The kernel of the job its thread runs: its own output goes to the job's kernel.log, not the
-    terminal, and Ctrl-C can kill it (nbclient still starts and shuts it down)."""
+def _kernel_class(job, kernels):
+    """The kernel manager of a job's notebook: the kernel's own output goes to the job's kernel.log, not the
+    terminal, and it enters `kernels` so that Ctrl-C can kill it (nbclient still starts and shuts it down)."""
+    class Kernel(AsyncKernelManager):
+        async def start_kernel(self, **options):
+            kernels[job.name] = self
+            with open(job.stage / "kernel.log", "w") as log:
+                await super().start_kernel(stdout=log, stderr=log, **options)
+    return Kernel
 
-    async def start_kernel(self, **options):
-        job = _current.job
-        _KERNELS[job.name] = self
-        with open(job.stage / "kernel.log", "w") as log:
-            await super().start_kernel(stdout=log, stderr=log, **options)
 
-
-def _execute(job, cell_timeout):
+def _execute(job, cell_timeout, kernels):
     """Run a job's notebook into its staging folder (in an executor's thread); returns its outcome."""
     import papermill
-    _current.job, started, start = job, [None], time.perf_counter()
+    started, start = [None], time.perf_counter()
     try:
         papermill.execute_notebook(
             str(ROOT / job.notebook), str(job.stage / "notebook.ipynb"), parameters=job.parameters,
             kernel_name="python3", progress_bar=False, execution_timeout=cell_timeout, coalesce_streams=True,
-            kernel_manager_class=_Kernel, resources={"metadata": {"path": str(ROOT)}},
+            kernel_manager_class=_kernel_class(job, kernels), resources={"metadata": {"path": str(ROOT)}},
             on_cell_start=lambda cell, cell_index: started.__setitem__(0, cell_index))
         clean(job.stage / "notebook.ipynb", job.parameters["results_dir"], relative(job.folder))
         error = ""
@@ -125,12 +122,12 @@ def _jobs(names, results_dir, quick, in_place, data_root, scheduler=None):
     return jobs
 
 
-def _stop(futures):
+def _stop(futures, kernels):
     """Stop the running notebooks: kill their kernels (again, for one that was still starting) until every
     thread has returned, so that no late write lands in a staging folder about to be removed."""
     deadline = time.monotonic() + _STOP_SECONDS
     while wait(futures, timeout=_KILL_EVERY).not_done and time.monotonic() < deadline:
-        for kernel in list(_KERNELS.values()):
+        for kernel in list(kernels.values()):
             process = getattr(kernel.provisioner, "process", None)
             if process is not None:
                 process.kill()
@@ -142,7 +139,8 @@ def _run(jobs, results_dir, parallel, cell_timeout):
     outcomes, table, interrupted = [], None, False
     bar = tqdm(total=len(jobs), desc="notebooks", unit="notebook")
     pool = ThreadPoolExecutor(parallel)
-    futures = {pool.submit(_execute, job, cell_timeout): job for job in jobs}
+    kernels = {}  # job name -> the kernel running its notebook, for Ctrl-C to kill
+    futures = {pool.submit(_execute, job, cell_timeout, kernels): job for job in jobs}
     try:
         for future in as_completed(futures):
             job, outcome = futures[future], future.result()
@@ -150,7 +148,8 @@ def _run(jobs, results_dir, parallel, cell_timeout):
                 try:
                     summary = summarize(results_dir, {job.name: job.stage / "results"})
                     texts = {job.output: (job.stage / "notebook.ipynb").read_text(),
-                             results_dir / "README.md": summary.readme}
+                             results_dir / "README.md": summary.readme,
+                             results_dir / ENVIRONMENT: recorded_environment(results_dir, job.name)}
                     if summary.table is not None:
                         texts[results_dir / "summary.csv"] = summary.table.to_csv(index=False)
                     store(job.stage, job.folder, texts)
@@ -165,7 +164,7 @@ def _run(jobs, results_dir, parallel, cell_timeout):
         interrupted = True
     finally:  # after Ctrl-C (or a fault in run_all itself): stop the notebooks, drop the unfinished stages
         pool.shutdown(wait=False, cancel_futures=True)
-        _stop(futures)
+        _stop(futures, kernels)
         finished = {outcome.name for outcome in outcomes}
         for job in jobs:
             if job.name not in finished:
@@ -230,6 +229,8 @@ def main(argv=None):
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
         for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(variable, threads)
+    for warning in environment_warnings(results_dir, names):
+        print(f"warning: {warning}", file=sys.stderr)
     # papermill logs each failure as it happens; _report says it once, with the cell.
     logging.getLogger("papermill").addHandler(logging.NullHandler())
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
