@@ -136,18 +136,6 @@ def test_batch_sweep_rows_and_summary(packs):
         rc.batch_sweep("cifar100", ["lenet_batch"], [0])
 
 
-@pytest.mark.slow
-def test_the_command_line_takes_a_batch(tmp_path, capsys, packs):
-    args = ["--model", "lenet_batch", "-d", "cifar100", "-i", "0", "--dtype", "float64",
-            "--out", str(tmp_path / "b.png"), "--data-root", str(packs)]
-    assert rc.main(args + ["--batch", "2"]) == 0
-    printed = capsys.readouterr().out
-    assert "2 image(s) found, 2 exact" in printed and (tmp_path / "b.png").exists()
-    with pytest.raises(SystemExit):
-        rc.main(args + ["--batch", "0"])
-    assert "--batch must be at least 1" in capsys.readouterr().err
-
-
 def test_duplicate_labels_are_reported_not_crashed(cifar_batch):
     images = cifar_batch.images[:2]
     grads = rc.client_gradients(cifar_batch.model, images, torch.tensor([5, 5]), dtype=torch.float64)

@@ -1,6 +1,5 @@
-"""The two constraint matrices against PyTorch's own convolution and its weight gradient."""
-import itertools
-
+"""rconv.attack.constraints: the two constraint matrices against PyTorch's own convolution and its weight
+gradient, the counting bound min_filters, and the shapes the builders refuse."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,3 +46,26 @@ def test_rectangular_kernels_and_strides():
     matrix = rc.grad_constraints(output_grad[0], (9, 13), (3, 5), (1, 2), (1, 2))
     torch.testing.assert_close(matrix @ x[0, 0].flatten(), weight_grad[:, 0].flatten())
     torch.testing.assert_close(rc.weight_constraints(weight, (9, 13), (1, 2), (1, 2)) @ x.flatten(), out.flatten())
+
+
+def test_constraint_builders_check_shapes():
+    with pytest.raises(rc.RConvError, match=r"output_grad must have shape \(F, P, Q\)"):
+        rc.grad_constraints(torch.zeros(4, 8), (8, 8), 3, padding=1)
+    with pytest.raises(rc.RConvError, match="output_grad is 5x5, but a 3x3 kernel .* gives 8x8"):
+        rc.grad_constraints(torch.zeros(2, 5, 5), (8, 8), 3, padding=1)
+    with pytest.raises(rc.RConvError, match=r"weight must have shape \(F, C, kh, kw\)"):
+        rc.weight_constraints(torch.zeros(2, 3, 3), (8, 8))
+    with pytest.raises(rc.RConvError, match="does not fit"):
+        rc.weight_constraints(torch.zeros(2, 1, 5, 5), (3, 3))
+
+
+def test_min_filters_is_the_rank_threshold():
+    """At the counting bound a generic output gradient gives full rank; one filter fewer cannot."""
+    for size, kernel, stride, padding in [(16, 5, 2, 2), (12, 3, 1, 1), (16, 7, 2, 3)]:
+        need = rc.min_filters(size, kernel, stride, padding)
+        out = (size + 2 * padding - kernel) // stride + 1
+        generator = torch.Generator().manual_seed(need)
+        for filters, full in ((need, True), (need - 1, False)):
+            grad = torch.randn(filters, out, out, dtype=torch.float64, generator=generator)
+            rank = torch.linalg.matrix_rank(rc.grad_constraints(grad, (size, size), kernel, stride, padding))
+            assert (int(rank) == size * size) == full

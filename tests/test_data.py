@@ -1,5 +1,5 @@
-"""Loading images: sample packs, a torchvision-format root, bundled photos, and the offline error."""
-import gzip
+"""rconv.cases.data: loading images (sample packs, a torchvision-format root, bundled photos), the offline error,
+and one clear RConvError naming the file or argument for every bad pack and argument."""
 import struct
 
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rconv_core as rc
+from conftest import PACK, corrupt_pack
 
 
 def test_packs_load_in_the_papers_preprocessing(packs):
@@ -84,3 +85,107 @@ def test_bad_dataset_and_indices():
         rc.load_images("samples", [-1])
     with pytest.raises(rc.RConvError, match="no image indices"):
         rc.load_images("samples", [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sample packs that cannot be read, and load_images' arguments
+
+def pack_images(n=5, shape=(32, 32, 3), dtype=np.uint8):
+    return np.random.default_rng(0).integers(0, 256, size=(n, *shape)).astype(dtype)
+
+
+def write_pack(folder, **arrays):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / PACK, **arrays)
+    return folder / PACK
+
+
+def valid_pack(folder, n=5):
+    return write_pack(folder, images=pack_images(n), labels=-np.ones(n, dtype=np.int64))
+
+
+def truncated(folder):
+    path = valid_pack(folder)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def empty(folder):
+    folder.mkdir()
+    (folder / PACK).write_bytes(b"")
+    return folder / PACK
+
+
+def directory(folder):
+    (folder / PACK).mkdir(parents=True)
+    return folder / PACK
+
+
+BAD_PACKS = {
+    "truncated": (truncated, "not a readable .npz"),
+    "garbage": (corrupt_pack, "not a readable .npz"),
+    "empty": (empty, "not a readable .npz"),
+    "wrong keys": (lambda f: write_pack(f, x=pack_images(), y=np.zeros(5, dtype=np.int64)),
+                   r"must hold arrays 'images' and 'labels'; it holds \['x', 'y'\]"),
+    "NCHW": (lambda f: write_pack(f, images=pack_images(shape=(3, 32, 32)), labels=np.zeros(5, dtype=np.int64)),
+             r"must have shape \(N, H, W, 3\) for cifar10 \(channels last\); got \(5, 3, 32, 32\)"),
+    "float images": (lambda f: write_pack(f, images=pack_images(dtype=np.float32), labels=np.zeros(5, dtype=np.int64)),
+                     "images must be uint8"),
+    "4 channels": (lambda f: write_pack(f, images=pack_images(shape=(32, 32, 4)), labels=np.zeros(5, dtype=np.int64)),
+                   r"got \(5, 32, 32, 4\)"),
+    "labels out of range": (lambda f: write_pack(f, images=pack_images(), labels=np.array([0, 1, 2, 10, 3])),
+                            r"labels must lie in 0..9 for cifar10 \(-1: unknown\); got \[10\]"),
+    "labels not one per image": (lambda f: write_pack(f, images=pack_images(), labels=np.zeros(3, dtype=np.int64)),
+                                 r"labels must be integers of shape \(5,\)"),
+    "directory": (directory, "is a directory, not a .npz file"),
+}
+
+
+@pytest.mark.parametrize("fault", BAD_PACKS)
+def test_bad_sample_packs_are_named(fault, tmp_path, offline):
+    make, problem = BAD_PACKS[fault]
+    path = make(tmp_path / "packs")
+    with pytest.raises(rc.RConvError, match=problem) as error:
+        rc.load_images("cifar10", [0], root=tmp_path / "packs")
+    assert str(path) in str(error.value), "the message names the pack"
+
+
+def test_a_valid_pack_still_loads(tmp_path, offline):
+    valid_pack(tmp_path)
+    images, labels = rc.load_images("cifar10", [0, 4], root=tmp_path)
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 4]
+
+
+def test_index_past_a_100_image_pack_says_so_and_creates_nothing(tmp_path, offline):
+    path = valid_pack(tmp_path, n=100)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(rc.RConvError, match=rf"{PACK} holds only 100 images; index 100 is out of range"):
+        rc.load_images("cifar10", [3, 100], root=tmp_path)  # download=True: still no download attempt
+    assert sorted(tmp_path.rglob("*")) == before and path.exists()
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, True, "32"])
+def test_load_images_refuses_sizes_that_are_no_side(size):
+    with pytest.raises(rc.RConvError, match="size must be a whole number of pixels >= 1"):
+        rc.load_images("samples", [0], size=size)
+
+
+@pytest.mark.parametrize("indices", ["5", True, 2.9, [0, "1"], [1.0], np.array([0.5])],
+                         ids=["str", "bool", "float", "str in list", "float in list", "float array"])
+def test_non_integer_indices_are_refused_not_coerced(indices):
+    with pytest.raises(rc.RConvError, match="image indices must be whole numbers"):
+        rc.load_images("samples", indices)
+
+
+def test_integer_indices_of_every_kind_still_work():
+    images, _ = rc.load_images("samples", [np.int64(1), torch.tensor(2), 3])
+    assert images.shape[0] == 3
+    assert rc.load_images("samples", np.int32(4))[0].shape[0] == 1
+
+
+def test_sample_photos_at_224_px():
+    images, labels = rc.load_images("samples", [0, 3], size=224)
+    assert images.shape == (2, 3, 224, 224) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) <= 1 and float(images.std()) > 0.05
+    assert labels.tolist() == [0, 3]

@@ -1,4 +1,7 @@
-"""Defences on the shared gradients, the absolute ReLU test, and the regularised solve."""
+"""rconv.cases.client.defend: defences on the shared gradients, what they leave of the attack (the absolute ReLU
+test, the regularised solve), and the strengths it refuses."""
+import math
+
 import pytest
 import torch
 
@@ -87,3 +90,10 @@ def test_defences_keep_named_gradients_and_refuse_one_bit(setting):
         rc.defend(grads, "quantize", 1)
     two_bits = rc.defend(grads, "quantize", 2)
     assert all(len(torch.unique(q)) <= 3 for q in two_bits)
+
+
+@pytest.mark.parametrize("defence,strength", [("quantize", math.nan), ("quantize", "8"), ("gaussian", "0.1"),
+                                              ("gaussian", math.inf), ("topk", None), ("topk", True)])
+def test_defend_refuses_strengths_that_are_no_number(lenet_c10_grads, defence, strength):
+    with pytest.raises(rc.RConvError, match=f"the strength of {defence} must be a finite number"):
+        rc.defend(lenet_c10_grads, defence, strength)

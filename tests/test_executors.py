@@ -1,5 +1,5 @@
-"""The experiment loops on executors: a Dask LocalCluster and a process pool give the serial rows, failures
-keep their inputs and the rows that succeeded, and Dask stays optional."""
+"""rconv.studies.executors: the experiment loops on executors (a Dask LocalCluster and a process pool give the
+serial rows, failures keep their inputs and the rows that succeeded), Dask optional, and run_all's --workers."""
 import ast
 import concurrent.futures
 import contextlib
@@ -18,6 +18,7 @@ import rconv.studies.executors
 import rconv_core as rc
 import run_all
 from conftest import REPO
+from runner.notebooks import bake_parameters
 
 # What differs between two runs of the same sweep: how long each attack took.
 TIMING = ["seconds"]
@@ -185,7 +186,7 @@ def test_the_install_hint_names_the_pinned_version():
 
 @pytest.mark.parametrize("name", run_all.ON_CLUSTER)
 def test_experiments_notebooks_run_where_their_scheduler_parameter_says(name):
-    path = REPO / run_all.NOTEBOOKS[name].path
+    path = REPO / run_all.NOTEBOOKS[name]["path"]
     assert ast.literal_eval(papermill.inspect_notebook(str(path))["scheduler"]["default"]) is None
     code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
     assert "with rc.executor_for(scheduler) as executor:" in code
@@ -197,7 +198,7 @@ def test_a_cluster_address_is_never_baked_into_a_stored_notebook():
         nbformat.v4.new_code_cell("n_images = 100\nscheduler = None  # where\n", metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell('# Parameters\nn_images = 3\nscheduler = "tcp://127.0.0.1:40000"\n',
                                   metadata={"tags": ["injected-parameters"]})])
-    run_all._bake_parameters(notebook)
+    bake_parameters(notebook)
     assert [c.source for c in notebook.cells] == ["n_images = 3\nscheduler = None  # where\n"]
 
 
@@ -210,8 +211,9 @@ def test_run_all_runs_success_rates_on_two_workers_with_the_serial_rows(tmp_path
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Experiments on the Dask cluster at tcp://" in done.stdout and "(2 workers)" in done.stdout
-    path, subfolder, _, quick = run_all.NOTEBOOKS["Success_rates"]
-    table = pd.read_csv(tmp_path / subfolder / "metrics.csv", keep_default_na=False)
+    entry = run_all.NOTEBOOKS["Success_rates"]
+    path, quick = entry["path"], entry["quick"]
+    table = pd.read_csv(tmp_path / entry["results"] / "metrics.csv", keep_default_na=False)
     # the same sweep here, serially: the notebook's defaults with run_all's quick values
     defaults = {key: ast.literal_eval(value["default"])
                 for key, value in papermill.inspect_notebook(str(REPO / path)).items()}

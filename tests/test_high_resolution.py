@@ -1,10 +1,9 @@
-"""High-resolution inputs (issue 11): the lenet_hr presets exact at 64, 128 and 224 px, the paper's LeNet honestly
-not, per-layer methods, memory limits, the SuperLU fallback, and the size sweep's table."""
+"""The attack on high-resolution inputs (the lenet_hr presets and rconv.studies.experiments.size_sweep): the presets
+exact at 64, 128 and 224 px, the paper's LeNet honestly not, per-layer methods, memory limits, the SuperLU fallback,
+large rank-deficient layers, and the size sweep's table."""
 import math
 
-import numpy as np
 import pytest
-import scipy.sparse
 import torch
 
 import rconv.linalg.solvers
@@ -12,7 +11,7 @@ import rconv.linalg.sparse
 import rconv_core as rc
 from conftest import max_error
 
-# The issue's bars: exact from float64 gradients, and at least this PSNR from float32 ones.
+# What the presets must reach: exact from float64 gradients, and at least this PSNR from float32 ones.
 EXACT_ERROR, FLOAT32_PSNR = 1e-6, 60.0
 # The paper's LeNet at 64 px, by counting: layer 2's 12 x 32 x 32 inputs against its 12 * 16 * 5 * 5 gradient
 # constraints per channel (400 per channel at most, 4,800 in all) plus its 16 * 16 * 16 weight constraints.
@@ -128,44 +127,6 @@ def test_superlu_takes_over_without_pardiso(hr64, monkeypatch):
     assert torch.allclose(result.image, reference.image, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["pardiso", "superlu"])
-def test_count_below_agrees_with_a_dense_eigenvalue_count(backend, monkeypatch):
-    if backend == "superlu":
-        monkeypatch.setattr(rconv.linalg.sparse, "_mkl_pardiso", lambda: None)
-    elif rconv.linalg.sparse.backend() != "pardiso":
-        pytest.skip("MKL's PARDISO is not installed here")
-    generator = np.random.default_rng(0)
-    factor = generator.standard_normal((40, 30))
-    matrix = factor.T @ factor  # symmetric positive definite, eigenvalues well apart
-    eigenvalues = np.linalg.eigvalsh(matrix)
-    for threshold in (eigenvalues[0] / 2, 1.01 * eigenvalues[5], np.median(eigenvalues), 2 * eigenvalues[-1]):
-        assert rconv.linalg.solvers.count_below(scipy.sparse.csr_matrix(matrix), threshold) == \
-            int((eigenvalues < threshold).sum())
-
-
-def test_sample_photos_at_224_px():
-    images, labels = rc.load_images("samples", [0, 3], size=224)
-    assert images.shape == (2, 3, 224, 224) and images.dtype == torch.float32
-    assert 0 <= float(images.min()) and float(images.max()) <= 1 and float(images.std()) > 0.05
-    assert labels.tolist() == [0, 3]
-
-
-def test_convnet_takes_a_kernel_and_padding_per_layer():
-    model = rc.ConvNet(channels=(64, 8), strides=(4, 1), activations=("leaky_relu", "relu"), in_channels=3,
-                       num_classes=10, kernel_size=(5, 3), padding=(3, 1), input_size=64)
-    first, second = model[0], model[2]
-    assert (first.kernel_size, first.padding, first.stride) == ((5, 5), (3, 3), (4, 4))
-    assert (second.kernel_size, second.padding) == ((3, 3), (1, 1))
-    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
-    assert model.config["padding"] == (3, 1) and model.config["kernel_size"] == (5, 3)
-    with pytest.raises(rc.RConvError, match="kernel_size needs one entry per conv layer"):
-        rc.ConvNet(channels=(4, 4), strides=(1, 1), activations=("relu",) * 2, in_channels=3, num_classes=2,
-                   kernel_size=(3, 3, 3))
-    with pytest.raises(rc.RConvError, match="padding needs one entry per conv layer"):
-        rc.ConvNet(channels=(4, 4), strides=(1, 1), activations=("relu",) * 2, in_channels=3, num_classes=2,
-                   padding=(1,))
-
-
 def test_size_sweep_rows_say_size_start_memory_verdict_and_methods():
     networks = [("lenet_hr64", 64), ("lenet", 64), ("lenet", 8, {"kernel_size": 9, "padding": 0})]
     table = rc.size_sweep(networks, [0, 1], dtypes=["float64"], progress=False)
@@ -205,39 +166,6 @@ def test_size_sweep_refuses_malformed_networks_before_any_work(networks, message
         rc.size_sweep(networks, [0], progress=False)
 
 
-def completion_case(known_fraction, seed=0):
-    """A layer of 4 x 16 x 16 inputs whose 4 filters of 3 x 3 give 36 gradient constraints per channel
-    (220 of 256 pixels left undetermined in each), and a share of its weight constraints known."""
-    from rconv.attack.equations import GradientSystem, LayerEquations, weight_system
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(1, 4, 16, 16, generator=generator, dtype=torch.float64)
-    weight = torch.randn(4, 4, 3, 3, generator=generator, dtype=torch.float64)
-    output_grad = torch.randn(4, 16, 16, generator=generator, dtype=torch.float64)
-    weight_grad = torch.nn.grad.conv2d_weight(x, weight.shape, output_grad[None], stride=1, padding=1)
-    known = torch.rand(4 * 16 * 16, generator=generator) < known_fraction
-    output = torch.nn.functional.conv2d(x, weight, padding=1).reshape(-1)[known]
-    equations = LayerEquations(GradientSystem(output_grad, weight_grad, (16, 16), 3, 1, 1),
-                               weight_system(weight, None, (1, 1), (1, 1), (4, 16, 16), None), known, output)
-    return x[0], equations
-
-
-@pytest.mark.parametrize("known_fraction", [0.95, 0.5])
-def test_completion_in_the_gradient_null_space_has_the_stacked_system_s_rank(known_fraction):
-    """rank [I (x) A; B] = rank A * C + rank (B N): the completion's rank is the hybrid system's, and with
-    enough weight rows its input is the layer's."""
-    from rconv.attack.systems import complete_gradients
-    x, equations = completion_case(known_fraction)
-    solved = complete_gradients(equations, torch.float64)
-    stacked = torch.cat([torch.block_diag(*[equations.gradients.matrix] * 4), equations.weights.dense()[equations.known]])
-    assert solved.spectrum.rank == int(torch.linalg.matrix_rank(stacked))
-    if known_fraction == 0.5:  # about 512 weight rows cannot fill 4 * 220 = 880 directions
-        assert solved.spectrum.rank < equations.unknowns
-    else:
-        assert solved.spectrum.rank == equations.unknowns
-        assert float((solved.x.reshape(x.shape) - x).abs().max()) <= EXACT_ERROR
-        assert solved.residual <= 1e-12
-
-
 def test_a_large_layer_s_rank_deficient_gradients_are_completed_quickly():
     """LeNet_All_ReLU's second layer (19,712 unknowns) with rank-deficient gradient constraints: completed in
     their null space (not by minutes of a sparse factorisation of the stacked system), and honestly not exact."""
@@ -247,20 +175,3 @@ def test_a_large_layer_s_rank_deficient_gradients_are_completed_quickly():
     assert layer.method == "gradients+weights" and layer.rank < layer.unknowns
     assert any("its gradient constraints left 231 directions undetermined" in note for note in result.notes)
     assert not result.exact and "conv layer 2 (gradients+weights): rank" in result.reasons[0]
-
-
-@pytest.mark.parametrize("input_shape, weight_shape, stride, padding", [
-    ((24, 8, 8), (32, 24, 5, 5), 2, 2),  # lenet_batch's second layer's geometry, fewer filters, a smaller input
-    ((5, 17, 15), (7, 5, 3, 4), (2, 3), (1, 2)),  # uneven everything
-])
-def test_the_patch_gram_is_the_sparse_product(input_shape, weight_shape, stride, padding):
-    """M^T M over the known rows from the kernels' patches equals the sparse product it replaces."""
-    from rconv.attack.equations import WeightSystem
-    from rconv.common.geometry import pair
-    generator = torch.Generator().manual_seed(3)
-    system = WeightSystem(torch.randn(*weight_shape, generator=generator, dtype=torch.float64), input_shape,
-                          pair(stride), pair(padding))
-    for known in (torch.rand(system.shape[0], generator=generator) < 0.6, torch.ones(system.shape[0], dtype=torch.bool)):
-        selected = system.sparse(known)
-        expected = (selected.T @ selected).toarray()  # what _product_gram computes
-        assert np.abs(system._patch_gram(known).toarray() - expected).max() <= 1e-12 * np.abs(expected).max()

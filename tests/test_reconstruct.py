@@ -1,4 +1,6 @@
-"""Exact recovery in float64 across activations, geometries, channels and sizes; float32 robustness."""
+"""rconv.attack.reconstruct: exact recovery in float64 across activations, geometries, channels and sizes, float32
+robustness, what project=True may claim, and one clear RConvError for each argument of the wrong kind."""
+import copy
 import math
 
 import pytest
@@ -213,13 +215,17 @@ def test_cache_follows_weight_changes(samples):
     assert result.exact and max_error(result, image) <= EXACT
 
 
-def test_dict_gradients_and_cuda_absent_fallback(samples):
+def test_dict_gradients_on_the_cpu_and_no_silent_fallback_from_an_absent_gpu(samples, monkeypatch):
     model = rc.build_model("lenet", 3, 10)
     image = samples[0][0]
     grads = rc.client_gradients(model, image, 1, dtype=torch.float64)
     named = {name: g for (name, _), g in zip(model.named_parameters(), grads)}
     result = rc.reconstruct(model, named, (1, 3, 32, 32), device="cpu")
     assert max_error(result, image) <= EXACT
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(rc.RConvError, match=r"device='cuda' asks for a GPU, but torch finds none on this machine; "
+                                            r"use device='cpu'"):
+        rc.reconstruct(model, named, (1, 3, 32, 32), device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -243,3 +249,86 @@ def test_a_first_layer_with_every_relu_off_is_reported_not_nan(first_layer):
     assert torch.isfinite(result.image).all()
     assert result.layers[0].rank == 0 and not result.exact
     assert max_error(result, torch.zeros_like(image)) == 0.0  # the minimum-norm answer to no equations
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reconstruct's arguments
+
+def test_reconstruct_refuses_missing_gradients(lenet_c10):
+    for grads in (None, torch.zeros(3), 5):
+        with pytest.raises(rc.RConvError, match="grads must be a list of gradient tensors"):
+            rc.reconstruct(lenet_c10, grads, (3, 32, 32))
+
+
+@pytest.mark.parametrize("shape", ["332", (3, 32.0, 32), (3, "32", 32), (True, 32, 32), None])
+def test_reconstruct_refuses_input_shapes_that_are_not_whole_numbers(lenet_c10, lenet_c10_grads, shape):
+    with pytest.raises(rc.RConvError, match="input_shape must be"):
+        rc.reconstruct(lenet_c10, lenet_c10_grads, shape)
+
+
+@pytest.mark.parametrize("relu_tol", [math.nan, math.inf, -1e-3, "0.1"])
+def test_reconstruct_refuses_relu_tol_that_is_no_floor(lenet_c10, lenet_c10_grads, relu_tol):
+    with pytest.raises(rc.RConvError, match="relu_tol must be a finite number >= 0"):
+        rc.reconstruct(lenet_c10, lenet_c10_grads, (3, 32, 32), relu_tol=relu_tol)
+
+
+@pytest.mark.parametrize("image_range", [(1, 0), (0.5, 0.5), (0, math.nan), (0,), "01", None, (0, "1")])
+def test_reconstruct_validates_image_range(lenet_c10, lenet_c10_grads, image_range):
+    with pytest.raises(rc.RConvError, match="image_range must be two numbers"):
+        rc.reconstruct(lenet_c10, lenet_c10_grads, (3, 32, 32), project=True, image_range=image_range)
+
+
+def test_cuda_without_a_gpu_is_one_sentence(lenet_c10, lenet_c10_grads, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU, whatever this one has
+    with pytest.raises(rc.RConvError) as error:
+        rc.reconstruct(lenet_c10, lenet_c10_grads, (3, 32, 32), device="cuda")
+    message = str(error.value)
+    assert "GPU" in message and "device='cpu'" in message and "\n" not in message
+    with pytest.raises(rc.RConvError, match="unknown device 'gpu'"):
+        rc.reconstruct(lenet_c10, lenet_c10_grads, (3, 32, 32), device="gpu")
+
+
+def test_batch_gradients(lenet):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    model = copy.deepcopy(lenet).double()  # the shared fixture keeps its float32 weights
+    loss = nn.functional.cross_entropy(model(images.double()), torch.tensor([1, 7]))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with pytest.raises(rc.RConvError, match="batch of more than one image"):
+        rc.reconstruct(model, grads, (3, 32, 32), batch_size=1)
+    with pytest.raises(rc.RConvError, match="a single label for a batch of 2 images"):
+        rc.client_gradients(model, images, 1)
+
+
+def test_zero_bias_gradient_is_not_a_linalg_error(lenet):
+    grads = [torch.zeros_like(p) for p in lenet.parameters()]
+    with pytest.raises(rc.RConvError, match="bias gradient is zero"):
+        rc.reconstruct(lenet, grads, (3, 32, 32))
+
+
+def test_an_unknown_first_layer_method_is_named(lenet, lenet_grads):
+    with pytest.raises(rc.RConvError, match="first_layer must be one of weights, gradients, hybrid; got 'paper'"):
+        rc.reconstruct(lenet, lenet_grads, (3, 32, 32), first_layer="paper")
+
+# ---------------------------------------------------------------------------------------------------------
+# project
+
+def test_project_never_claims_exact_for_a_clipped_image(lenet_c10, lenet_c10_cache):
+    normalised = (torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3)) - 0.5) * 4  # outside [0, 1]
+    grads = rc.client_gradients(lenet_c10, normalised, 1, dtype=torch.float64)
+    plain = rc.reconstruct(lenet_c10, grads, (3, 32, 32), cache=lenet_c10_cache)
+    assert plain.exact and rc.image_metrics(normalised, plain.image)["max_abs_err"] < 1e-9
+    clipped = rc.reconstruct(lenet_c10, grads, (3, 32, 32), project=True, cache=lenet_c10_cache)
+    assert rc.image_metrics(normalised, clipped.image)["max_abs_err"] > 1.0
+    assert not clipped.exact
+    assert "conv layer 1" in clipped.reasons[0] and "clipped" in clipped.reasons[0]
+    assert clipped.layers[0].clipped > 0.1
+
+
+def test_project_keeps_the_verdict_for_an_image_in_range(lenet_c10, cifar_image, lenet_c10_cache):
+    """Clipping the rounding noise of an image inside image_range costs no exact claim."""
+    for dtype in (torch.float64, torch.float32):
+        grads = rc.client_gradients(lenet_c10, cifar_image, 1, dtype=dtype)
+        plain = rc.reconstruct(lenet_c10, grads, (3, 32, 32), cache=lenet_c10_cache)
+        projected = rc.reconstruct(lenet_c10, grads, (3, 32, 32), project=True, cache=lenet_c10_cache)
+        assert projected.exact == plain.exact, projected.reasons
+    assert projected.layers[0].clipped < 1e-3
