@@ -1,9 +1,13 @@
-"""The benchmark runs and writes its table (its timings are read in results/benchmark.csv, not asserted)."""
+"""benchmarks/bench.py runs and writes its table: the attacks' verdicts and quality as the library gives them
+(its timings are read in results/benchmark.csv, not asserted)."""
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+import torch
+
+import rconv_core as rc
 
 from conftest import REPO
 
@@ -22,6 +26,13 @@ def test_benchmark_writes_its_table(tmp_path, packs):
     # 1e-3, which lenet_c10's first images need not reach (61 of the first 100 do)
     assert list(table.exact)[0] == 2 and 0 <= list(table.exact)[1] <= 2 and (table.total_seconds > 0).all()
     assert "machine:" in done.stdout
+    # the counts are the attacks' own verdicts on the same images, and the images are recovered either way
+    case = rc.setup("cifar10", "lenet_c10", range(2), data_root=packs)
+    verdicts = [rc.reconstruct(case.model, rc.client_gradients(case.model, image, int(label), dtype=torch.float32),
+                               tuple(image.shape), first_layer="hybrid").exact
+                for image, label in zip(case.images, case.labels)]
+    assert list(table.exact)[1] == sum(verdicts)
+    assert list(table.median_psnr)[0] >= 120 and list(table.median_psnr)[1] >= 60  # float64: max error <= 1e-6
 
 
 @pytest.mark.slow
