@@ -1,4 +1,5 @@
-"""The optimisation baselines through breaching (skipped, with the reason, where it is not installed)."""
+"""rconv.studies.baselines: the optimisation baselines through breaching (skipped, with the reason, where it is not
+installed)."""
 import pytest
 import torch
 
@@ -15,7 +16,8 @@ def setting(samples):
     return model, image, label, rc.client_gradients(model, image, label)
 
 
-@pytest.mark.parametrize("name", list(rc.BASELINES))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow if name in ("dlg", "idlg") else ())
+                                  for name in rc.BASELINES])  # DLG and iDLG: 10 s each on two cores
 def test_baseline_returns_a_reconstruction(name, setting):
     model, image, label, grads = setting
     result = rc.run_baseline(name, model, grads, image.shape, iterations=3, seed=1)

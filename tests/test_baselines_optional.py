@@ -1,4 +1,5 @@
-"""Without the optional breaching package the suite still compares what it can, and says how to get the rest."""
+"""rconv.studies.baselines without the optional breaching package: the suite still compares what it can, and says
+how to get the rest."""
 import importlib.util
 import sys
 

@@ -1,4 +1,5 @@
-"""Mini-batches: every image and label of a batch from one mean gradient, honestly reported."""
+"""rconv.attack.batch_steps and rconv.studies.batches: every image and label of a mini-batch from one mean
+gradient, honestly reported, and the batch sweep's table."""
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def attack(case, size, dtype, **options):
     return result, rc.match_batch(images, labels, result)
 
 
-@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_a_batch_comes_back_exact_from_float64_with_its_labels(cifar_batch, size):
     result, matched = attack(cifar_batch, size, torch.float64)
     assert result.image.shape == (size, 3, 32, 32) and result.batch_size == size
@@ -36,6 +37,7 @@ def test_a_batch_comes_back_exact_from_float64_with_its_labels(cifar_batch, size
                zip(result.layers, [(3, 32, 32), (24, 16, 16), (128, 8, 8), (48, 8, 8)]))
 
 
+@pytest.mark.slow
 def test_a_batch_of_eight_from_float32_is_above_60_db(cifar_batch):
     result, matched = attack(cifar_batch, 8, torch.float32)
     assert len(result.image) == 8
@@ -51,7 +53,7 @@ def test_a_batch_reports_a_bound_that_holds_per_image(cifar_batch):
     assert all(0 < r.error_bound < math.inf for r in result.layers)
 
 
-@pytest.mark.parametrize("strength", [1e-7, 1e-6])
+@pytest.mark.parametrize("strength", [pytest.param(1e-7, marks=pytest.mark.slow), 1e-6])
 def test_noisy_batch_gradients_are_never_claimed_exact_beyond_the_bound(cifar_batch, strength):
     images, labels = cifar_batch.images[:4], cifar_batch.labels[:4]
     grads = rc.defend(rc.client_gradients(cifar_batch.model, images, labels, dtype=torch.float32), "gaussian",
@@ -63,6 +65,7 @@ def test_noisy_batch_gradients_are_never_claimed_exact_beyond_the_bound(cifar_ba
     assert result.exact == bool(result.image_exact.all()) and (result.exact or result.reasons)
 
 
+@pytest.mark.slow
 def test_a_known_batch_size_gives_the_same_images(cifar_batch):
     inferred, _ = attack(cifar_batch, 2, torch.float64)
     given, _ = attack(cifar_batch, 2, torch.float64, batch_size=2)

@@ -68,6 +68,7 @@ def test_projected_solve_degrades_more_gracefully(setting):
     assert exact.exact and max_error(exact, image) < 1e-8
 
 
+@pytest.mark.slow
 def test_absolute_relu_test_is_the_published_behaviour(setting, packs):
     model, image, grads = setting
     assert max_error(rc.reconstruct(model, grads, image.shape, relu_test="absolute"), image) < 1e-8

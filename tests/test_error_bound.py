@@ -1,4 +1,5 @@
-"""`exact` means a bound: the reported error_bound holds on every image claimed exact, defended or not."""
+"""The error bound reconstruct() reports (rconv.attack.bounds through the attack): `exact` means a bound, and the
+reported error_bound holds on every image claimed exact, defended or not. tests/test_bounds.py tests its pieces."""
 import math
 
 import pytest

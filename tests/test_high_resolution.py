@@ -68,7 +68,7 @@ def test_presets_are_recoverable_by_counting(model):
     assert list(report.determined_by) == ["weights", "gradients", "gradients", "gradients"]
 
 
-@pytest.mark.parametrize("size", [64, 96])
+@pytest.mark.parametrize("size", [64, pytest.param(96, marks=pytest.mark.slow)])
 def test_the_paper_s_lenet_at_high_resolution_is_never_exact_and_says_why(size):
     case = case_of("lenet", (0,), input_size=size)
     report = rc.constraint_report(case.model, (3, size, size))
@@ -108,6 +108,7 @@ def test_a_memory_limit_too_small_stops_before_allocating(hr64, limit):
         attack(hr64, 0, torch.float64, memory_limit=limit)
 
 
+@pytest.mark.slow  # tests/test_sparse.py checks SuperLU itself quickly
 def test_superlu_takes_over_without_pardiso(hr64, monkeypatch):
     reference = attack(hr64, 0, torch.float64)
     factorised = []
@@ -127,6 +128,7 @@ def test_superlu_takes_over_without_pardiso(hr64, monkeypatch):
     assert torch.allclose(result.image, reference.image, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_size_sweep_rows_say_size_start_memory_verdict_and_methods():
     networks = [("lenet_hr64", 64), ("lenet", 64), ("lenet", 8, {"kernel_size": 9, "padding": 0})]
     table = rc.size_sweep(networks, [0, 1], dtypes=["float64"], progress=False)

@@ -1,4 +1,4 @@
-"""split_linear against known features: a mini-batch's Linear-layer input, contributions and labels
+"""rconv.split.linear: split_linear against known features: a mini-batch's Linear-layer input, contributions and labels
 recovered exactly from its mean gradients, and honest statuses where they cannot be."""
 import numpy as np
 import pytest

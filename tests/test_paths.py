@@ -1,4 +1,5 @@
-"""Relative paths point into the checkout whatever the working directory (Jupyter runs a notebook from its folder)."""
+"""rconv.common.paths: relative paths point into the checkout whatever the working directory (Jupyter runs a
+notebook from its folder)."""
 from pathlib import Path
 
 import rconv.common.paths

@@ -1,4 +1,5 @@
-"""Every figure explains its colours and line styles in a legend, and its numbers match the table it is drawn from."""
+"""rconv.analysis.plotting: every figure explains its colours and line styles in a legend, and its numbers match
+the table it is drawn from."""
 import inspect
 
 import matplotlib

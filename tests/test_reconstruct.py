@@ -13,6 +13,9 @@ from rconv.cases.models import activation_module
 from conftest import attack, max_error, uniform_init
 
 EXACT = 1e-8
+SLOW = pytest.mark.slow
+# Sweeps keep one or two cases in the quick subset and run the rest in the full suite (pytest.mark.slow).
+FAST_PRESETS = {("lenet_c10", "cifar10"), ("lenet", "mnist")}
 
 
 def conv_block(c_in, c_out, kernel, stride, padding, activation):
@@ -36,8 +39,10 @@ def covered(size, kernel, stride, padding):
     return stride * (out - 1) + kernel >= size + padding
 
 
-@pytest.mark.parametrize("activation", rc.ACTIVATIONS)
-@pytest.mark.parametrize("source", ["random", "real"])
+@pytest.mark.parametrize("activation,source", [
+    pytest.param(activation, source, id=f"{source}-{activation}",
+                 marks=SLOW if source == "random" and activation != "relu" else ())
+    for source in ("random", "real") for activation in rc.ACTIVATIONS])
 def test_every_activation_is_recovered_exactly(activation, source, samples):
     image = samples[0][1] if source == "real" else torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(7))
     if activation == "relu":
@@ -119,9 +124,11 @@ def test_input_64_three_channels_from_gradients_alone(samples):
     assert max_error(result, image) <= EXACT
 
 
-@pytest.mark.parametrize("preset,dataset", [("lenet", "cifar100"), ("lenet_c10", "cifar10"), ("lenet", "mnist"),
-                                            ("lenet_o", "cifar100"), ("o_cnn6", "cifar10"),
-                                            ("lenet_4_relu", "cifar100"), ("lenet_all_relu", "cifar100")])
+@pytest.mark.parametrize("preset,dataset", [
+    pytest.param(preset, dataset, marks=() if (preset, dataset) in FAST_PRESETS else SLOW)
+    for preset, dataset in [("lenet", "cifar100"), ("lenet_c10", "cifar10"), ("lenet", "mnist"),
+                            ("lenet_o", "cifar100"), ("o_cnn6", "cifar10"), ("lenet_4_relu", "cifar100"),
+                            ("lenet_all_relu", "cifar100")]])
 def test_presets_float64_exact(preset, dataset, packs):
     info = rc.dataset_info(dataset)
     images, labels = rc.load_images(dataset, [0, 1], root=packs)
@@ -132,7 +139,7 @@ def test_presets_float64_exact(preset, dataset, packs):
         assert max_error(result, image) <= EXACT
 
 
-@pytest.mark.parametrize("first_layer", ["weights", "hybrid"])
+@pytest.mark.parametrize("first_layer", ["weights", pytest.param("hybrid", marks=SLOW)])  # hybrid: the default
 def test_paper_first_layer_methods_agree_in_float64(first_layer, packs):
     images, labels = rc.load_images("cifar10", [3], root=packs)
     model = rc.build_model("lenet_c10", 3, 10)
@@ -141,7 +148,8 @@ def test_paper_first_layer_methods_agree_in_float64(first_layer, packs):
     assert result.exact and max_error(result, images[0]) <= EXACT
 
 
-@pytest.mark.parametrize("preset,dataset", [("lenet", "cifar100"), ("lenet_c10", "cifar10"), ("lenet", "mnist")])
+@pytest.mark.parametrize("preset,dataset", [pytest.param("lenet", "cifar100", marks=SLOW),
+                                            pytest.param("lenet_c10", "cifar10", marks=SLOW), ("lenet", "mnist")])
 def test_float32_gradients_testing_presets(preset, dataset, packs):
     info = rc.dataset_info(dataset)
     images, labels = rc.load_images(dataset, [0, 1, 2], root=packs)
@@ -192,6 +200,7 @@ def test_report_and_features(samples):
     assert result.seconds > 0
 
 
+@pytest.mark.slow
 def test_reconstruct_batch_shares_the_cache_and_agrees(samples):
     model = rc.build_model("lenet_c10", 3, 10)
     images, labels = samples

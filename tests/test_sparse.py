@@ -12,7 +12,7 @@ BACKENDS = ["pardiso", "superlu"]
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """Each sparse solver in turn: SuperLU by hiding PARDISO (its lookup is cached, so the module's name is replaced)."""
+    """Each sparse solver in turn: SuperLU by hiding PARDISO (its lookup is cached: the module's name is replaced)."""
     if request.param == "superlu":
         monkeypatch.setattr(rconv.linalg.sparse, "_mkl_pardiso", lambda: None)
     elif rconv.linalg.sparse.backend() != "pardiso":
