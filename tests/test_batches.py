@@ -47,6 +47,7 @@ def test_a_batch_of_eight_from_float32_is_above_60_db(cifar_batch):
     assert (claimed.max_abs_err <= 1e-3).all()
 
 
+@pytest.mark.slow
 def test_a_batch_reports_a_bound_that_holds_per_image(cifar_batch):
     result, matched = attack(cifar_batch, 4, torch.float64)
     assert 0 < result.error_bound <= 1e-6 and (matched.table.max_abs_err <= result.error_bound).all()
