@@ -24,7 +24,6 @@ and a second run on the same folder while one holds its lock (.run_all.lock). Th
 non-zero when a notebook failed, and the message names the notebook and the cell.
 """
 import argparse
-import contextlib
 import logging
 import os
 import shutil
@@ -36,12 +35,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 from typing import NamedTuple
 
+import nbformat
 from jupyter_client.manager import AsyncKernelManager
 
 # EXPERIMENTS, LOCK and MARKER too: what a reader of run_all (or a test) looks for here
 from runner import EXPERIMENTS, NOTEBOOKS, ON_CLUSTER, ROOT  # noqa: F401
+from runner.cluster import dask_cluster
 from runner.folders import LOCK, MARKER, STAGING, STORED_RESULTS, Refused, relative, results_folder, store  # noqa: F401
-from runner.notebooks import clean, render_stored
+from runner.notebooks import clean, render, render_stored
 from runner.summary import ENVIRONMENT, environment_warnings, recorded_environment, summarize
 
 INTERRUPTED = 130  # the shell's exit status after Ctrl-C
@@ -52,7 +53,7 @@ _KILL_EVERY = 0.5  # seconds between two passes killing kernels, one of which ma
 
 class _Job(NamedTuple):
     name: str
-    notebook: str  # relative to the repository
+    source: Path  # the notebook it executes: the stored one, or its template rendered into the stage
     stage: Path  # its staging folder: results/, notebook.ipynb, kernel.log
     folder: Path  # the results subfolder its staged results/ replaces
     output: Path  # where its executed notebook is stored
@@ -83,7 +84,7 @@ def _execute(job, cell_timeout, kernels):
     started, start = [None], time.perf_counter()
     try:
         papermill.execute_notebook(
-            str(ROOT / job.notebook), str(job.stage / "notebook.ipynb"), parameters=job.parameters,
+            str(job.source), str(job.stage / "notebook.ipynb"), parameters=job.parameters,
             kernel_name="python3", progress_bar=False, execution_timeout=cell_timeout, coalesce_streams=True,
             kernel_manager_class=_kernel_class(job, kernels), resources={"metadata": {"path": str(ROOT)}},
             on_cell_start=lambda cell, cell_index: started.__setitem__(0, cell_index))
@@ -111,7 +112,11 @@ def _jobs(names, results_dir, quick, in_place, data_root, scheduler=None):
                 parameters["data_root"] = os.path.relpath(Path(data_root).resolve(), ROOT)
             stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{name}-", dir=results_dir))
             output = ROOT / entry["path"] if in_place else results_dir / "notebooks" / entry["path"]
-            jobs.append(_Job(name, entry["path"], stage, results_dir / entry["results"], output,
+            source = ROOT / entry["path"]
+            if "template" in entry:  # run what the template renders, so that no earlier run's values linger
+                source = stage / "source.ipynb"
+                source.write_text(nbformat.writes(render(name)))
+            jobs.append(_Job(name, source, stage, results_dir / entry["results"], output,
                              dict(parameters, results_dir=relative(stage / "results"))))
     except BaseException as error:  # an unwritable folder, or Ctrl-C: leave no staging folder behind
         for job in jobs:
@@ -237,7 +242,7 @@ def main(argv=None):
     jobs, outcomes, table, interrupted = [], [], None, False
     try:
         with results_folder(results_dir, "quick" if args.quick else "full"), \
-                _cluster(args.scheduler or args.workers if on_cluster else None) as scheduler:
+                dask_cluster(args.scheduler or args.workers if on_cluster else None) as scheduler:
             jobs = _jobs(names, results_dir, args.quick, in_place, args.data_root, scheduler)
             outcomes, table, interrupted = _run(jobs, results_dir, args.jobs, args.cell_timeout)
     except Refused as error:
@@ -247,32 +252,6 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, previous)
     return _report(outcomes, table, interrupted, jobs, results_dir)
-
-
-@contextlib.contextmanager
-def _cluster(scheduler):
-    """The address of the Dask scheduler the Experiments notebooks get, open for the run: a LocalCluster
-    of `scheduler` workers started now (a number), the running one at `scheduler` (a string, checked
-    reachable first), or None: serial."""
-    if scheduler is None:
-        yield None
-        return
-    from rconv.common.errors import RConvError
-    from rconv.studies.executors import executor_for
-    opened = contextlib.ExitStack()
-    # The cluster's processes inherit an ignored SIGINT: Ctrl-C then reaches run_all alone, which closes
-    # the cluster in order, instead of every worker printing its own KeyboardInterrupt.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        client = opened.enter_context(executor_for(scheduler))
-    except (RConvError, ImportError, OSError) as error:
-        raise Refused(str(error)) from error
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    with opened:
-        print(f"Experiments on the Dask cluster at {client.scheduler.address} "
-              f"({len(client.scheduler_info()['workers'])} workers)", flush=True)
-        yield client.scheduler.address
 
 
 def _report(outcomes, table, interrupted, jobs, results_dir):

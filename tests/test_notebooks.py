@@ -188,7 +188,7 @@ def test_progress_bar_redraws_settle_to_their_final_state(tmp_path):
     (tmp_path / "stage").mkdir()
     job = run_all._Job("bars", str(tmp_path / "bars.ipynb"), tmp_path / "stage", tmp_path / "results",
                        tmp_path / "out.ipynb", {"results_dir": str(tmp_path / "stage" / "results")})
-    assert run_all._execute(job, cell_timeout=60).ok
+    assert run_all._execute(job, cell_timeout=60, kernels={}).ok
     settled = nbformat.read(tmp_path / "stage" / "notebook.ipynb", as_version=4).cells[-1].outputs
     assert [o["output_type"] for o in settled] == ["stream", "display_data", "stream"]
     assert settled[0]["text"] == "a: 100%\nb: 100%\n"
