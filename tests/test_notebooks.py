@@ -129,6 +129,15 @@ def test_no_stored_notebook_keeps_an_injected_parameters_cell():
         assert not [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])], path.name
 
 
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda path: path.name)
+def test_no_stored_notebook_reads_images_from_one_machine_s_folder(path):
+    """A reader's copy finds its images through $RCONV_DATA or a download, never through the folder of the
+    machine that ran it (a `--data-root` run bakes one in; the stored notebooks keep None)."""
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    values = {node.targets[0].id: node.value for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)}
+    assert ast.literal_eval(values["data_root"]) is None, f"{path.name} stores data_root = {ast.unparse(values['data_root'])}"
+
+
 def test_injected_parameters_are_baked_into_the_parameters_cell():
     notebook = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell('n_images = 100  # first n images\nname = "caf\u00e9"  # a label\nseed = 50\n',
