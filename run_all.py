@@ -100,6 +100,10 @@ def _execute(job, cell_timeout, kernels):
 def _jobs(names, results_dir, quick, in_place, data_root, scheduler=None):
     """A job per notebook, its staging folder made; the Experiments get `scheduler` (a Dask scheduler's
     address) when given."""
+    try:  # run what a template renders, so that no value an earlier run baked in lingers
+        rendered = {name: nbformat.writes(render(name)) for name in names if "template" in NOTEBOOKS[name]}
+    except OSError as error:
+        raise Refused(f"cannot render a templated notebook: {error.strerror or error} ({error.filename})") from error
     jobs = []
     try:
         for name in names:
@@ -113,9 +117,9 @@ def _jobs(names, results_dir, quick, in_place, data_root, scheduler=None):
             stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{name}-", dir=results_dir))
             output = ROOT / entry["path"] if in_place else results_dir / "notebooks" / entry["path"]
             source = ROOT / entry["path"]
-            if "template" in entry:  # run what the template renders, so that no earlier run's values linger
+            if name in rendered:
                 source = stage / "source.ipynb"
-                source.write_text(nbformat.writes(render(name)))
+                source.write_text(rendered[name])
             jobs.append(_Job(name, source, stage, results_dir / entry["results"], output,
                              dict(parameters, results_dir=relative(stage / "results"))))
     except BaseException as error:  # an unwritable folder, or Ctrl-C: leave no staging folder behind

@@ -20,13 +20,17 @@ from runner.folders import results_folder
 
 
 
+# What run_all executes for Test_on_CIFAR10 (its stored notebook is what this renders): the cases below change it.
+TESTING_TEMPLATE = "templates/testing.ipynb"
+
+
 def copy_repository(target):
-    """What run_all needs to run the Testing notebooks in place: the code, its registry, those notebooks and
-    results/."""
+    """What run_all needs to run the Testing notebooks in place: the code, its registry and templates, those
+    notebooks and results/."""
     target.mkdir()
     for name in ("run_all.py", "rconv_core.py", "notebooks.toml"):
         shutil.copy2(REPO / name, target / name)
-    for folder in ("rconv", "runner", "Testing", "results"):
+    for folder in ("rconv", "runner", "templates", "Testing", "results"):
         shutil.copytree(REPO / folder, target / folder, ignore=shutil.ignore_patterns(
             "__pycache__", run_all.LOCK, f"{run_all.STAGING}*"))
     return target
@@ -103,7 +107,7 @@ def wait_for(predicate, seconds):
 @pytest.mark.notebooks
 def test_a_notebook_failing_after_its_csv_changes_nothing(repo, packs):
     """The issue's repro: Test_on_CIFAR10 fails in a cell after it has written metrics.csv."""
-    set_parameters(repo / "Testing" / "Test_on_CIFAR10.ipynb", n_images=3, dtypes=["torch.float64"])
+    set_parameters(repo / TESTING_TEMPLATE, n_images=3, dtypes=["torch.float64"])
     before = snapshot(repo)
     done = run_all_in(repo, "--only", "Test_on_CIFAR10", "--data-root", str(packs.resolve()))
     assert done.returncode == 1, done.stderr[-2000:]
@@ -117,7 +121,7 @@ def test_a_notebook_failing_after_its_csv_changes_nothing(repo, packs):
 @pytest.mark.slow
 @pytest.mark.notebooks
 def test_a_notebook_that_succeeds_replaces_its_results_together(repo):
-    fake_notebook(repo / "Testing" / "Test_on_CIFAR10.ipynb")
+    fake_notebook(repo / TESTING_TEMPLATE)
     before = snapshot(repo)
     old_summary = pd.read_csv(repo / "results" / "summary.csv")
     done = run_all_in(repo, "--only", "Test_on_CIFAR10")
@@ -147,7 +151,7 @@ def test_a_notebook_that_succeeds_replaces_its_results_together(repo):
 @pytest.mark.slow
 @pytest.mark.notebooks
 def test_ctrl_c_leaves_everything_as_it_was_and_the_lock_holds(repo):
-    fake_notebook(repo / "Testing" / "Test_on_CIFAR10.ipynb", after="time.sleep(120)")
+    fake_notebook(repo / TESTING_TEMPLATE, after="time.sleep(120)")
     before = snapshot(repo)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     running = subprocess.Popen([sys.executable, "run_all.py", "--only", "Test_on_CIFAR10"], cwd=repo, env=env,
@@ -170,7 +174,7 @@ def test_ctrl_c_leaves_everything_as_it_was_and_the_lock_holds(repo):
 @pytest.mark.slow
 @pytest.mark.notebooks
 def test_a_hung_cell_fails_its_notebook_and_names_the_cell(repo):
-    fake_notebook(repo / "Testing" / "Test_on_CIFAR10.ipynb", after="time.sleep(120)")
+    fake_notebook(repo / TESTING_TEMPLATE, after="time.sleep(120)")
     before = snapshot(repo)
     done = run_all_in(repo, "--only", "Test_on_CIFAR10", "--cell-timeout", "3", timeout=60)
     assert done.returncode == 1, done.stderr[-2000:]
@@ -181,7 +185,7 @@ def test_a_hung_cell_fails_its_notebook_and_names_the_cell(repo):
 @pytest.mark.slow
 @pytest.mark.notebooks
 def test_two_runs_of_one_notebook_do_not_share_a_path(repo, tmp_path):
-    fake_notebook(repo / "Testing" / "Test_on_CIFAR10.ipynb", after="time.sleep(2)")
+    fake_notebook(repo / TESTING_TEMPLATE, after="time.sleep(2)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     outs = [tmp_path / "first", tmp_path / "second"]
     runs = [subprocess.Popen([sys.executable, "run_all.py", "--quick", "--only", "Test_on_CIFAR10", "--results-dir",
