@@ -106,7 +106,7 @@ def wait_for(predicate, seconds):
 @pytest.mark.slow
 @pytest.mark.notebooks
 def test_a_notebook_failing_after_its_csv_changes_nothing(repo, packs):
-    """The issue's repro: Test_on_CIFAR10 fails in a cell after it has written metrics.csv."""
+    """Test_on_CIFAR10 fails in a cell after it has written metrics.csv: nothing stored changes."""
     set_parameters(repo / TESTING_TEMPLATE, n_images=3, dtypes=["torch.float64"])
     before = snapshot(repo)
     done = run_all_in(repo, "--only", "Test_on_CIFAR10", "--data-root", str(packs.resolve()))
