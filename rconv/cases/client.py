@@ -36,8 +36,9 @@ def dtype_name(dtype):
 
 def _as_label(label):
     """One class label as an int64 tensor of shape (1,); floats, bools and strings are refused."""
-    if as_whole(label) is not None:
-        return torch.tensor([as_whole(label)], device=label.device if isinstance(label, torch.Tensor) else None)
+    whole = as_whole(label)
+    if whole is not None:
+        return torch.tensor([whole], device=label.device if isinstance(label, torch.Tensor) else None)
     if isinstance(label, torch.Tensor) and label.numel() != 1:
         raise RConvError(f"client_gradients takes one label; got {label.numel()}")
     raise RConvError(f"label must be a whole number (a class index); got {label!r} ({type(label).__name__})")
