@@ -9,6 +9,8 @@ warmed up on another network, and then:
               included (median of several runs).
   warm        the median time of the images after the first in that batch: a further image on
               the same model, its factorisations cached.
+  bound       the part of total that the error bound took (bound_seconds, and bound_share of
+              total): the attack without its certificate takes total - bound_seconds.
 Peak memory is the process's peak resident set (getrusage), which includes PyTorch itself;
 added_mb is the growth over the process's size just before the attack.
 
@@ -170,7 +172,7 @@ def measure(setting, dtype, first_layer, images, repeats, device, data_root):
         rc.reconstruct(model, grads[0], shape, cache={}, **options)
         sync()
         colds.append(time.perf_counter() - start)
-    totals, results = [], None
+    totals, bounds, results = [], [], None
     for _ in range(repeats):
         results = None
         gc.collect()
@@ -179,6 +181,7 @@ def measure(setting, dtype, first_layer, images, repeats, device, data_root):
         results = rc.reconstruct_clients(model, grads, shape, **options)
         sync()
         totals.append(time.perf_counter() - start)
+        bounds.append(sum(r.bound_seconds for r in results))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     matched = [rc.match_batch(p, l, r).table for (p, l), r in zip(batches, results)]
     psnr = statistics.median(v for table in matched for v in table.psnr)
@@ -190,6 +193,8 @@ def measure(setting, dtype, first_layer, images, repeats, device, data_root):
     warm = round(statistics.median(r.seconds for r in results[1:]), 4) if len(results) > 1 else None
     return dict(setting=setting, dataset=dataset, model=preset, dtype=dtype, first_layer=first_layer, images=count,
                 total_seconds=round(total, 4), ms_per_image=round(1000 * total / count, 2),
+                bound_seconds=round(statistics.median(bounds), 4),
+                bound_share=round(statistics.median(b / t for b, t in zip(bounds, totals)), 3),
                 cold_start_seconds=round(statistics.median(colds), 4), peak_mb=round(peak, 1),
                 added_mb=round(peak - before, 1), exact=int(sum(t.image_exact.sum() for t in matched)),
                 median_psnr=round(psnr, 1), batch=size,
@@ -231,7 +236,8 @@ def measure_workers(images, repeats, data_root):
         rows.append(dict(setting=setting, dataset="+".join(dict.fromkeys(table.dataset)),
                          model="+".join(dict.fromkeys(table.model)), dtype="+".join(WORKER_SWEEP.dtypes),
                          first_layer=WORKER_SWEEP.first_layer, images=len(table), total_seconds=round(total, 4),
-                         ms_per_image=round(1000 * total / len(table), 2), cold_start_seconds=None, peak_mb=None,
+                         ms_per_image=round(1000 * total / len(table), 2), bound_seconds=None, bound_share=None,
+                         cold_start_seconds=None, peak_mb=None,
                          added_mb=None, exact=int(table.exact.sum()), median_psnr=round(table.psnr.median(), 1),
                          speedup_vs_published=None, repeats=repeats, device=f"cpu ({_machine()})",
                          threads=TASK_THREADS, torch=torch.__version__, size=None, warm_seconds=None))
@@ -312,7 +318,7 @@ def main(argv=None):
                 rows.append(row)
                 warm = f"  warm {row['warm_seconds']:.3f} s" if row["warm_seconds"] is not None else ""
                 print(f"{setting:32} {dtype:8} {first_layer:8} {row['images']:4d} images  total {row['total_seconds']:7.3f} s"
-                      f"  {row['ms_per_image']:8.2f} ms/image  cold {row['cold_start_seconds']:.3f} s{warm}  "
+                      f"  {row['ms_per_image']:8.2f} ms/image  bound {100 * row['bound_share']:4.1f} %  cold {row['cold_start_seconds']:.3f} s{warm}  "
                       f"peak {row['peak_mb']:7.0f} MB  exact {row['exact']}/{row['images']}  {device}", flush=True)
     if workers:
         measured = _worker_rows(args)

@@ -1,5 +1,6 @@
-"""The error bound reconstruct() reports (rconv.attack.bounds through the attack): `exact` means a bound, and the
-reported error_bound holds on every image claimed exact, defended or not. tests/test_bounds.py tests its pieces."""
+"""The error bound reconstruct() reports (rconv.attack.bounds through the attack): `exact` means a bound, the
+reported error_bound holds on every image claimed exact, defended or not, and it is close to the error.
+tests/test_bounds.py and tests/test_tangents.py test its pieces; benchmarks/bound_sweep.py runs the full sweep."""
 import math
 
 import pytest
@@ -12,6 +13,8 @@ from conftest import max_error
 DEFENCES = [("none", 0)] + [("gaussian", s) for s in (1e-8, 1e-7, 1e-6, 1e-3)] + \
            [("topk", 0.999), ("topk", 0.99), ("quantize", 24), ("quantize", 12)]
 EXACT_ERROR = {torch.float64: 1e-6, torch.float32: 1e-3}
+TIGHT = 0.1  # error / bound at least this: a tight claim
+CERTIFIABLE = 5e-4  # a float32 image this close to the truth should be certified exact
 
 
 def _cases(packs):
@@ -25,7 +28,7 @@ def _cases(packs):
 
 @pytest.mark.slow
 def test_defended_gradients_are_never_claimed_exact_beyond_their_bound(packs):
-    claims, attacks = {torch.float64: 0, torch.float32: 0}, 0
+    claims, attacks, ratios = {torch.float64: 0, torch.float32: 0}, 0, []
     for model, images, labels in _cases(packs):
         cache = {}
         for image, label in zip(images, labels):
@@ -44,10 +47,25 @@ def test_defended_gradients_are_never_claimed_exact_beyond_their_bound(packs):
                         where = f"{defence} {strength} {dtype}: error {error:.2g}, bound {result.error_bound:.2g}"
                         assert error <= result.error_bound, where
                         assert result.error_bound <= EXACT_ERROR[dtype], where
+                        ratios.append(error / result.error_bound)
                     else:
                         assert result.reasons
     # The sweep means something only if both precisions keep exact images.
     assert claims[torch.float64] >= 6 and claims[torch.float32] >= 6, claims
+    # and the bound is useful only if it is close to the error: within 10x on most claims
+    assert sum(ratio >= TIGHT for ratio in ratios) >= 0.8 * len(ratios), sorted(ratios)
+
+
+def test_clean_float32_images_near_the_truth_are_certified(packs):
+    images, labels = rc.load_images("cifar10", range(3), root=packs)
+    model = rc.build_model("lenet_c10", 3, 10)
+    results = rc.reconstruct_clients(model, [rc.client_gradients(model, image, label, dtype=torch.float32)
+                                             for image, label in zip(images, labels)], images.shape[1:])
+    errors = [max_error(result, image) for result, image in zip(results, images)]
+    assert all(error <= CERTIFIABLE for error in errors), errors  # errors near 1e-4: certifiable
+    for result, error in zip(results, errors):
+        assert result.exact and error <= result.error_bound <= EXACT_ERROR[torch.float32], result.reasons
+        assert result.error_bound <= 20 * error  # close to the error, not merely within the limit
 
 
 def test_noisy_float32_gradients_are_not_exact_and_say_why(packs):

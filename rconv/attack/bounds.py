@@ -2,10 +2,16 @@
 
 The attack is, branch by branch, a chain of linear solves, so its error is the gradients' noise
 mapped through that chain. The noise is measured where the gradients contradict themselves
-(the Linear layer's misfit from rank one, each conv layer's residual); its effect is measured
-by a probe: the attack run again on gradients carrying noise of that size, the change in every
-layer's input taken as the error that noise causes, times a margin, plus what the layer's own
-solve may round.
+(the Linear layer's misfit from rank one, each conv layer's residual).
+
+One image: the linearised bound. The chain's Jacobian (rconv.attack.tangents) is applied to a few
+random noise directions on each source of noise (the Linear layer's gradients, each conv layer's
+weight gradient), reusing the attack's factorisations; each source is scaled to the level its
+residual shows (SourceLevels), and the largest move over the probes, times LINEARISED_MARGIN,
+plus what the layer's own solve may round, bounds each layer's input.
+
+A batch: the probe. The batch's attack is run again on gradients carrying noise of the size the
+residuals show, and the change in every image's layer inputs, times BOUND_MARGIN, is its bound.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import torch
 from ..linalg.solvers import eps
 from .network import Gradients
 
-# The probe draws one random direction; the gradients' own noise may lie a few times closer to the
-# chain's most amplified directions (measured over 624 defended attacks and the 1,400 of the
+# A batch's probe draws one random direction; the gradients' own noise may lie a few times closer to
+# the chain's most amplified directions (measured over 624 defended attacks and the 1,400 of the
 # Testing and Various_settings notebooks, the true error reached 3.7x the probe's change), hence
 # this margin.
 BOUND_MARGIN = 5.0
@@ -33,6 +39,17 @@ _ATTACK_ROUNDING_EPS = 10.0
 # its bound adds this many times that (the paper's weight-constrained first layer, cond 1e8:
 # errors of 1e-8 to 5e-8 from clean float64 gradients).
 _ROUNDING_MARGIN = 10.0
+# The linearised bound's noise directions per source: the larger move of two stands for the noise's
+# (one is cheaper, but its largest error/bound over the defended sweep was 1.3 times two's).
+LINEARISED_PROBES = 2
+# The linearised bound's margin over the largest move of its probes: over 624 defended attacks
+# (benchmarks/bound_sweep.py) the true error reached 0.68 of the bound with it, and 0.5 of it on
+# half the claims; a larger margin certifies fewer float32 images at 1e-4.
+LINEARISED_MARGIN = 3.0
+# A hidden layer's input, computed by the client in the gradients' precision, is rounded by about this
+# many eps of its largest value (float32 LeNets: up to 10 eps at the fourth conv layer), invisibly to
+# every residual: the gradients are consistent with the rounded input.
+_FORWARD_ROUNDING_EPS = 20.0
 # Fixed seed: the same gradients always get the same bound.
 _PROBE_SEED = 20240605
 # The probe's noise stays this many float64 eps above zero, so that its effect stands out from the
@@ -150,6 +167,124 @@ def probe_bound(measured, probed, level, probed_level):
     layers = tuple(scale * float((m.input - p.input).abs().max()) + _rounding(m) if m.input.numel() else 0.0
                    for m, p in zip(measured, probed))
     return ErrorBound(layers[0], layers, noise)
+
+
+class NoiseDirections(NamedTuple):
+    """Random noise directions on the gradients of some parameters: `probes` columns each, of unit norm
+    relative to the gradient they lie on."""
+
+    of: dict  # id(parameter) -> (*its shape, probes)
+
+    def __call__(self, parameter):
+        return self.of.get(id(parameter))
+
+
+def noise_directions(parameters, grads, probes=LINEARISED_PROBES, cache=None):
+    """NoiseDirections on the gradients of `parameters`.
+
+    Half of each direction's power is spread evenly over the entries (as differential privacy adds
+    noise), half in proportion to each entry (as rounding leaves it), so that it resembles either kind.
+    The random draws depend only on the shapes (a fixed seed): `cache`, a dict kept per model, keeps them.
+    """
+    wanted = [grads.of(parameter).to(torch.float64) for parameter in parameters]
+    key = ("noise directions", probes, tuple(tuple(grad.shape) for grad in wanted), str(wanted[0].device))
+    draws = cache.get(key) if cache is not None else None
+    if draws is None:
+        draws = _draws(wanted, probes)
+        if cache is not None:
+            cache[key] = draws
+    of = {}
+    for parameter, grad, (even, random) in zip(parameters, wanted, draws):
+        sized = _unit_columns(grad[..., None] * random)
+        of[id(parameter)] = float(torch.linalg.norm(grad)) * _unit_columns(even + sized)
+    return NoiseDirections(of)
+
+
+def _draws(grads, probes):
+    """Per gradient: `probes` even unit directions, and the random factors of the sized ones."""
+    # one draw for every direction: many small draws cost more in overhead than in numbers
+    total = sum(grad.numel() for grad in grads) * probes
+    numbers = torch.randn(2, total, generator=torch.Generator().manual_seed(_PROBE_SEED), dtype=torch.float64)
+    draws, start = [], 0
+    for grad in grads:
+        shape, size = (*grad.shape, probes), grad.numel() * probes
+        pair = numbers[:, start:start + size].to(grad.device)
+        draws.append((_unit_columns(pair[0].view(shape)), pair[1].view(shape)))
+        start += size
+    return draws
+
+
+def _unit_columns(tensor):
+    norms = tensor.reshape(-1, tensor.shape[-1]).norm(dim=0).clamp_min(_TINY)
+    return tensor / norms
+
+
+class SourceLevels:
+    """The relative noise level of each source of noise (the Linear layer's gradients, then each conv
+    layer's weight gradient, top down), from the residual it leaves where it enters.
+
+    own: the part of a layer's measured residual that the noise fixed above does not leave is put down
+    to its own source, scaled by the mean residual its directions leave. assumed: a source not
+    measured apart (its layer's solve is expensive) gets the largest level found above it. Neither
+    falls below the gradients' rounding: one eps of their precision, or the source's own floor (what
+    a weight update's rounding left in it). explain: the factor by which all the noise so far must be
+    scaled to leave the residual measured: above 1 where the data show more (the attack's own
+    rounding acts as noise too), below where they show less (a layer above took its solve's rounding
+    for noise of its gradients).
+
+    floors: relative noise levels the sources cannot be below, in the order they are asked for.
+    """
+
+    def __init__(self, dtype, floors=()):
+        self.floor = _ARITHMETIC_NOISE_EPS * eps(dtype)
+        self.floors = list(floors)
+        self.levels = []
+
+    def _next_floor(self):
+        floor = self.floors[len(self.levels)] if len(self.levels) < len(self.floors) else 0.0
+        return max(self.floor, floor)
+
+    def own(self, energies, measured, above=None):
+        probed = float(energies.mean())
+        if not probed > _TINY:  # its directions leave no residual: nothing to measure it by
+            return self.assumed()
+        unexplained = measured - (float(above.mean()) if above is not None else 0.0)
+        level = max(self._next_floor(), math.sqrt(max(unexplained, 0.0) / probed))
+        self.levels.append(level)
+        return level
+
+    def assumed(self):
+        level = max([self._next_floor()] + self.levels)
+        self.levels.append(level)
+        return level
+
+    def explain(self, energies, measured):
+        probed = float(energies.mean())
+        return math.sqrt(max(measured, 0.0) / probed) if probed > _TINY else 1.0
+
+
+def linearised_bound(layers, measured, noise, dtype):
+    """The ErrorBound from the chain's tangents (LayerTangents per conv layer, first to last): each layer's
+    largest move over the probes, times LINEARISED_MARGIN, plus what the layer's own solve may round.
+
+    measured: Measured per conv layer, first to last; noise: the largest source level; dtype: the gradients'.
+    """
+    # A layer below that found more noise than the layers above assumed (a factor above 1) says their
+    # moves were too small as well: each layer's bound takes the largest growth found below it.
+    growth, grown = 1.0, []
+    for layer in layers:  # first to last: the layers below a layer come before it
+        grown.append(growth)
+        growth = max(1.0, growth * layer.rescaled)
+    bounds = [LINEARISED_MARGIN * extra * float(layer.moves.abs().max()) + _rounding(m) +
+              (_forward_rounding(m, dtype) if number else 0.0) if m.input.numel() else 0.0
+              for number, (layer, m, extra) in enumerate(zip(layers, measured, grown))]
+    return ErrorBound(bounds[0], tuple(bounds), noise)
+
+
+def _forward_rounding(measured, dtype):
+    """How far the client's own forward pass, in the gradients' precision, may have rounded a hidden layer's
+    input: the gradients describe that rounded input, so the attack recovers it, not the exact one."""
+    return _FORWARD_ROUNDING_EPS * eps(dtype) * float(measured.input.abs().max())
 
 
 def _rounding(measured):

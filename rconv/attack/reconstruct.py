@@ -22,7 +22,19 @@ from ..linalg.memory import default_limit
 from ..split.linear import gradient_rank
 from .activations import RELU_TESTS
 from .batch_steps import batch_conv_step, batch_linear_step
-from .bounds import Measured, bound_reasons, keep_rank, noise_level, perturbed, probe_bound, probe_level, unbounded
+from .bounds import (
+    Measured,
+    SourceLevels,
+    bound_reasons,
+    keep_rank,
+    linearised_bound,
+    noise_directions,
+    noise_level,
+    perturbed,
+    probe_bound,
+    probe_level,
+    unbounded,
+)
 from .network import check_gradients, check_input_shape, parse_network
 from .steps import (
     FIRST_LAYER_METHODS,
@@ -35,6 +47,7 @@ from .steps import (
     rank_one,
     verdict,
 )
+from .tangents import propagate
 from .tolerances import Tolerances
 
 __all__ = ["FIRST_LAYER_METHODS", "LayerReport", "Reconstruction", "reconstruct", "reconstruct_batch"]
@@ -155,8 +168,10 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     chain = _single_image(network, grads, sizes, options, cache, check_batch)
     reports = [result.report for result in chain.results]
     reasons = verdict(reports, options.tolerances)
-    # Only an image that passes every other check is worth the probe (it doubles the attack's time).
-    bound = unbounded(len(reports)) if reasons else _error_bound(model, network, grads, sizes, options, cache, chain)
+    # Only an image that passes every other check is worth bounding.
+    bound_start = time.perf_counter()
+    bound = unbounded(len(reports)) if reasons else _error_bound(network, grads, options, cache, chain)
+    bound_seconds = time.perf_counter() - bound_start
     for report, layer_bound in zip(reports, bound.layers):
         report.error_bound = layer_bound
     reasons += bound_reasons(bound, options.tolerances)
@@ -167,7 +182,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
                           features=chain.top.features.cpu(), linear_misfit=chain.top.misfit, notes=notes,
                           inputs=[result.input.cpu() for result in chain.results],
                           labels=torch.tensor([label]), image_exact=torch.tensor([not reasons]),
-                          error_bound=bound.image, noise=bound.noise)
+                          error_bound=bound.image, noise=bound.noise, bound_seconds=bound_seconds)
 
 
 class _Chain(NamedTuple):
@@ -194,20 +209,14 @@ def _single_image(network, grads, sizes, options, cache, check_batch, like=None)
     return _Chain(top, results, signal.activated)
 
 
-def _error_bound(model, network, grads, sizes, options, cache, chain):
-    """The ErrorBound of an image whose every layer was determined: the attack rerun on noisier gradients."""
-    reports = [result.report for result in chain.results]
-    # Residuals of layers solved from their gradient constraints alone measure those gradients' noise;
-    # a weight-constrained layer's residual also carries the error of the layer above.
-    level = noise_level([chain.top.misfit] + [r.residual for r in reports if r.method == "gradients"],
-                        options.tolerances.dtype)
-    probed = probe_level(level, [report.residual for report in reports])
-    noisy = perturbed(list(model.parameters()), grads, probed)
-    try:
-        probe = _single_image(network, noisy, sizes, options, cache, check_batch=False, like=chain)
-    except RConvError:  # the noisier gradients lost what the attack needs (a saturated loss): no bound
-        return unbounded(len(reports), level)
-    return probe_bound(_measured(chain), _measured(probe), level, probed)
+def _error_bound(network, grads, options, cache, chain):
+    """The ErrorBound of an image whose every layer was determined: the attack's chain, linearised, applied to
+    noise directions scaled to what the gradients' residuals show (rconv.bounds, rconv.tangents)."""
+    parameters = [network.linear.weight, network.linear.bias] + [step.conv.weight for step in network.steps]
+    levels = SourceLevels(options.tolerances.dtype)
+    layers = propagate(network, grads, chain.top.features, [r.linearisation for r in chain.results],
+                       noise_directions(parameters, grads, cache=cache), levels)
+    return linearised_bound(layers, _measured(chain), max(levels.levels), options.tolerances.dtype)
 
 
 def _measured(chain):
@@ -347,7 +356,9 @@ def _reconstruct_batch_members(model, network, grads, sizes, options, cache, bat
     reasons = chain.top.reasons + layer_reasons
     if not found:
         reasons = reasons or ["Linear layer: no image was found in the batch's gradients"]
+    bound_start = time.perf_counter()
     bounds = _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted)
+    bound_seconds = time.perf_counter() - bound_start
     within = [ok and bound.image <= options.tolerances.image_error for ok, bound in zip(trusted, bounds)]
     beyond = [n for n, (ok, fits) in enumerate(zip(trusted, within)) if ok and not fits]
     if beyond:
@@ -363,7 +374,8 @@ def _reconstruct_batch_members(model, network, grads, sizes, options, cache, bat
                           notes=notes, inputs=[layer.inputs.cpu() for layer in chain.layers],
                           labels=chain.top.labels.cpu(), image_exact=torch.tensor(within, dtype=torch.bool),
                           batch_size=found, error_bound=max((b.image for b in bounds), default=math.inf),
-                          noise=max((b.noise for b in bounds if not math.isnan(b.noise)), default=math.nan))
+                          noise=max((b.noise for b in bounds if not math.isnan(b.noise)), default=math.nan),
+                          bound_seconds=bound_seconds)
 
 
 def reconstruct_clients(model, grads_list, input_shape, *, progress=False, **options):

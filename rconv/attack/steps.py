@@ -22,6 +22,7 @@ from .activations import VALUE_RANGES, Noise, branches, preactivation
 from .constraints import min_filters
 from .equations import GradientSystem, LayerEquations, weight_system
 from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
+from .tangents import Linearisation
 from .tolerances import Tolerances
 
 FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
@@ -78,6 +79,7 @@ class Reconstruction:
     batch_size: int = 1  # images in the client's batch, as the Linear layer's gradients tell it
     error_bound: float = math.inf  # bound on the image's max abs error; exact needs it within 1e-6 (float64) / 1e-3
     noise: float = math.nan  # the gradients' relative noise the bound assumed
+    bound_seconds: float = 0.0  # the part of seconds the error bound took
 
     def report(self):
         """The per-layer diagnostics as a pandas DataFrame, in solving order (last layer first)."""
@@ -128,13 +130,15 @@ class ActivationRead(NamedTuple):
 
 
 class _ConvResult(NamedTuple):
-    """One conv layer's recovered input, its report, what it hands the layer below, notes, and its ActivationRead."""
+    """One conv layer's recovered input, its report, what it hands the layer below, notes, its ActivationRead,
+    and its Linearisation (for the error bound)."""
 
     input: torch.Tensor  # (C, H, W)
     report: LayerReport
     signal: Signal
     notes: tuple
     activation_read: ActivationRead
+    linearisation: Linearisation
 
 
 def fc_features(weight_grad, bias_grad):
@@ -314,6 +318,8 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
                                                               frozen=frozen)
     method, solved = _solve(step, equations, options, signal.determined)
     x = solved.x.reshape(channels, height, width)
+    linearisation = Linearisation(equations, signal.activated, signal.activated_grad, read.derivative, x,
+                                  solved.resolve, cheap=method == "gradients")
     noise = noise_of(solved.spectrum, x, options.tolerances.dtype)
     x, clipped = project_input(x, previous_activation, options)
     bias_residual = bias_misfit(output_grad, bias_grad)
@@ -330,7 +336,7 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
                                             stride=step.conv.stride, padding=step.padding)[0]
     determined = signal.determined and report.full_rank
-    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes, read)
+    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes, read, linearisation)
 
 
 def _layer_reasons(report, tolerances):

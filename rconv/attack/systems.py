@@ -24,7 +24,7 @@ from ..linalg.solvers import (
     eps,
     norm_2,
     rank_rtol,
-    solve,
+    solve_operator,
 )
 
 # Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
@@ -56,13 +56,19 @@ _ESTIMATE_STEPS = 50
 
 
 class LayerSolve(NamedTuple):
-    """A solved conv layer: its input (C, H*W), the system's Spectrum, its relative residual, and notes."""
+    """A solved conv layer: its input (C, H*W), the system's Spectrum, its relative residual, and notes.
+
+    resolve(gradient_rhs (F*k*k, C, r), weight_rhs (known rows, r)) -> (C, H*W, r) solves the same
+    equations for other right-hand sides through the factorisations already made: the error bound's
+    tangents (None for an estimate, which is never bounded).
+    """
 
     x: torch.Tensor
     spectrum: Spectrum
     residual: float
     notes: tuple = ()
     estimated: bool = False  # a cheap estimate of an undeterminable layer: the rank is only a counting bound
+    resolve: object = None
 
 
 class _Block(NamedTuple):
@@ -90,16 +96,45 @@ def _hybrid_scales(equations):
 
 def _gradient_block(equations, scale):
     gradients, channels, pixels = equations.gradients, equations.channels, equations.pixels
+    # x holds r columns of C*H*W unknowns, channel-major; the rows come channel-major too.
     if equations.unknowns <= DENSE_MAX_UNKNOWNS:
         matrix = gradients.matrix
-        apply = lambda x: (matrix @ x.view(channels, pixels).T).T.reshape(-1, 1)  # noqa: E731
-        apply_t = lambda y: (matrix.T @ y.view(channels, -1).T).T.reshape(-1, 1)  # noqa: E731
+        apply = lambda x: torch.matmul(matrix, x.view(channels, pixels, -1)).reshape(-1, x.shape[1])  # noqa: E731
+        apply_t = lambda y: torch.matmul(matrix.T, y.view(channels, -1, y.shape[1])).reshape(-1, y.shape[1])  # noqa: E731
     else:
-        apply = lambda x: gradients.apply(x.view(channels, pixels).T).T.reshape(-1, 1)  # noqa: E731
-        apply_t = lambda y: gradients.apply_t(y.view(channels, -1).T).T.reshape(-1, 1)  # noqa: E731
+        apply = lambda x: _per_channel(gradients.apply, x, channels)  # noqa: E731
+        apply_t = lambda y: _per_channel(gradients.apply_t, y, channels)  # noqa: E731
     return _Block(scale, apply, apply_t, gradients.rhs.T.reshape(-1, 1),
                   lambda: torch.block_diag(*[gradients.matrix.T @ gradients.matrix] * channels),
                   lambda: torch.block_diag(*[gradients.matrix] * channels))
+
+
+def _per_channel(operator, x, channels):
+    """operator (on (n, columns)) applied to each of x's r columns of `channels` stacked vectors."""
+    columns = x.shape[1]
+    stacked = x.view(channels, -1, columns).permute(1, 0, 2).reshape(-1, channels * columns)
+    out = operator(stacked)
+    return out.view(out.shape[0], channels, columns).permute(1, 0, 2).reshape(-1, columns)
+
+
+def _joint_rhs(equations, with_gradients):
+    """The right-hand side joint_system would build from other data: a function of
+    (gradient_rhs (F*k*k, C, r), weight_rhs (known rows, r)) -> (rows, r), scaled alike."""
+    grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
+
+    def stack(gradient_rhs, weight_rhs):
+        pieces = [grad_scale * gradient_rhs.permute(1, 0, 2).reshape(-1, gradient_rhs.shape[2])] \
+            if with_gradients else []
+        return torch.cat(pieces + [weight_scale * weight_rhs])
+
+    return stack
+
+
+def _joint_resolve(equations, with_gradients, solve_rhs):
+    """A LayerSolve.resolve for a joint system solved by solve_rhs((rows, r)) -> (C*H*W, r)."""
+    stack = _joint_rhs(equations, with_gradients)
+    channels, pixels = equations.channels, equations.pixels
+    return lambda gradient_rhs, weight_rhs: solve_rhs(stack(gradient_rhs, weight_rhs)).view(channels, pixels, -1)
 
 
 def _weight_block(equations, scale):
@@ -146,7 +181,6 @@ def _deflated_hybrid(equations, dtype):
     directions = subspace.basis.shape[1]
     grad_images = (matrix @ subspace.basis.view(channels, matrix.shape[1], directions)).reshape(-1, directions)
     reduced = torch.cat([grad_scale * grad_images, weight_scale * subspace.images])
-    x = factor.least_squares(equations.output.reshape(-1, 1))
     eigenvalues, vectors = torch.linalg.eigh(reduced.T @ reduced)
     sigma = eigenvalues.clamp_min(0).sqrt()
     # Directions outside the subspace keep at least the weights' k-th smallest singular value.
@@ -157,11 +191,17 @@ def _deflated_hybrid(equations, dtype):
     rtol = rank_rtol(dtype, system.shape)
     keep = sigma > rtol * top
     inverse = torch.where(keep, 1.0 / eigenvalues.clamp_min(TINY), torch.zeros_like(eigenvalues))
-    for _ in range(_DEFLATION_STEPS):
-        coefficients = vectors @ (inverse[:, None] * (vectors.T @ (reduced.T @ (system.rhs - system.apply(x)))))
-        x = x + subspace.basis @ coefficients
+    known_rows = equations.output.shape[0]
+
+    def solve_rhs(rhs):
+        x = factor.least_squares(rhs[-known_rows:] / weight_scale)
+        for _ in range(_DEFLATION_STEPS):
+            coefficients = vectors @ (inverse[:, None] * (vectors.T @ (reduced.T @ (rhs - system.apply(x)))))
+            x = x + subspace.basis @ coefficients
+        return x
+
     spectrum = Spectrum(weights.shape[1] - int((~keep).sum()), top / floor if floor > 0 else math.inf)
-    return x, spectrum, system
+    return solve_rhs(system.rhs), spectrum, system, _joint_resolve(equations, True, solve_rhs)
 
 
 def _solve_gradients(equations, dtype, memory_limit, label):
@@ -174,18 +214,36 @@ def _solve_gradients(equations, dtype, memory_limit, label):
         check(3 * gradients.shape[1] ** 2 * _FLOAT64_BYTES,
               f"{label}: the Gram matrix of its gradient constraints ({gradients.shape[1]:,} pixels)", memory_limit)
         system = System(matrix.shape, lambda x: matrix @ x, lambda y: matrix.T @ y, rhs, matrix=matrix)
-        x, spectrum = solve(system, rank_rtol(dtype, matrix.shape))
-        return LayerSolve(x.T, Spectrum(spectrum.rank * channels, spectrum.cond), system.residual(x))
+        solved = solve_operator(system, rank_rtol(dtype, matrix.shape))
+        return LayerSolve(solved.x.T, Spectrum(solved.spectrum.rank * channels, solved.spectrum.cond),
+                          system.residual(solved.x), resolve=_channel_resolve([(slice(None), slice(None),
+                                                                                solved.resolve)], matrix.shape[1]))
     x = rhs.new_zeros(gradients.shape[1], channels)
-    rank, cond = 0, 0.0
+    rank, cond, pieces = 0, 0.0, []
     for residue in gradients.residue_classes():
         block = matrix[residue.rows][:, residue.pixels]
         system = System(block.shape, lambda v, b=block: b @ v, lambda v, b=block: b.T @ v, rhs[residue.rows],
                         matrix=block)
-        x[residue.pixels], spectrum = solve(system, rank_rtol(dtype, matrix.shape))
+        solved = solve_operator(system, rank_rtol(dtype, matrix.shape))
+        x[residue.pixels], spectrum = solved.x, solved.spectrum
         rank, cond = rank + spectrum.rank, max(cond, spectrum.cond)
+        pieces.append((residue.rows, residue.pixels, solved.resolve))
     residual = float(torch.linalg.norm(matrix @ x - rhs) / torch.linalg.norm(rhs).clamp_min(TINY))
-    return LayerSolve(x.T, Spectrum(rank * channels, cond), residual)
+    return LayerSolve(x.T, Spectrum(rank * channels, cond), residual, resolve=_channel_resolve(pieces, matrix.shape[1]))
+
+
+def _channel_resolve(pieces, pixels):
+    """A LayerSolve.resolve for gradient constraints solved channel by channel, block by block: pieces
+    are (rows, pixels, resolve) per block (whole A: slices of everything)."""
+    def resolve(gradient_rhs, weight_rhs):
+        rows, channels, columns = gradient_rhs.shape
+        flat = gradient_rhs.reshape(rows, channels * columns)
+        x = flat.new_zeros(pixels, channels * columns)
+        for block_rows, block_pixels, block_resolve in pieces:
+            x[block_pixels] = block_resolve(flat[block_rows])
+        return x.view(pixels, channels, columns).permute(1, 0, 2)
+
+    return resolve
 
 
 def _gradient_gram(equations, scale):
@@ -245,7 +303,8 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     if factor.kind == "ridge":
         notes.append(f"{label}: rank-deficient at the gradients' precision; the solution is a ridge "
                      f"(minimum-norm) estimate")
-    return LayerSolve(x.view(equations.channels, equations.pixels), factor.spectrum, system.residual(x), tuple(notes))
+    return LayerSolve(x.view(equations.channels, equations.pixels), factor.spectrum, system.residual(x), tuple(notes),
+                      resolve=_joint_resolve(equations, with_gradients, factor.least_squares))
 
 
 def _solve_dense(equations, method, dtype, fallback):
@@ -254,18 +313,20 @@ def _solve_dense(equations, method, dtype, fallback):
     if bool(known.all()) and weights.shape[0] >= weights.shape[1]:
         # M alone could determine the input and does not depend on the image: factorise it once.
         if method == "hybrid":
-            x, spectrum, system = _deflated_hybrid(equations, dtype)
+            x, spectrum, system, resolve = _deflated_hybrid(equations, dtype)
         else:
             system = joint_system(equations, with_gradients=False)
             factor = weights.factor(rank_rtol(dtype, weights.shape))
             x, spectrum = factor.solve(system), factor.spectrum
+            resolve = _joint_resolve(equations, False, factor.least_squares)
     else:
         system = joint_system(equations, with_gradients=method == "hybrid")
-        solved = solve(system, rank_rtol(dtype, system.shape), fast_only=fallback)
+        solved = solve_operator(system, rank_rtol(dtype, system.shape), fast_only=fallback)
         if solved is None:
             return None
-        x, spectrum = solved
-    return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x))
+        x, spectrum = solved.x, solved.spectrum
+        resolve = _joint_resolve(equations, method == "hybrid", solved.resolve)
+    return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x), resolve=resolve)
 
 
 class _PseudoInverse(NamedTuple):
@@ -339,6 +400,7 @@ class Completion(NamedTuple):
     x: torch.Tensor  # (C, columns of A)
     spectrum: Spectrum  # rank and condition number of the stacked system
     residual: float  # the larger relative residual of the two kinds of constraint
+    fit: object = None  # fit(gradient_rhs (rows, C), weight_rhs (known rows, 1)) -> x: the same completion of other data
 
 
 def complete(null, gradients, weights, images, dtype):
@@ -372,7 +434,7 @@ def complete(null, gradients, weights, images, dtype):
     amplification = float(torch.linalg.norm(probe - x) / (torch.linalg.norm(x).clamp_min(TINY) * eps(dtype)))
     spectrum = reduced.spectrum if reduced is not None else Spectrum(0, 1.0)
     rank = null.rank * gradient_rhs.shape[1] + spectrum.rank
-    return Completion(x, Spectrum(rank, max(null.cond, spectrum.cond, _PROBE_MARGIN * amplification)), residual)
+    return Completion(x, Spectrum(rank, max(null.cond, spectrum.cond, _PROBE_MARGIN * amplification)), residual, fit)
 
 
 def _rounding_noise(target, dtype, generator):
@@ -407,7 +469,11 @@ def complete_gradients(equations, dtype, *, memory_limit=None, label="conv layer
     note = (f"{label}: its gradient constraints left {columns:,} directions undetermined (rank {null.rank} of "
             f"{pixels} per channel); the weight constraints determined {completed.spectrum.rank - null.rank * channels:,} "
             f"of them",)
-    return LayerSolve(completed.x, completed.spectrum, completed.residual, note)
+    def resolve(gradient_rhs, weight_rhs):
+        return torch.stack([completed.fit(gradient_rhs[:, :, r], weight_rhs[:, r:r + 1])
+                            for r in range(gradient_rhs.shape[2])], dim=-1)
+
+    return LayerSolve(completed.x, completed.spectrum, completed.residual, note, resolve=resolve)
 
 
 def counted_equations(equations, method):

@@ -355,11 +355,22 @@ class Factor:
         return self._subspace
 
 
+class Solved(NamedTuple):
+    """A solved System: its solution, Spectrum, and `resolve`, which solves the same K for other
+    right-hand sides (m, r) with the factorisation already made (no refinement: for the error
+    bound's tangents, which need a few digits)."""
+
+    x: torch.Tensor
+    spectrum: Spectrum
+    resolve: object
+
+
 def _diverged(system):
     """What a system returns when its data are not finite: an earlier solve diverged."""
     rhs = system.rhs
-    return torch.full((system.shape[1], rhs.shape[1]), math.nan, dtype=rhs.dtype, device=rhs.device), \
-        Spectrum(0, math.inf)
+    return Solved(torch.full((system.shape[1], rhs.shape[1]), math.nan, dtype=rhs.dtype, device=rhs.device),
+                  Spectrum(0, math.inf),
+                  lambda b: b.new_full((system.shape[1], b.shape[1]), math.nan))
 
 
 def _solve_eigh(system, rtol):
@@ -374,7 +385,8 @@ def _solve_eigh(system, rtol):
     def solve_normal(y):
         return vectors @ (inverse[:, None] * (vectors.T @ y))
 
-    return system.refine(solve_normal(system.apply_t(system.rhs)), solve_normal), spectrum
+    return Solved(system.refine(solve_normal(system.apply_t(system.rhs)), solve_normal), spectrum,
+                  lambda rhs: solve_normal(system.apply_t(rhs)))
 
 
 def _solve_cholesky(system, rtol):
@@ -395,7 +407,8 @@ def _solve_cholesky(system, rtol):
     if spectrum.cond > 1.0 / max(rtol, GRAM_RESOLVES):
         return None
     spectrum.rank = n
-    return system.refine(solve_normal(system.apply_t(system.rhs)), solve_normal), spectrum
+    return Solved(system.refine(solve_normal(system.apply_t(system.rhs)), solve_normal), spectrum,
+                  lambda rhs: solve_normal(system.apply_t(rhs)))
 
 
 def solve(system, rtol, fast_only=False):
@@ -405,10 +418,17 @@ def solve(system, rtol, fast_only=False):
     precision, K itself is factorised (LU, QR or, if rank-deficient, SVD), unless
     fast_only, which then returns None.
     """
+    solved = solve_operator(system, rtol, fast_only)
+    return None if solved is None else solved[:2]
+
+
+def solve_operator(system, rtol, fast_only=False):
+    """solve(), as a Solved: the solution, its Spectrum, and the factorisation's `resolve`."""
     if not bool(torch.isfinite(system.rhs).all()):
         return _diverged(system)
     if system.shape[0] == 0:  # no equation at all (weight constraints where every ReLU unit is off)
-        return system.rhs.new_zeros(system.shape[1], system.rhs.shape[1]), Spectrum(0, math.inf)
+        return Solved(system.rhs.new_zeros(system.shape[1], system.rhs.shape[1]), Spectrum(0, math.inf),
+                      lambda b: b.new_zeros(system.shape[1], b.shape[1]))
     if not bool(torch.isfinite(system.gram).all()):
         return _diverged(system)
     solved = (_solve_eigh if system.shape[1] <= EIGH_MAX else _solve_cholesky)(system, rtol)
@@ -418,7 +438,7 @@ def solve(system, rtol, fast_only=False):
     # K^T K resolves the tolerance, so the system is known to be rank-deficient.
     factor = Factor(system.shape, rtol, lambda: system.matrix, system.apply, system.apply_t,
                     deficient=rtol >= GRAM_RESOLVES and system.shape[1] > EIGH_MAX)
-    return factor.solve(system), factor.spectrum
+    return Solved(factor.solve(system), factor.spectrum, factor.least_squares)
 
 
 # Normal equations resolve K's singular values down to about sqrt(eps) of the largest; corrected
@@ -475,6 +495,10 @@ class NormalFactor:
     def _solve_gram(self, y):
         """(K^T K)^-1 y (shifted by the ridge when rank-deficient)."""
         return self._tensor(self.factor.solve(y.detach().cpu().numpy()))
+
+    def least_squares(self, b):
+        """One solve of K x = b through the factorisation (a single Tikhonov step when rank-deficient)."""
+        return self._solve_gram(self.apply_t(b))
 
     def solve(self, system):
         """The least-squares (ridge when rank-deficient) solution of `system`, whose K this factorises."""
