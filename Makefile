@@ -10,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 RCONV_DATA ?= $(if $(wildcard ../shared/datasets),../shared/datasets,)
 export RCONV_DATA
 
-.PHONY: test run bench baselines distributed clean-venv
+.PHONY: test run bench baselines distributed federated clean-venv
 
 LOCK := requirements-lock.txt
 # Notebooks side by side: the machine's cores (the stored tables do not depend on it: each sweep's task
@@ -38,7 +38,14 @@ $(VENV)/.distributed: $(VENV)/.installed requirements-distributed.txt
 
 distributed: $(VENV)/.distributed
 
-test: $(VENV)/.installed $(VENV)/.distributed
+# The optional Flower and Opacus packages, for attacking real federated clients and their tests.
+$(VENV)/.federated: $(VENV)/.installed requirements-federated.txt
+	$(PY) -m pip install --quiet -r requirements-federated.txt -c $(LOCK)
+	touch $@
+
+federated: $(VENV)/.federated
+
+test: $(VENV)/.installed $(VENV)/.distributed $(VENV)/.federated
 	$(PY) -m pytest -q
 
 run: $(VENV)/.baselines

@@ -14,6 +14,8 @@ from rconv.cases.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASET
 from rconv.cases.data import DATASETS, SAMPLE_PHOTOS, dataset_info, load_images
 from rconv.cases.client import DEFENCES, DTYPES, as_dtype, client_gradients, defend
 from rconv.cases.setup import Case, setup
+from rconv.cases.updates import Update, gradients_from_update
+from rconv.cases.privacy import PrivacyBudget, opacus_missing, privacy_budget
 from rconv.split.linear import LinearSplit, split_linear
 from rconv.attack.constraints import grad_constraints, min_filters, weight_constraints
 from rconv.attack.activations import RELU_TESTS
@@ -39,6 +41,7 @@ __all__ = [
     "load_images", "dataset_info", "DATASETS", "SAMPLE_PHOTOS", "setup", "Case",  # data and cases
     "resolve_path",  # where relative paths point
     "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
+    "gradients_from_update", "Update", "privacy_budget", "PrivacyBudget", "opacus_missing",  # federated clients
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
     "reconstruct", "reconstruct_clients", "Reconstruction", "LayerReport",  # the attack
     "reconstruct_batch",  # reconstruct_clients' former name

@@ -12,7 +12,7 @@ SUBPACKAGES = ["common", "linalg", "cases", "split", "attack", "analysis", "stud
 MODULE_LAYERS = {
     "common": [{"errors", "geometry", "paths", "progress", "environment"}, {"checks"}],
     "linalg": [{"sparse", "memory"}, {"solvers"}],
-    "cases": [{"models", "data", "client"}, {"setup"}],
+    "cases": [{"models", "data", "client", "updates", "privacy"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],
     "attack": [{"constraints", "network"}, {"tolerances", "activations", "equations", "bounds", "tangents"},
                {"systems"},

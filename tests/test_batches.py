@@ -178,3 +178,19 @@ def test_a_float32_batch_of_sixteen_settles_its_near_zero_units_jointly(packs):
     # the probe keeps the Linear layer's rank, so the batch gets a finite bound
     assert result.error_bound < math.inf
     assert (matched.table.max_abs_err[matched.table.image_exact] <= result.error_bound).all()
+
+
+def test_a_layer_without_known_pre_activations_never_builds_an_empty_weight_matrix():
+    # a split gone wrong (a multi-step update read as a batch) can leave every ReLU unit of a layer off:
+    # no weight row anywhere, and the joint solve would factorise a matrix with no rows
+    from types import SimpleNamespace
+
+    from rconv.attack.batch_steps import _joint_completion, _methods
+    channels, pixels, rows = 12, 256, 400  # lenet_c10's second conv layer: its 16 * 5 * 5 gradient rows
+    layer = SimpleNamespace(channels=channels, pixels=pixels, unknowns=channels * pixels,
+                            known=torch.zeros(16 * 16 * 16, dtype=torch.bool),
+                            gradients=SimpleNamespace(shape=(rows, pixels)))
+    methods, why = _methods([layer], channels * pixels)
+    assert methods == ["gradients"] and not why
+    assert _joint_completion([layer], torch.zeros(rows, channels, dtype=torch.float64), torch.float32, None,
+                             "conv layer 2") is None

@@ -287,6 +287,10 @@ def small():
     (dict(batch_size=0), "batch_size must be None"),
     (dict(batch_size=True), "batch_size must be None"),
     (dict(batch_size=2.0), "batch_size must be None"),
+    (dict(time_limit=0), "time_limit must be a number > 0"),
+    (dict(time_limit=float("nan")), "time_limit must be a number > 0"),
+    (dict(noise=-1e-9), "noise must be a finite number >= 0"),
+    (dict(noise=float("inf")), "noise must be a finite number >= 0"),
 ])
 def test_refuses_bad_options(small, change, problem):
     with pytest.raises(rc.RConvError, match=problem):
@@ -314,6 +318,56 @@ def test_a_zero_gradient_is_a_failure_with_a_reason(small):
     result = rc.split_linear(weight_grad * 0, bias_grad * 0, weight, bias, dtype=torch.float64)
     assert result.status == "fail" and result.features.shape == (0, 768)
     assert "the gradient is zero" in result.reasons[0]
+
+
+def scaled_shares(seed=2):
+    """Two images' gradients each scaled on its own (as DP-SGD's per-sample clipping does): no whole
+    multiplicities, so that stage A's answer fails the checks and stage B searches."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    model = default_model("cifar10")
+    one, two = (Truth(model, images[n:n + 1], [n + 1], torch.float64) for n in range(2))
+    return 0.37 * one.weight_grad + 0.81 * two.weight_grad, 0.37 * one.bias_grad + 0.81 * two.bias_grad, \
+        one.weight, one.bias
+
+
+def test_the_vertex_search_stops_at_its_time_limit_with_a_reason():
+    weight_grad, bias_grad, weight, bias = scaled_shares()
+    searched = rc.split_linear(weight_grad, bias_grad, weight, bias, dtype=torch.float64)
+    assert len(searched.features) == 2 and "stage B" in searched.notes[0]
+    assert not any("time limit" in reason for reason in searched.reasons)
+    stopped = rc.split_linear(weight_grad, bias_grad, weight, bias, dtype=torch.float64, time_limit=1e-9)
+    assert stopped.status == "fail"
+    assert any("stopped at its time limit of 1e-09 s" in reason for reason in stopped.reasons)
+
+
+def test_noise_in_the_gradients_does_not_count_as_images(small):
+    weight_grad, bias_grad, weight, bias = small
+    size = float(torch.cat([weight_grad.flatten(), bias_grad]).pow(2).mean().sqrt())
+    generator = torch.Generator().manual_seed(0)
+    noise = 1e-9 * size  # far above float64's rounding, far below the two images' singular values
+    noisy = (weight_grad + noise * torch.randn(weight_grad.shape, generator=generator, dtype=torch.float64),
+             bias_grad + noise * torch.randn(bias_grad.shape, generator=generator, dtype=torch.float64))
+    assert gradient_rank(*noisy, weight, bias, dtype=torch.float64) > 2
+    assert gradient_rank(*noisy, weight, bias, dtype=torch.float64, noise=noise) == 2
+    result = rc.split_linear(*noisy, weight, bias, dtype=torch.float64, noise=noise)
+    assert result.rank == 2 and len(result.features) == 2 and result.batch_size == 2
+
+
+def test_gradients_within_their_noise_hold_nothing_to_split(small):
+    weight_grad, bias_grad, weight, bias = small
+    result = rc.split_linear(weight_grad, bias_grad, weight, bias, dtype=torch.float64,
+                             noise=float(weight_grad.abs().max()))
+    assert result.status == "fail" and "within the errors its entries may carry" in result.reasons[0]
+
+
+def test_a_row_space_without_a_nonnegative_vector_stops_the_search(small):
+    """Noise on every coordinate (DP-SGD's) leaves no feature a ReLU could give: the search says so at once."""
+    weight_grad, bias_grad, weight, bias = small
+    generator = torch.Generator().manual_seed(1)
+    noisy = weight_grad + weight_grad.abs().max() * torch.randn(weight_grad.shape, generator=generator,
+                                                                  dtype=torch.float64)
+    result = rc.split_linear(noisy, bias_grad, weight, bias, dtype=torch.float64)
+    assert result.status == "fail" and any("holds no nonnegative vector" in reason for reason in result.reasons)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

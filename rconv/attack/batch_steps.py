@@ -80,7 +80,8 @@ def batch_linear_step(network, grads, shape, options, batch_size, zeros=None):
                  linear.bias.detach().to(**wide))
     split = track_split(*arguments, dtype=options.tolerances.dtype, zeros=zeros) if zeros is not None else None
     if split is None:
-        split = split_linear(*arguments, dtype=options.tolerances.dtype, batch_size=batch_size)
+        split = split_linear(*arguments, dtype=options.tolerances.dtype, batch_size=batch_size,
+                             noise=update_noise(grads, linear))
     signals, cautious = [], []
     for features, contribution, error_bar in zip(split.features.to(**wide), split.contributions.to(**wide),
                                                  split.error_bars.tolist()):
@@ -92,9 +93,19 @@ def batch_linear_step(network, grads, shape, options, batch_size, zeros=None):
     reasons = [f"Linear layer: the batch split is {split.status}: {reason}" for reason in split.reasons]
     if split.status != "ok" and not reasons:
         reasons.append(f"Linear layer: the batch split is {split.status}")
+    if grads.local_steps > 1:
+        reasons.append(f"Linear layer: the gradients average {grads.local_steps} local SGD steps, each taken at "
+                       f"other weights: no batch of images gives them exactly, so its images are approximations")
     readings = [signals] + ([cautious] if any(a.noise != b.noise for a, b in zip(signals, cautious)) else [])
-    return BatchLinear(signals, readings, split.features.to(**wide), split.labels, split.status == "ok", reasons,
-                       notes)
+    trusted = split.status == "ok" and grads.local_steps == 1
+    return BatchLinear(signals, readings, split.features.to(**wide), split.labels, trusted, reasons, notes)
+
+
+def update_noise(grads, linear):
+    """The RMS error a weight update's rounding left in the entries of [dL/dW, dL/db] (0 for shared gradients)."""
+    features = linear.weight.shape[1]
+    weight, bias = grads.rounding_of(linear.weight), grads.rounding_of(linear.bias)
+    return math.sqrt((features * weight ** 2 + bias ** 2) / (features + 1))
 
 
 def _zero_noise(activated, error_bar):
@@ -176,7 +187,9 @@ def _joint_completion(equations, rhs, dtype, memory_limit, label):
     systems.complete): None when it leaves too many directions to solve densely."""
     batch, channels, pixels = len(equations), equations[0].channels, equations[0].pixels
     rows = equations[0].gradients.shape[0]
-    if channels * (batch * pixels - min(rows, batch * pixels)) > COMPLETION_MAX_DIRECTIONS:
+    weight_rows = sum(int(e.known.sum()) for e in equations)
+    # no image's pre-activation known anywhere: no weight row to complete with (and no matrix to factorise)
+    if weight_rows == 0 or channels * (batch * pixels - min(rows, batch * pixels)) > COMPLETION_MAX_DIRECTIONS:
         return None
     check(3 * rows * batch * pixels * _FLOAT64_BYTES, f"{label}: the batch's gradient-constraint matrix "
           f"({rows:,} x {batch * pixels:,}, dense)", memory_limit)
@@ -185,7 +198,6 @@ def _joint_completion(equations, rhs, dtype, memory_limit, label):
     columns = channels * null.basis.shape[1]
     if columns > COMPLETION_MAX_DIRECTIONS:
         return None
-    weight_rows = sum(int(e.known.sum()) for e in equations)
     check(3 * weight_rows * columns * _FLOAT64_BYTES, f"{label}: the batch's weight constraints on the null space "
           f"of its gradient constraints ({weight_rows:,} x {columns:,}, dense)", memory_limit)
     # Image n's weight rows see only its own pixels: the n-th block of every null direction.
@@ -216,10 +228,11 @@ def _methods(equations, unknowns):
     order = ["weights"] if all(int(e.known.sum()) >= e.unknowns for e in equations) else []
     if rows >= batch * pixels:
         order.append("gradients")
-    counted = equations[0].channels * min(rows, batch * pixels) + sum(int(e.known.sum()) for e in equations)
+    weight_rows = sum(int(e.known.sum()) for e in equations)
+    counted = equations[0].channels * min(rows, batch * pixels) + weight_rows
     if counted < unknowns and not order:
         return ["estimate"], f"{unknowns:,} unknowns over the batch and at most {counted:,} equations"
-    if unknowns <= JOINT_DENSE_MAX_UNKNOWNS:
+    if unknowns <= JOINT_DENSE_MAX_UNKNOWNS and weight_rows:  # without weight rows it is "gradients" again
         order.append("gradients+weights")
     if not order:
         return ["estimate"], (f"its joint system over the batch has {unknowns:,} unknowns, more than the "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..cases.updates import Update
 from ..common.errors import RConvError
 from ..common.geometry import conv_output_size
 
@@ -107,20 +108,33 @@ def parse_network(model):
 
 
 class Gradients:
-    """A client's gradients, checked against the model and looked up by parameter."""
+    """A client's gradients, checked against the model and looked up by parameter.
 
-    def __init__(self, parameters, grads):
+    rounding (per parameter) and local_steps: what an Update read off a weight update carries (the
+    RMS error the weights' rounding left in each entry, and the SGD steps averaged); none for
+    gradients a client shared as such.
+    """
+
+    def __init__(self, parameters, grads, rounding=None, local_steps=1):
         self.parameters = tuple(parameters)
         self._by_id = {id(p): g for p, g in zip(parameters, grads)}
+        self._rounding = {id(p): r for p, r in zip(parameters, rounding or ())}
         self.dtype, self.device = grads[0].dtype, grads[0].device
+        self.local_steps = local_steps
 
     def of(self, parameter):
         return self._by_id[id(parameter)]
 
+    def rounding_of(self, parameter):
+        """The RMS error a weight update's rounding left in the entries of this parameter's gradient (0 if none)."""
+        return self._rounding.get(id(parameter), 0.0)
+
 
 def check_gradients(model, network, grads):
-    """The Gradients of `grads` (a list in model.parameters() order, or a dict by parameter name)."""
+    """The Gradients of `grads` (a list in model.parameters() order, or a dict by parameter name, or an
+    Update, whose rounding and local steps they keep)."""
     parameters = list(model.parameters())
+    update = grads if isinstance(grads, Update) else None
     if isinstance(grads, dict):
         missing = [name for name in network.parameter_names if name not in grads]
         extra = [name for name in grads if name not in network.parameter_names]
@@ -147,7 +161,9 @@ def check_gradients(model, network, grads):
         found = ", ".join(f"{name} is {str(dtype).replace('torch.', '')}" for dtype, name in first.items())
         raise RConvError(f"the gradients mix dtypes ({found}); pass every tensor in the one precision the client "
                          f"computed them in")
-    return Gradients(parameters, grads)
+    if update is None:
+        return Gradients(parameters, grads)
+    return Gradients(parameters, grads, update.rounding, update.local_steps)
 
 
 def check_input_shape(network, input_shape):

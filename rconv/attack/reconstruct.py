@@ -21,7 +21,7 @@ from ..common.progress import progress_bar
 from ..linalg.memory import default_limit
 from ..split.linear import gradient_rank
 from .activations import RELU_TESTS
-from .batch_steps import batch_conv_step, batch_linear_step
+from .batch_steps import batch_conv_step, batch_linear_step, update_noise
 from .bounds import (
     Measured,
     SourceLevels,
@@ -49,6 +49,9 @@ from .steps import (
 )
 from .tangents import propagate
 from .tolerances import Tolerances
+
+# Guards the division by a gradient's norm, which is zero only for a layer that learnt nothing.
+_TINY_NORM = 1e-300
 
 __all__ = ["FIRST_LAYER_METHODS", "LayerReport", "Reconstruction", "reconstruct", "reconstruct_batch"]
 
@@ -158,16 +161,19 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     _check_methods(first_layer, relu_test, methods)
     _check_batch_size(batch_size)
     network = parse_network(model)
+    update_notes = list(getattr(grads, "notes", []))  # what a weight update's reading said (cases.updates)
     grads = check_gradients(model, network, grads)
     sizes = check_input_shape(network, input_shape)
     options = _options(network, grads, dict(first_layer=first_layer, methods=methods, relu_test=relu_test,
                                             relu_tol=relu_tol, project=project, image_range=image_range,
                                             device=device, memory_limit=memory_limit))
     if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
-        return _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
+        result = _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
+        result.notes[:0] = update_notes
+        return result
     chain = _single_image(network, grads, sizes, options, cache, check_batch)
     reports = [result.report for result in chain.results]
-    reasons = verdict(reports, options.tolerances)
+    reasons = verdict(reports, options.tolerances) + _local_steps_reasons(grads)
     # Only an image that passes every other check is worth bounding.
     bound_start = time.perf_counter()
     bound = unbounded(len(reports)) if reasons else _error_bound(network, grads, options, cache, chain)
@@ -175,7 +181,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     for report, layer_bound in zip(reports, bound.layers):
         report.error_bound = layer_bound
     reasons += bound_reasons(bound, options.tolerances)
-    notes = chain.top.notes + [note for result in reversed(chain.results) for note in result.notes]
+    notes = update_notes + chain.top.notes + [note for result in reversed(chain.results) for note in result.notes]
     label = int(grads.of(network.linear.bias).argmin())  # one image's dL/db is negative at its label only
     return Reconstruction(image=chain.image.detach().cpu()[None], layers=reports, exact=not reasons,
                           reasons=reasons, seconds=time.perf_counter() - start,
@@ -213,10 +219,31 @@ def _error_bound(network, grads, options, cache, chain):
     """The ErrorBound of an image whose every layer was determined: the attack's chain, linearised, applied to
     noise directions scaled to what the gradients' residuals show (rconv.bounds, rconv.tangents)."""
     parameters = [network.linear.weight, network.linear.bias] + [step.conv.weight for step in network.steps]
-    levels = SourceLevels(options.tolerances.dtype)
+    # sources, in the order the tangents meet them: the Linear layer, then the conv layers from the last
+    sources = [[network.linear.weight, network.linear.bias]] + [[s.conv.weight] for s in reversed(network.steps)]
+    levels = SourceLevels(options.tolerances.dtype, [max(_rounding_level(grads, p) for p in source)
+                                                     for source in sources])
     layers = propagate(network, grads, chain.top.features, [r.linearisation for r in chain.results],
                        noise_directions(parameters, grads, cache=cache), levels)
     return linearised_bound(layers, _measured(chain), max(levels.levels), options.tolerances.dtype)
+
+
+def _rounding_level(grads, parameter):
+    """The relative noise a weight update's rounding left in a parameter's gradient (0 for gradients shared
+    as such)."""
+    rms = grads.rounding_of(parameter)
+    if not rms:
+        return 0.0
+    grad = grads.of(parameter)
+    return rms * math.sqrt(grad.numel()) / max(float(torch.linalg.norm(grad.to(torch.float64))), _TINY_NORM)
+
+
+def _local_steps_reasons(grads):
+    """Why gradients read off several local SGD steps cannot give an exact image."""
+    if grads.local_steps <= 1:
+        return []
+    return [f"the gradients average {grads.local_steps} local SGD steps, each taken at other weights: no image "
+            f"gives them exactly, so the recovered image is an approximation"]
 
 
 def _measured(chain):
@@ -309,7 +336,8 @@ def _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted):
     noisy = perturbed(list(model.parameters()), grads, probed)
     linear = network.linear
     if gradient_rank(noisy.of(linear.weight), noisy.of(linear.bias), linear.weight.detach().double(),
-                     linear.bias.detach().double(), dtype=options.tolerances.dtype) != found:
+                     linear.bias.detach().double(), dtype=options.tolerances.dtype,
+                     noise=update_noise(grads, linear)) != found:
         # noise that raises the rank reads as more images (and a long search for them): only the
         # part of it that keeps the rank, which is what moves the members' features to first order
         noisy = keep_rank(grads, noisy, linear, found)

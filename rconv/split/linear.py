@@ -21,6 +21,7 @@ decomposition the checks cannot vouch for, end in status "fail" with reasons.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -30,7 +31,7 @@ from scipy.special import softmax
 from ..cases.client import as_dtype, dtype_name
 from ..common.checks import as_whole
 from ..common.errors import RConvError
-from .search import TINY, RowSpace, SplitTolerances, search_members
+from .search import SEARCH_TIME_LIMIT, TINY, RowSpace, SplitTolerances, search_members
 
 # Precisions whose tolerances were measured; half precisions carry too few bits to split a batch.
 _DTYPES = ("float64", "float32")
@@ -59,6 +60,9 @@ _RANK_GAP = 10.0
 _SATURATED = 1e-3
 # A multiplicity above this is more than one image.
 _SEVERAL = 1.5
+# Errors of RMS size s in a K x n matrix give singular values up to about s (sqrt(K) + sqrt(n)); a
+# singular value counts only beyond this many times that (an update's errors are bounds, not sizes).
+_NOISE_RANK_MARGIN = 3.0
 
 
 class LinearSplit(NamedTuple):
@@ -121,6 +125,7 @@ class _Inputs(NamedTuple):
     bias: np.ndarray
     tol: SplitTolerances
     batch_size: int | None
+    noise: float = 0.0  # RMS size of errors in M's entries beyond the rounding of its dtype
 
 
 def _as_float(name, value, shape):
@@ -136,7 +141,16 @@ def _as_float(name, value, shape):
     return array
 
 
-def _check(weight_grad, bias_grad, weight, bias, dtype, batch_size):
+def _check_number(name, value, *, positive):
+    """A real number, not a bool or NaN, > 0 (positive) or >= 0, or an RConvError naming it."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    if not ok or (value <= 0 if positive else not 0 <= value < math.inf):
+        what = "a number > 0 (math.inf: no limit)" if positive else "a finite number >= 0"
+        raise RConvError(f"split_linear: {name} must be {what}; got {value!r}")
+    return float(value)
+
+
+def _check(weight_grad, bias_grad, weight, bias, dtype, batch_size, noise=0.0):
     """The inputs as float64 arrays, or a clear error naming the argument."""
     name = dtype_name(dtype)
     if name not in _DTYPES:
@@ -154,27 +168,30 @@ def _check(weight_grad, bias_grad, weight, bias, dtype, batch_size):
                           _as_float("bias_grad", bias_grad, (classes,))[:, None]])
     return _Inputs(gradient, _as_float("weight", weight, (classes, n)), _as_float("bias", bias, (classes,)),
                    SplitTolerances.for_dtype(name, torch.finfo(as_dtype(dtype)).eps),
-                   None if batch_size is None else int(batch_size))
+                   None if batch_size is None else int(batch_size), _check_number("noise", noise, positive=False))
 
 
-def _numerical_rank(sigma, tol):
-    """Singular values above the precision's threshold, relative to ||M||_F."""
-    return int((sigma > tol.rank * float(np.linalg.norm(sigma))).sum())
+def _numerical_rank(sigma, inputs):
+    """Singular values above the precision's threshold, relative to ||M||_F, and above what errors of
+    the inputs' noise could make."""
+    classes, columns = inputs.gradient.shape
+    floor = _NOISE_RANK_MARGIN * inputs.noise * (math.sqrt(classes) + math.sqrt(columns))
+    return int((sigma > max(inputs.tol.rank * float(np.linalg.norm(sigma)), floor)).sum())
 
 
-def gradient_rank(weight_grad, bias_grad, weight, bias, *, dtype) -> int:
+def gradient_rank(weight_grad, bias_grad, weight, bias, *, dtype, noise=0.0) -> int:
     """The rank split_linear reads off a Linear layer's mean gradients: the distinct images it looks for.
 
     Arguments as for split_linear.
     """
-    inputs = _check(weight_grad, bias_grad, weight, bias, dtype, None)
-    return _numerical_rank(np.linalg.svd(inputs.gradient, compute_uv=False), inputs.tol)
+    inputs = _check(weight_grad, bias_grad, weight, bias, dtype, None, noise)
+    return _numerical_rank(np.linalg.svd(inputs.gradient, compute_uv=False), inputs)
 
 
 def _row_space(inputs, left, sigma, right, rank=None):
     """M's numerical row space: rank by the precision's threshold (unless given), noise, active coordinates."""
     tol = inputs.tol
-    rank = _numerical_rank(sigma, tol) if rank is None else rank
+    rank = _numerical_rank(sigma, inputs) if rank is None else rank
     noise = float(sigma[rank]) if rank < len(sigma) else tol.eps * float(np.linalg.norm(sigma))
     noise_rel = noise / float(sigma[rank - 1])
     basis = right[:rank].T
@@ -400,6 +417,7 @@ def _single_image(weight_grad, bias_grad, space, inputs, gap, device):
 class _Found(NamedTuple):
     rows: np.ndarray | None  # [a_n, 1] of the members found
     how: str  # which stage found them, and at what cost
+    stopped: str = ""  # why the search stopped early (its time limit, no nonnegative vector), or ""
 
 
 def _refusal(space, classes, batch_size):
@@ -411,19 +429,22 @@ def _refusal(space, classes, batch_size):
     return ""
 
 
-def _members(space, tol, batch_size):
+def _members(space, tol, batch_size, time_limit):
     """Stage A when its answer passes the checks, else stage B."""
     rows = _softmax_fixed_point(space)
     if rows is not None and _consistent(space, rows, tol, batch_size) and _sign_consistent(rows, space, tol):
         return _Found(rows, "stage A (softmax fixed point)")
-    outcome = search_members(space, tol, lambda candidate: _consistent(space, candidate, tol, batch_size))
+    outcome = search_members(space, tol, lambda candidate: _consistent(space, candidate, tol, batch_size),
+                             time_limit=time_limit)
     how = f"stage B (LP vertex search): {outcome.lps} LPs"
     if outcome.rejected:
         how += "; turned down: " + ", ".join(f"{why} x{count}" for why, count in outcome.rejected.most_common(4))
-    return _Found(np.array(outcome.members) if outcome.members else None, how)
+    stopped = outcome.stopped.replace("its time limit", f"its time limit of {time_limit:g} s")
+    return _Found(np.array(outcome.members) if outcome.members else None, how, stopped)
 
 
-def split_linear(weight_grad, bias_grad, weight, bias, *, dtype, batch_size=None) -> LinearSplit:
+def split_linear(weight_grad, bias_grad, weight, bias, *, dtype, batch_size=None, noise=0.0,
+                 time_limit=SEARCH_TIME_LIMIT) -> LinearSplit:
     """The members of a mini-batch from its Linear layer's mean gradients (see LinearSplit).
 
     Args:
@@ -433,15 +454,24 @@ def split_linear(weight_grad, bias_grad, weight, bias, *, dtype, batch_size=None
             their names); it sets the tolerances. Half precisions are refused.
         batch_size: None to infer B from the scales, or the B the attacker knows; a B the gradients
             contradict is reported among the reasons, never adjusted.
+        noise: the RMS size of errors the gradients' entries carry beyond the rounding of their dtype
+            (gradients read off a weight update: its rounding, Update.rounding of gradients_from_update);
+            singular values such errors could make do not count towards the rank.
+        time_limit: seconds the vertex search (stage B) may take; when it stops there, the reasons
+            say so. math.inf leaves only its budget of LPs.
     Computes in float64 on the CPU; the tensors come back on weight_grad's device.
     """
-    inputs = _check(weight_grad, bias_grad, weight, bias, dtype, batch_size)
+    inputs = _check(weight_grad, bias_grad, weight, bias, dtype, batch_size, noise)
+    time_limit = _check_number("time_limit", time_limit, positive=True)
     device = weight_grad.device
     classes, n = inputs.weight.shape
     left, sigma, right = np.linalg.svd(inputs.gradient, full_matrices=False)
     if sigma[0] == 0:
         return _failure(["the gradient is zero: every image's prediction is saturated (or the loss is constant)"],
                         [], 0, classes, n, device)
+    if _numerical_rank(sigma, inputs) == 0:
+        return _failure([f"the gradient lies within the errors its entries may carry (noise={inputs.noise:.2g}): "
+                         f"nothing to split"], [], 0, classes, n, device)
     space = _row_space(inputs, left, sigma, right)
     gap = space.sigma[-1] / max(space.noise, TINY)
     if space.rank == 1:
@@ -449,15 +479,17 @@ def split_linear(weight_grad, bias_grad, weight, bias, *, dtype, batch_size=None
     refusal = _refusal(space, classes, inputs.batch_size)
     if refusal:
         return _failure([refusal], [], space.rank, classes, n, device)
-    found = _members(space, inputs.tol, inputs.batch_size)
+    found = _members(space, inputs.tol, inputs.batch_size, time_limit)
     if found.rows is None:
-        reasons = ["no member's feature was found"]
+        reasons = ["no member's feature was found"] + ([found.stopped] if found.stopped else [])
         if space.rank == classes - 1:
             reasons.append(_saturation_reason(classes, space.rank, inputs.batch_size, False))
         return _failure(reasons, [found.how], space.rank, classes, n, device)
     d = _decompose(space, found.rows, inputs.tol, inputs.batch_size)
     verdict = _verdict(d, space.rank, gap, classes, inputs.tol, inputs.batch_size)
     verdict.notes.insert(0, found.how)
+    if found.stopped:  # a reason where the split falls short; where the softmax completed it, a note
+        (verdict.reasons if verdict.reasons else verdict.notes).append(found.stopped)
     return _result(d, verdict, space.rank, device)
 
 

@@ -13,6 +13,8 @@ Pure numpy; split_linear (rconv/linear_split.py) decides what the result is wort
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -72,6 +74,10 @@ _STALL_PER_RANK = 5
 _POOL_SIZE = 8
 # A softmax completion is replaced by its zero-set polish only when they agree this closely.
 _POLISH_AGREE = 1e-2
+# Seconds the search may take: ten times the LP budget's measured 2 s (K = 10), so that only a search
+# lost in noise (noisy, clipped or multi-step gradients, where each LP of 100 classes takes about a
+# second) stops on it, and an attack with its error bound's rerun still answers within a minute.
+SEARCH_TIME_LIMIT = 20.0
 
 
 @dataclass(frozen=True)
@@ -130,11 +136,13 @@ class _Vertex(NamedTuple):
 
 
 class SearchOutcome(NamedTuple):
-    """The members stage B found: rows [a_n, 1], how many LPs it took, and what it turned down."""
+    """The members stage B found: rows [a_n, 1], how many LPs it took, what it turned down, and why it
+    stopped before it had found every member or run out of LPs ("" when it did not)."""
 
     members: list
     lps: int
     rejected: Counter
+    stopped: str = ""
 
 
 def label_fit(features, space):
@@ -200,8 +208,9 @@ def _is_new(vector, pool):
 class _Search:
     """The state of stage B: members found, the deflated coefficients, the LP budget."""
 
-    def __init__(self, space, tol, consistent, rng):
+    def __init__(self, space, tol, consistent, rng, deadline):
         self.space, self.tol, self.consistent, self.rng = space, tol, consistent, rng
+        self.deadline, self.timed_out, self.empty = deadline, False, None
         r = space.rank
         self.label_informative = r < space.weight.shape[0] - 1  # at r = K - 1 every d lies in col(M)
         self.label_tol = max(tol.label, _NOISE_MULTIPLE * space.noise_rel)
@@ -217,6 +226,20 @@ class _Search:
         self.pool_tried = False
         self.rejected = Counter()
 
+    def _out_of_time(self):
+        """Whether the deadline (time.monotonic()) has passed; remembered, so that the outcome says so."""
+        self.timed_out = self.timed_out or time.monotonic() > self.deadline
+        return self.timed_out
+
+    def _empty(self):
+        """Whether the row space holds no x >= -slack / n with 1^T x = 1 even at the largest slack: then
+        every LP in it, whatever its objective, is infeasible, and so are those in its subspaces."""
+        if self.empty is None and self.slack >= _SLACK_CEILING:
+            active = self.space.active
+            x = lp_vertex(self.space.basis[active], np.zeros(len(active)), self.slack, deadline=self.deadline)
+            self.empty = None if x is None and self._out_of_time() else x is None
+        return bool(self.empty)
+
     def _basis(self):
         if self.deflating and self.remaining < self.space.rank:
             wt = np.linalg.svd(self.coefficients, full_matrices=False)[2]
@@ -230,27 +253,28 @@ class _Search:
             x = basis[active, 0] * np.sign(basis[active, 0].sum())
             return x / x.sum()
         if full:
-            return lp_vertex(self.space.basis[active], self.rng.standard_normal(len(active)), self.slack)
+            return lp_vertex(self.space.basis[active], self.rng.standard_normal(len(active)), self.slack,
+                             deadline=self.deadline)
         if self.seeds:
-            return lp_vertex(basis[active], self.seeds.pop(0), self.slack)
+            return lp_vertex(basis[active], self.seeds.pop(0), self.slack, deadline=self.deadline)
         if self.found and not self.deflating and self.lps % 2 == 0:
             known = np.array([self.space.basis.T @ v for v in self.found]).T
             direction = self.rng.standard_normal(self.space.rank)
             direction -= known @ np.linalg.lstsq(known, direction, rcond=None)[0]
             return lp_vertex_excluding(self.space.basis[active], self.rng.exponential(size=len(active)),
-                                       direction, self.slack)
-        return lp_vertex(basis[active], self.rng.standard_normal(len(active)), self.slack)
+                                       direction, self.slack, deadline=self.deadline)
+        return lp_vertex(basis[active], self.rng.standard_normal(len(active)), self.slack, deadline=self.deadline)
 
     def _pin(self, x, basis, full):
         """x pinned by its zero set: in the full basis, else in the deflated one, else (the last
         member) the deflated space itself."""
         tol, space = self.tol, self.space
-        refined = refine(space.basis, space.active, x, tol.tau)
+        refined = refine(space.basis, space.active, x, tol.tau, deadline=self.deadline)
         deflated = self.deflating and not full
         if deflated and 1 < self.remaining < space.rank and \
                 (refined is None or refined.second < max(_NULL_GAP * refined.resid, _NULL_GAP * tol.tau)):
             # too few zeros to pin it among all r members: the deflated space holds only the rest
-            refined = refine(basis, space.active, x, tol.tau)
+            refined = refine(basis, space.active, x, tol.tau, deadline=self.deadline)
         if refined is None and deflated and self.remaining == 1:
             # the last member: the deflated row space is the member itself, no zero set needed
             v = basis[:, 0] * np.sign(basis[space.active, 0].sum())
@@ -322,6 +346,8 @@ class _Search:
             return []
         candidates = [vertex.row for vertex in sorted(self.pool, key=lambda vertex: -vertex.zeros)[:_POOL_SIZE]]
         for combination in itertools.combinations(candidates, need):
+            if self._out_of_time():
+                break
             if self.consistent(np.array(self.found + list(combination))):
                 return list(combination)
         return []
@@ -330,7 +356,7 @@ class _Search:
         """One more member (or a completing set of them): a list, empty when the budget runs out."""
         r = self.space.rank
         basis = self._basis()
-        while self.lps < _LPS_PER_RANK * r:
+        while self.lps < _LPS_PER_RANK * r and not self._out_of_time():
             self.lps += 1
             self.since_new += 1
             stalled = self.since_new > _STALL_PER_RANK * r
@@ -344,11 +370,17 @@ class _Search:
                     return completion
             full = self.mixed and self.lps % 2 == 1
             x = self._propose(basis, full)
+            if x is None and self._out_of_time():
+                break
             if x is None:
                 self.rejected["LP infeasible"] += 1
                 self.slack = min(_SLACK_CEILING, self.slack * _SLACK_GROWTH)
+                if self._empty():
+                    break
                 continue
             refined = self._pin(x, basis, full)
+            if refined is None and self._out_of_time():
+                break
             if refined is None:
                 self.rejected["no zero set pins it"] += 1
                 continue
@@ -365,14 +397,24 @@ class _Search:
                 break
             self.found.extend(more)
             self.since_new, self.pool_tried = 0, False
-        if len(self.found) < r and not self.pool_tried:
+        if len(self.found) < r and not self.pool_tried and not self.timed_out:
             self.found.extend(self._complete_from_pool())
         if len(self.found) == r - 1 and r >= 2:
             v = softmax_completion(self.space, self.found)
             if v is not None and v[self.space.active].max() > 0:
                 self.found.append(self._polish(v))
                 self.rejected["completed from the softmax"] += 1
-        return SearchOutcome(self.found, self.lps, self.rejected)
+        return SearchOutcome(self.found, self.lps, self.rejected, self._stopped())
+
+    def _stopped(self):
+        members = f"{len(self.found)} of the {self.space.rank} members the gradient's rank shows"
+        if self.empty:
+            return (f"the gradient's row space holds no nonnegative vector, as every feature behind a ReLU is, "
+                    f"even with the largest LP slack ({_SLACK_CEILING:g}): noise (a defence such as DP-SGD's) "
+                    f"or no batch's mean gradient; the search stopped with {members}")
+        if self.timed_out:
+            return f"the LP vertex search stopped at its time limit after {self.lps} LPs, with {members}"
+        return ""
 
     def _polish(self, v):
         """A softmax completion sharpened by its zero set, when that set pins a vector close to it."""
@@ -385,9 +427,12 @@ class _Search:
         return polished if np.abs(polished - v).max() < _POLISH_AGREE * np.abs(v).max() else v
 
 
-def search_members(space, tol, consistent: Callable[[np.ndarray], bool], seed=0):
+def search_members(space, tol, consistent: Callable[[np.ndarray], bool], seed=0, *, time_limit=SEARCH_TIME_LIMIT):
     """Stage B: the members of the row space one by one (see the module's docstring).
 
     consistent(rows) says whether a complete set of rows [a_n, 1] passes split_linear's final checks.
+    time_limit: seconds after which the search stops with what it has (math.inf: only its LP budget
+    stops it); its LPs and zero-set refinements are cut off at the same moment.
     """
-    return _Search(space, tol, consistent, np.random.default_rng(seed)).run()
+    deadline = time.monotonic() + time_limit if math.isfinite(time_limit) else math.inf
+    return _Search(space, tol, consistent, np.random.default_rng(seed), deadline).run()

@@ -10,6 +10,7 @@ leverage of that coordinate, reported by refine(), gives them away. Pure numpy a
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -44,6 +45,8 @@ _LEVERAGE_CAP = 1 - 1e-12
 _SEED_FLOOR = 1e-3
 # Zero-set changes remembered by their size and first few coordinates, to stop a cycle.
 _CYCLE_KEY = 8
+# HiGHS is handed at least this many seconds, so that a deadline just passing still lets it start.
+_LEAST_LP_SECONDS = 1e-3
 
 
 class Refined(NamedTuple):
@@ -58,16 +61,25 @@ class Refined(NamedTuple):
     zero_noise: float  # largest |entry| on the zero set, relative to the largest entry
 
 
-def lp_vertex(basis, weights, slack):
-    """The vertex of {x = basis q >= -slack / n, 1^T x = 1} minimising weights^T x, or None if infeasible."""
+def _lp_options(deadline):
+    """HiGHS's options: the seconds left until `deadline` (time.monotonic()), none without one."""
+    if deadline is None or not np.isfinite(deadline):
+        return {}
+    return {"time_limit": max(_LEAST_LP_SECONDS, deadline - time.monotonic())}
+
+
+def lp_vertex(basis, weights, slack, *, deadline=None):
+    """The vertex of {x = basis q >= -slack / n, 1^T x = 1} minimising weights^T x, or None if infeasible
+    (or, with a deadline, a time.monotonic() value, not solved by then)."""
     n = basis.shape[0]
     result = linprog(weights @ basis, A_ub=-basis, b_ub=np.full(n, slack / n), A_eq=basis.sum(0)[None],
-                     b_eq=[1.0], bounds=[(None, None)] * basis.shape[1], method=_LP_METHOD)
+                     b_eq=[1.0], bounds=[(None, None)] * basis.shape[1], method=_LP_METHOD,
+                     options=_lp_options(deadline))
     return basis @ result.x if result.status == 0 else None
 
 
-def lp_vertex_excluding(basis, weights, direction, slack):
-    """A vertex normalised by direction^T q = 1 instead of the sum, or None.
+def lp_vertex_excluding(basis, weights, direction, slack, *, deadline=None):
+    """A vertex normalised by direction^T q = 1 instead of the sum, or None (deadline as for lp_vertex).
 
     With `direction` orthogonal to the coefficients of the features found so far, they and every
     combination of them are infeasible, and minimising positive weights pushes their share down:
@@ -75,7 +87,8 @@ def lp_vertex_excluding(basis, weights, direction, slack):
     """
     n = basis.shape[0]
     result = linprog(weights @ basis, A_ub=-basis, b_ub=np.full(n, slack / n), A_eq=direction[None],
-                     b_eq=[1.0], bounds=[(None, None)] * basis.shape[1], method=_LP_METHOD)
+                     b_eq=[1.0], bounds=[(None, None)] * basis.shape[1], method=_LP_METHOD,
+                     options=_lp_options(deadline))
     if result.status != 0:
         return None
     x = basis @ result.x
@@ -164,8 +177,9 @@ def _summary(basis, zeros, vector, active):
                    negative=float(-min(x.min() / top, 0.0)), zero_noise=float(np.abs(vector[zeros]).max() / top))
 
 
-def refine(basis, active, x, tau):
-    """The vector of the row space that vanishes on x's zero set, or None when no zero set settles.
+def refine(basis, active, x, tau, *, deadline=None):
+    """The vector of the row space that vanishes on x's zero set, or None when no zero set settles
+    (or, with a deadline, a time.monotonic() value, none settled by then).
 
     The first zero set is {j active : x_j <= tau max x}. Then, round by round: the null vector v of
     the basis restricted to the zeros; the zeros' noise level s (robust, from residuals |v_j| in
@@ -181,6 +195,8 @@ def refine(basis, active, x, tau):
     in_zero[active[x <= tau * x.max()]] = True
     seen = set()
     for _ in range(_REFINE_ROUNDS):
+        if deadline is not None and time.monotonic() > deadline:
+            return None
         zeros = np.flatnonzero(in_zero)
         if len(zeros) < least:
             return None
