@@ -108,3 +108,13 @@ def test_source_levels_rescale_the_noise_to_the_residual_measured():
     assert levels.explain(torch.tensor([1.0, 3.0]), 8.0) == pytest.approx(2.0)  # more residual: more noise
     assert levels.explain(torch.tensor([16.0]), 1.0) == pytest.approx(0.25)  # less: the levels above were high
     assert levels.explain(torch.tensor([0.0]), 1.0) == 1.0  # the noise leaves none: nothing to compare
+    coarse = SourceLevels(torch.float32)  # the forward pass's rounding hides from residuals: never lowered
+    assert coarse.explain(torch.tensor([1.0, 3.0]), 8.0) == pytest.approx(2.0)
+    assert coarse.explain(torch.tensor([16.0]), 1.0) == 1.0
+
+
+def test_source_levels_keep_a_weight_update_s_rounding_as_a_floor():
+    levels = SourceLevels(torch.float32, floors=[0.0, 1e-3])
+    assert levels.own(torch.tensor([1.0]), 0.0) == EPS32  # no floor of its own: the precision's
+    assert levels.own(torch.tensor([1.0]), 0.0) == 1e-3  # the update's rounding
+    assert levels.assumed() == 1e-3
