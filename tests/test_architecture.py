@@ -10,7 +10,7 @@ from conftest import REPO
 SUBPACKAGES = ["common", "linalg", "cases", "split", "attack", "analysis", "studies", "cli"]
 # Within a sub-package, its modules' order, top first: a module imports only from the sets above its own.
 MODULE_LAYERS = {
-    "common": [{"errors", "geometry", "paths", "progress", "environment"}, {"checks"}],
+    "common": [{"errors", "geometry", "paths", "progress", "environment", "optional"}, {"checks"}],
     "linalg": [{"sparse", "memory"}, {"solvers"}],
     "cases": [{"models", "data", "client", "updates", "privacy"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from ..common.checks import whole_number
 from ..common.errors import RConvError
+from ..common.optional import missing
 
 # The pin of requirements-federated.txt, named in the install hint.
 OPACUS_PIN = "opacus==1.6.0"
@@ -25,11 +26,7 @@ class PrivacyBudget(NamedTuple):
 
 def opacus_missing():
     """Why privacy_budget cannot run here, in one sentence naming the install command; "" when it can."""
-    try:
-        _accountant()
-    except ImportError as error:
-        return str(error)
-    return ""
+    return missing(_accountant)
 
 
 def _accountant():

@@ -24,6 +24,7 @@ from ..cases.data import check_indices, dataset_info
 from ..cases.setup import setup
 from ..common.checks import whole_number
 from ..common.errors import RConvError
+from ..common.optional import missing
 from .executors import chunked, path_text, run_tasks
 
 # name -> (breaching attack config, overrides)
@@ -43,11 +44,7 @@ _INSTALL_HINT = ("the baselines (DLG, iDLG, Inverting Gradients) need the option
 
 def breaching_missing():
     """Why the baselines cannot run here, in one sentence naming the install command; "" when they can."""
-    try:
-        _breaching()
-    except ImportError as error:
-        return str(error)
-    return ""
+    return missing(_breaching)
 
 
 def _breaching():

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ..common.errors import RConvError
+from ..common.optional import missing
 from ..common.progress import progress_bar
 
 DISTRIBUTED_PIN = "dask[distributed]==2026.8.0"  # as requirements-distributed.txt
@@ -199,11 +200,7 @@ def run_tasks(function, tasks, collect, *, executor=None, desc, unit="task", siz
 def distributed_missing():
     """Why the studies cannot run on a Dask cluster here, in one sentence naming the install command; ""
     when they can."""
-    try:
-        _distributed()
-    except ImportError as error:
-        return str(error)
-    return ""
+    return missing(_distributed)
 
 
 def _distributed():
