@@ -132,9 +132,12 @@ def _joint_rhs(equations, with_gradients):
 
 def _joint_resolve(equations, with_gradients, solve_rhs):
     """A LayerSolve.resolve for a joint system solved by solve_rhs((rows, r)) -> (C*H*W, r)."""
-    stack = _joint_rhs(equations, with_gradients)
-    channels, pixels = equations.channels, equations.pixels
-    return lambda gradient_rhs, weight_rhs: solve_rhs(stack(gradient_rhs, weight_rhs)).view(channels, pixels, -1)
+    def resolve(gradient_rhs, weight_rhs):
+        # the scales are measured again here, not kept from the solve: only images that reach the bound pay
+        stack = _joint_rhs(equations, with_gradients)
+        return solve_rhs(stack(gradient_rhs, weight_rhs)).view(equations.channels, equations.pixels, -1)
+
+    return resolve
 
 
 def _weight_block(equations, scale):
