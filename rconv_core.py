@@ -16,22 +16,24 @@ from rconv.cases.client import DEFENCES, DTYPES, as_dtype, client_gradients, def
 from rconv.cases.setup import Case, setup
 from rconv.cases.updates import Update, gradients_from_update
 from rconv.cases.privacy import PrivacyBudget, opacus_missing, privacy_budget
+from rconv.cases.flower import LocalTraining, flower_client, flower_missing
 from rconv.split.linear import LinearSplit, split_linear
 from rconv.attack.constraints import grad_constraints, min_filters, weight_constraints
 from rconv.attack.activations import RELU_TESTS
 from rconv.attack.tolerances import default_relu_tol
 from rconv.attack.reconstruct import (FIRST_LAYER_METHODS, LayerReport, Reconstruction, reconstruct,
                                       reconstruct_batch, reconstruct_clients)
-from rconv.analysis.reports import (BROKEN_PSNR, constraint_report, image_metrics, layer_inputs, match_batch,
+from rconv.analysis.reports import (BROKEN_PSNR, GOOD_PSNR, constraint_report, image_metrics, layer_inputs, match_batch,
                                     output_gradients, solve_steps)
-from rconv.analysis.summaries import (batch_summary, breaking_points, filter_summary, size_summary, success_rates,
+from rconv.analysis.summaries import (batch_summary, breaking_points, federated_summary, filter_summary, size_summary, success_rates,
                                       summarize)
-from rconv.analysis.plotting import (plot_batches, plot_defences, plot_filters, plot_grid, plot_methods,
+from rconv.analysis.plotting import (plot_batches, plot_defences, plot_federated, plot_filters, plot_grid, plot_methods,
                                      plot_precision, plot_psnr, plot_reconstruction, plot_sizes, plot_success)
 from rconv.studies.executors import SweepFailed, distributed_missing, executor_for
 from rconv.studies.experiments import attack_grid, attack_images, filter_sweep, size_sweep
 from rconv.studies.baselines import BASELINES, breaching_missing, compare_baselines, run_baseline
 from rconv.studies.batches import batch_sweep
+from rconv.studies.federated import dp_sgd, federated_round, fedsgd_fedavg
 from rconv.cli import main
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "resolve_path",  # where relative paths point
     "client_gradients", "defend", "DEFENCES", "as_dtype", "DTYPES",  # client gradients
     "gradients_from_update", "Update", "privacy_budget", "PrivacyBudget", "opacus_missing",  # federated clients
+    "flower_client", "LocalTraining", "flower_missing",
     "grad_constraints", "weight_constraints", "min_filters", "default_relu_tol",  # constraints
     "reconstruct", "reconstruct_clients", "Reconstruction", "LayerReport",  # the attack
     "reconstruct_batch",  # reconstruct_clients' former name
@@ -52,9 +55,10 @@ __all__ = [
     "attack_grid", "attack_images", "filter_sweep", "summarize", "success_rates", "breaking_points",
     "filter_summary", "size_sweep", "size_summary", "BROKEN_PSNR",  # experiment loops
     "batch_sweep", "batch_summary",  # the mini-batch study
+    "federated_round", "fedsgd_fedavg", "dp_sgd", "federated_summary", "GOOD_PSNR",  # the federated study
     "executor_for", "SweepFailed", "distributed_missing",  # experiment loops on a Dask cluster
     "plot_reconstruction", "plot_grid", "plot_methods", "plot_psnr", "plot_precision", "plot_defences",
-    "plot_filters", "plot_success", "plot_sizes", "plot_batches",  # plotting
+    "plot_filters", "plot_success", "plot_sizes", "plot_batches", "plot_federated",  # plotting
     "main",  # command line
 ]
 

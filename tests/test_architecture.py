@@ -12,13 +12,13 @@ SUBPACKAGES = ["common", "linalg", "cases", "split", "attack", "analysis", "stud
 MODULE_LAYERS = {
     "common": [{"errors", "geometry", "paths", "progress", "environment", "optional"}, {"checks"}],
     "linalg": [{"sparse", "memory"}, {"solvers"}],
-    "cases": [{"models", "data", "client", "updates", "privacy"}, {"setup"}],
+    "cases": [{"models", "data", "client", "updates", "privacy", "flower"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],
     "attack": [{"constraints", "network"}, {"tolerances", "activations", "equations", "bounds", "tangents"},
                {"systems"},
                {"steps"}, {"batch_steps"}, {"reconstruct"}],
     "analysis": [{"reports"}, {"summaries"}, {"plotting"}],
-    "studies": [{"executors", "findings"}, {"experiments", "baselines"}, {"batches"}],
+    "studies": [{"executors", "findings"}, {"experiments", "baselines"}, {"batches", "federated"}],
     "cli": [{""}],
 }
 MODULES = sorted(".".join(p.relative_to(REPO / "rconv").with_suffix("").parts)

@@ -11,6 +11,7 @@ import pandas as pd
 import papermill
 import pytest
 
+import rconv_core as rc
 import run_all
 from conftest import REPO
 from runner import notebooks
@@ -31,9 +32,13 @@ EXPERIMENT_COLUMNS = {"Precision": {"dtype", "first_layer", "relu_test", "psnr",
                                           "max_abs_err", "seconds", "peak_mb", "verdict", "methods", "reason"},
                       "Batches": {"dataset", "model", "method", "dtype", "batch_size", "index", "label",
                                   "recovered_label", "image_exact", "psnr", "max_abs_err", "max_batch",
-                                  "within_bound", "reason"}}
-# Every notebook runs without the optional breaching package (Baselines then runs R-CONV alone).
-QUICK_NAMES = list(run_all.NOTEBOOKS)
+                                  "within_bound", "reason"},
+                      "Federated": {"dataset", "model", "scenario", "lr", "local_steps", "noise_multiplier",
+                                    "max_grad_norm", "epsilon", "method", "client", "index", "label",
+                                    "recovered_label", "image_exact", "psnr", "max_abs_err", "reason"}}
+# Every notebook runs without the optional breaching package (Baselines then runs R-CONV alone); Federated's
+# clients are Flower's and Opacus's, so it needs the federated extra.
+QUICK_NAMES = [name for name in run_all.NOTEBOOKS if name != "Federated" or not rc.flower_missing()]
 TEMPLATED = [name for name, entry in run_all.NOTEBOOKS.items() if "template" in entry]
 # The reference notebooks' step-by-step images (dataset, index) per Various_settings architecture.
 REFERENCE_IMAGES = {"LeNet": ("cifar100", 12), "LeNet_O": ("cifar100", 12), "LeNet_4_ReLU": ("cifar100", 12),

@@ -10,7 +10,7 @@ import torch
 
 from ..cases.client import DEFENCES, DTYPES
 from ..common.errors import RConvError
-from .reports import BROKEN_PSNR, as_image, image_metrics
+from .reports import BROKEN_PSNR, GOOD_PSNR, as_image, image_metrics
 
 
 def _pyplot():
@@ -431,4 +431,61 @@ def plot_batches(table, *, path=None):
     for axis in axes:
         axis.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     figure.suptitle("R-CONV on mini-batches: one mean gradient, every image", fontsize=10)
+    return _save(figure, path)
+
+
+# Where a setting without noise (epsilon infinite) is drawn: this many times the largest finite epsilon.
+_NO_NOISE_FACTOR = 100.0
+
+
+def _epsilon_axis(axis, table):
+    """x positions of the DP settings' epsilons (inf drawn past the largest finite one) and the axis' ticks."""
+    finite = table.epsilon[np.isfinite(table.epsilon)]
+    beyond = (finite.max() if len(finite) else 1.0) * _NO_NOISE_FACTOR
+    axis.set_xscale("log")
+    axis.axvline(beyond, color="lightgrey", linestyle="--", linewidth=1)
+    axis.annotate("no noise", (beyond, 1.0), xycoords=("data", "axes fraction"), ha="right", va="top",
+                  rotation=90, fontsize=7, color="grey")
+    axis.set_xlabel("epsilon at delta 1e-5 (smaller: more private)")
+    return table.epsilon.where(np.isfinite(table.epsilon), beyond)
+
+
+def plot_federated(table, *, path=None):
+    """The federated study: R-CONV's median PSNR per learning rate and local steps (FedSGD, FedAvg), and under
+    DP-SGD against epsilon, with each baseline beside it and the share of images certified exact."""
+    plt = _pyplot()
+    table = _table(table)
+    figure, axes = plt.subplots(1, 3, figsize=(14.5, 4.0))
+    plain = table[(table.scenario != "dp_sgd") & (table.method == "rconv")]
+    for steps, rows in plain.groupby("local_steps"):
+        medians = rows.groupby("lr").psnr.median().sort_index()
+        axes[0].plot(medians.index, medians, marker="o",
+                     label=f"{steps} local step{'s' if steps > 1 else ''}{' (FedSGD)' if steps == 1 else ' (FedAvg)'}")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("client learning rate")
+    axes[0].set_title("plain clients, float32 weights", fontsize=9)
+    private = table[table.scenario == "dp_sgd"].copy()
+    if len(private):
+        private["where"] = _epsilon_axis(axes[1], private)
+        _epsilon_axis(axes[2], private)
+        for method, rows in private.groupby("method", sort=False):
+            medians = rows.groupby("where").psnr.median().sort_index()
+            line, = axes[1].plot(medians.index, medians, marker="o", label=method)
+            lost = medians[medians.isna()]  # no image came back to measure: drawn at 0 dB, hollow
+            if len(lost):
+                axes[1].plot(lost.index, np.zeros(len(lost)), linestyle="", marker="o", markerfacecolor="none",
+                             color=line.get_color(), label=f"{method}: no image found")
+        rconv = private[private.method == "rconv"].groupby("where")
+        axes[2].plot(rconv.image_exact.mean().sort_index(), marker="o", label="R-CONV: certified exact")
+        axes[2].plot(rconv.psnr.apply(lambda psnr: float((psnr >= GOOD_PSNR).mean())).sort_index(),
+                     marker="s", linestyle="--", label=f"R-CONV: at >= {GOOD_PSNR:g} dB")
+    axes[1].set_title("DP-SGD clients: median PSNR", fontsize=9)
+    axes[2].set_title("DP-SGD clients: share of images", fontsize=9)
+    axes[2].set_ylim(-0.05, 1.05)
+    for axis in axes[:2]:
+        axis.set_ylabel("median PSNR (dB)")
+        _broken_line(axis)
+    for axis in axes:
+        axis.legend(fontsize=7)
+    figure.suptitle("A federated round as the server sees it", fontsize=10)
     return _save(figure, path)

@@ -19,6 +19,8 @@ from ..common.geometry import footprints
 
 # PSNR below this no longer shows the image: where the suite says a defence stops the attack.
 BROKEN_PSNR = 20.0
+# What an image within float32's precision reaches, exact or not: a reconstruction no eye can tell apart.
+GOOD_PSNR = 60.0
 # SSIM's default 7x7 window needs images at least this large.
 _SSIM_MIN_SIDE = 7
 

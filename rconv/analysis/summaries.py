@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 from ..common.errors import RConvError
-from .reports import BROKEN_PSNR
+from .reports import BROKEN_PSNR, GOOD_PSNR
 
 
-def batch_summary(table, *, good_psnr=60.0):
+def batch_summary(table, *, good_psnr=GOOD_PSNR):
     """Per method, network, dtype and batch size: images, exact share, share at >= good_psnr dB, median PSNR,
     labels right, median seconds per batch, and the counting bound."""
     missing = [c for c in ("method", "model", "dtype", "batch_size", "image_exact", "psnr", "label",
@@ -123,3 +123,13 @@ def size_summary(table):
                          cold_seconds=part.seconds[part.start == "cold"].median(),
                          warm_seconds=part.seconds[part.start == "warm"].median(), peak_mb=part.peak_mb.max()))
     return pd.DataFrame(rows)
+
+
+def federated_summary(table, *, good_psnr=GOOD_PSNR):
+    """Per setting and method: images, the share certified exact, the share at >= good_psnr dB, median PSNR and
+    median seconds per update."""
+    keys = ["scenario", "lr", "local_steps", "noise_multiplier", "max_grad_norm", "epsilon", "method"]
+    grouped = table.groupby(keys, sort=False, dropna=False)
+    return grouped.agg(images=("psnr", "size"), share_exact=("image_exact", "mean"),
+                       share_good=("psnr", lambda psnr: float((psnr >= good_psnr).mean())),
+                       median_psnr=("psnr", "median"), median_seconds=("seconds", "median")).reset_index()

@@ -80,8 +80,30 @@ def batches(summary, folder):
     return "; ".join(parts) + f"; beyond the bound {claimed} of {int(beyond.images.sum())} images claimed exact"
 
 
+def federated(summary, folder):
+    """FedSGD at each learning rate, FedAvg at its best, and the epsilon below which DP-SGD stops R-CONV (its
+    median PSNR under 20 dB) beside the baselines' median PSNR there."""
+    rconv = summary[summary.method == "rconv"]
+    fedsgd = rconv[rconv.scenario == "fedsgd"]
+    parts = ["FedSGD " + ", ".join(f"lr {row.lr:g}: {row.share_good:.0%} at >= 60 dB ({row.share_exact:.0%} exact)"
+                                   for row in fedsgd.itertuples())]
+    fedavg = rconv[rconv.scenario == "fedavg"]
+    if len(fedavg):
+        parts.append(f"FedAvg (2+ local steps): at most {fedavg.share_good.max():.0%} at >= 60 dB, "
+                     f"{fedavg.share_exact.max():.0%} exact")
+    private = summary[summary.scenario == "dp_sgd"]
+    working = private[(private.method == "rconv") & (private.median_psnr >= 20)]
+    if len(working):
+        parts.append(f"DP-SGD: R-CONV's median PSNR stays above 20 dB only up to noise multiplier "
+                     f"{working.noise_multiplier.max():g} (epsilon {working.epsilon.min():.3g})")
+    for method, part in private[private.method != "rconv"].groupby("method", sort=False):
+        parts.append(f"{method} under DP-SGD {part.median_psnr.min():.0f}-{part.median_psnr.max():.0f} dB")
+    return "; ".join(parts)
+
+
 FINDINGS = {"Precision": precision, "Defences": defences, "Filters": filters, "Success_rates": success_rates,
-            "Baselines": baselines, "High_resolution": high_resolution, "Batches": batches}
+            "Baselines": baselines, "High_resolution": high_resolution, "Batches": batches,
+            "Federated": federated}
 
 
 def finding(name, folder):
