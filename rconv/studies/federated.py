@@ -91,11 +91,16 @@ def _round_task(task, cache):
     shape = tuple(case.images.shape[1:])
     client = flower_client(case.model, case.images, case.labels, training, seed=task.client)
     sent, returned = _round_trip(case.model, client)
-    update = gradients_from_update(case.model, sent, returned, lr=training.lr, local_steps=training.local_steps)
     setting = dict(dataset=case.info["name"], model=task.model, seed=task.seed, scenario=_scenario(training),
                    lr=training.lr, local_steps=training.local_steps, noise_multiplier=training.noise_multiplier,
                    max_grad_norm=training.max_grad_norm, epsilon=_epsilon(training), delta=DELTA,
                    client=task.client, batch_size=len(task.indices))
+    try:
+        update = gradients_from_update(case.model, sent, returned, lr=training.lr, local_steps=training.local_steps)
+    except RConvError as refused:  # e.g. a client whose training diverged sends NaN: a row that says so
+        return [dict(setting, method="rconv", seconds=math.nan, update_exact=False, reason=str(refused), member=k,
+                     index=index, label=int(label), image_exact=False, psnr=math.nan, max_abs_err=math.nan)
+                for k, (index, label) in enumerate(zip(task.indices, case.labels))]
     start = time.perf_counter()
     result = reconstruct(case.model, update, shape, cache=cache((case.info["name"], task.model, task.seed)))
     rows = _rows(setting, result, match_batch(case.images, case.labels, result), "rconv",
