@@ -1,7 +1,9 @@
 """Shared fixtures and helpers: the sample packs, the networks and gradients many tests attack, and the attack."""
+import math
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -110,3 +112,20 @@ def uniform_init(model, seed=0, low=-0.5, high=0.5):
         for parameter in model.parameters():
             parameter.uniform_(low, high, generator=generator)
     return model
+
+
+def federated_table():
+    """A federated study's metrics as federated_round writes them: two plain settings, two private ones."""
+    rows = []
+    for scenario, lr, steps, noise, epsilon, method, psnr, exact in [
+            ("fedsgd", 0.1, 1, 0.0, math.inf, "rconv", 95.0, True), ("fedsgd", 0.001, 1, 0.0, math.inf, "rconv", 40.0, False),
+            ("fedavg", 0.1, 2, 0.0, math.inf, "rconv", 3.0, False),
+            ("dp_sgd", 0.1, 1, 0.0, math.inf, "rconv", 75.0, False),
+            ("dp_sgd", 0.1, 1, 0.0, math.inf, "inverting_gradients", 5.0, False),
+            ("dp_sgd", 0.1, 1, 1e-6, 5.5e11, "rconv", math.nan, False),
+            ("dp_sgd", 0.1, 1, 1e-6, 5.5e11, "inverting_gradients", 4.0, False)]:
+        for member in range(2):
+            rows.append(dict(scenario=scenario, lr=lr, local_steps=steps, noise_multiplier=noise,
+                             max_grad_norm=0.2 if scenario == "dp_sgd" else math.nan, epsilon=epsilon, method=method,
+                             psnr=psnr, image_exact=exact, seconds=1.0, member=member))
+    return pd.DataFrame(rows)

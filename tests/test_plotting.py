@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rconv_core as rc
+from conftest import federated_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend)
@@ -169,10 +170,23 @@ def test_grid_shows_the_image_indices():
         rc.plot_grid(images, images, indices=[1, 2])
 
 
+def test_the_figure_shows_each_scenario_with_a_legend(tmp_path):
+    path = tmp_path / "metrics.csv"
+    federated_table().to_csv(path, index=False)
+    figure = rc.plot_federated(path, path=tmp_path / "federated.png")
+    assert (tmp_path / "federated.png").stat().st_size > 0
+    legends = [[text.get_text() for text in axis.get_legend().get_texts()] for axis in figure.axes]
+    assert "1 local step (FedSGD)" in legends[0] and "2 local steps (FedAvg)" in legends[0]
+    assert {"rconv", "inverting_gradients", "rconv: no image found"} <= set(legends[1])
+    assert "R-CONV: certified exact" in legends[2]
+    with pytest.raises(rc.RConvError, match="federated_round table"):
+        rc.plot_federated(rows(lr=[0.1]))
+
+
 def test_every_figure_function_is_checked_for_its_legend():
     """A new plot_ function must get a legend test above, or be an image-only figure."""
     tested = {"plot_psnr", "plot_precision", "plot_defences", "plot_filters", "plot_success", "plot_sizes",
-              "plot_batches"}
+              "plot_batches", "plot_federated"}
     figures = {name for name in rc.__all__ if name.startswith("plot_")}
     assert figures == tested | IMAGE_FIGURES
     source = inspect.getsource(inspect.getmodule(test_every_figure_function_is_checked_for_its_legend))

@@ -434,6 +434,7 @@ def plot_batches(table, *, path=None):
     return _save(figure, path)
 
 
+_FEDERATED_COLUMNS = {"scenario", "lr", "local_steps", "epsilon", "method", "psnr", "image_exact"}
 # Where a setting without noise (epsilon infinite) is drawn: this many times the largest finite epsilon.
 _NO_NOISE_FACTOR = 100.0
 
@@ -455,6 +456,10 @@ def plot_federated(table, *, path=None):
     DP-SGD against epsilon, with each baseline beside it and the share of images certified exact."""
     plt = _pyplot()
     table = _table(table)
+    missing = sorted(_FEDERATED_COLUMNS - set(table.columns))
+    if missing or table.empty:
+        raise RConvError(f"plot_federated needs a federated_round table with at least one row; missing columns "
+                         f"{missing}")
     figure, axes = plt.subplots(1, 3, figsize=(14.5, 4.0))
     plain = table[(table.scenario != "dp_sgd") & (table.method == "rconv")]
     for steps, rows in plain.groupby("local_steps"):
