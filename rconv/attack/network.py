@@ -11,9 +11,10 @@ import torch.nn as nn
 from ..cases.updates import Update
 from ..common.errors import RConvError
 from ..common.geometry import conv_output_size
+from .graph import trace_chain
 
-_INVERTIBLE = (nn.Conv2d, nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Flatten, nn.Linear)
-_ACTIVATION_TYPES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+# What leaves a Linear layer's output the logits.
+_NO_OPS = ("reshape", "dropout", "identity")
 
 
 @dataclass
@@ -31,24 +32,27 @@ class ConvStep:
     def label(self):
         return f"conv layer {self.number} ({self.name})"
 
+    @property
+    def module(self):
+        """The model's own conv layer (its input is this step's input)."""
+        return self.conv
+
+    @property
+    def output_module(self):
+        """The model's own module whose output is this step's pre-activation output."""
+        return self.conv
+
 
 @dataclass
 class Network:
-    """The conv steps, first to last, and the final Linear layer of a model R-CONV can invert."""
+    """The conv steps, first to last, and the first Linear layer of a model R-CONV can invert."""
 
     steps: list
-    linear: nn.Linear
+    linear: nn.Linear  # the Linear layer the attack reads
     parameter_names: list
-
-
-def _flat_layers(module, prefix="model"):
-    """(name, layer) of every leaf of nested Sequentials, named as Python indexes them (model[2], model.head[0])."""
-    for key, child in module.named_children():
-        name = f"{prefix}[{key}]" if key.isdigit() else f"{prefix}.{key}"
-        if isinstance(child, nn.Sequential):
-            yield from _flat_layers(child, name)
-        else:
-            yield name, child
+    linear_name: str = "the Linear layer"
+    source_linear: nn.Linear | None = None  # the model's own first Linear layer (its input is the features)
+    logits: nn.Linear | None = None  # the layer whose output is the logits, when a Linear layer is the last layer
 
 
 def _conv_padding(conv, label):
@@ -69,42 +73,64 @@ def _conv_step(name, conv, number):
     return ConvStep(number, name, conv, padding=_conv_padding(conv, label))
 
 
-def _attach_activation(steps, name, layer):
-    where = f"{name} ({type(layer).__name__}{f', after conv layer {len(steps)}' if steps else ''})"
+def _attach_activation(steps, operation):
+    where = operation.where
     if not steps or steps[-1].activation != "identity":
         raise RConvError(f"{where} must directly follow a Conv2d layer")
-    if isinstance(layer, nn.LeakyReLU) and layer.negative_slope <= 0:
-        raise RConvError(f"{where}: negative_slope must be positive to be invertible; got {layer.negative_slope}")
-    steps[-1].activation = _ACTIVATION_TYPES[type(layer)]
-    steps[-1].slope = float(getattr(layer, "negative_slope", 0.0))
+    if operation.activation == "leaky_relu" and operation.slope <= 0:
+        raise RConvError(f"{where}: negative_slope must be positive to be invertible; got {operation.slope}")
+    steps[-1].activation = operation.activation
+    steps[-1].slope = operation.slope if operation.activation == "leaky_relu" else 0.0
+
+
+def _refuse_mode(operation):
+    """Refuse what would make the forward pass depend on more than the weights and the image."""
+    if operation.kind == "dropout" and operation.training:
+        raise RConvError(f"{operation.where}: Dropout in training mode drops random units, so the forward pass "
+                         f"behind the gradients cannot be replayed; call model.eval() (or pass training=False)")
+    if operation.kind == "batchnorm" and operation.training:
+        raise RConvError(f"{operation.where}: train-mode BatchNorm is not supported yet (it normalises by the "
+                         f"batch's own statistics); call model.eval() with running statistics tracked")
+
+
+def _refuse_norm(operation):
+    raise RConvError(f"{operation.where}: BatchNorm before the Linear layer is not supported yet")
 
 
 def parse_network(model):
-    """Check that R-CONV can invert `model` and list its conv steps and final Linear layer."""
-    if not isinstance(model, nn.Sequential):
-        raise RConvError(f"R-CONV needs an nn.Sequential (or ConvNet) of Conv2d, activations, Flatten and one "
-                         f"final Linear; got {type(model).__name__}")
-    steps, linear = [], None
-    for name, layer in _flat_layers(model):
-        kind = type(layer).__name__
-        where = f"{name} ({kind}{f', after conv layer {len(steps)}' if steps else ''})"
-        if not isinstance(layer, _INVERTIBLE):
-            raise RConvError(f"{where} cannot be inverted by R-CONV; supported layers are Conv2d, ReLU, "
-                             f"LeakyReLU, Sigmoid, Tanh, Identity, Flatten and one final Linear")
+    """Check that R-CONV can invert `model` (any nn.Module torch.fx can trace into a chain of layers) and list
+    its conv steps and the first Linear layer, whose input it recovers."""
+    steps, linear, head = [], None, []
+    for operation in trace_chain(model):
+        _refuse_mode(operation)
         if linear is not None:
-            raise RConvError(f"{where} follows the Linear layer; R-CONV needs the Linear layer to be the last one")
-        if isinstance(layer, nn.Conv2d):
-            steps.append(_conv_step(name, layer, len(steps) + 1))
-        elif type(layer) in _ACTIVATION_TYPES:
-            _attach_activation(steps, name, layer)
-        elif isinstance(layer, nn.Linear):
-            if layer.bias is None:
-                raise RConvError(f"the Linear layer {name} has no bias; R-CONV recovers the Linear layer's input "
-                                 f"as dL/dW / dL/db and needs the bias gradient")
-            linear = layer
+            # the layers after the first Linear layer are never inverted (graph.py refused the unknown ones)
+            head.append(operation)
+        elif operation.kind == "conv":
+            steps.append(_conv_step(operation.name, operation.module, len(steps) + 1))
+        elif operation.kind == "batchnorm":
+            _refuse_norm(operation)
+        elif operation.kind == "activation":
+            _attach_activation(steps, operation)
+        elif operation.kind == "linear":
+            linear = operation
     if linear is None:
-        raise RConvError("the model has no final Linear layer; R-CONV starts from the Linear layer's gradients")
-    return Network(steps, linear, [name for name, _ in model.named_parameters()])
+        raise RConvError("the model has no Linear layer; R-CONV starts from the Linear layer's gradients")
+    names = [name for name, _ in model.named_parameters()]
+    module = linear.module
+    if module.bias is None:
+        raise RConvError(f"the Linear layer {linear.name} has no bias; R-CONV recovers the Linear layer's input "
+                         f"as dL/dW / dL/db and needs the bias gradient")
+    return Network(steps, module, names, linear.name, module, _logits_layer(module, head))
+
+
+def _logits_layer(read, head):
+    """The last Linear layer when nothing but no-ops follows it (its bias gradient is dL/dlogits), else None."""
+    while head and head[-1].kind in _NO_OPS:
+        head = head[:-1]
+    if not head:
+        return read
+    return head[-1].module if head[-1].kind == "linear" else None
 
 
 class Gradients:

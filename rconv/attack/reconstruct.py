@@ -122,7 +122,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     """Recover the training image behind one client's gradients with R-CONV.
 
     Args:
-        model: the network the client trained (nn.Sequential of Conv2d, activations, Flatten, Linear).
+        model: the network the client trained: any nn.Module whose forward torch.fx traces into a chain
+            of Conv2d, activations, reshapes and eval-mode Dropout up to
+            a first Linear layer; whatever follows that layer is never inverted.
         grads: gradients in model.parameters() order (list) or by parameter name (dict).
         input_shape: (C, H, W) of the image.
         first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),
@@ -182,7 +184,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
         report.error_bound = layer_bound
     reasons += bound_reasons(bound, options.tolerances)
     notes = update_notes + chain.top.notes + [note for result in reversed(chain.results) for note in result.notes]
-    label = int(grads.of(network.linear.bias).argmin())  # one image's dL/db is negative at its label only
+    label = _label(network, grads)
     return Reconstruction(image=chain.image.detach().cpu()[None], layers=reports, exact=not reasons,
                           reasons=reasons, seconds=time.perf_counter() - start,
                           features=chain.top.features.cpu(), linear_misfit=chain.top.misfit, notes=notes,
@@ -249,6 +251,13 @@ def _local_steps_reasons(grads):
 def _measured(chain):
     """What the bound needs of every conv layer of a _Chain, first to last."""
     return [Measured(r.input, r.report.residual, r.report.cond) for r in chain.results]
+
+
+def _label(network, grads):
+    """One image's label: its dL/dlogits is negative at the label only. The logits' gradient is the last Linear
+    layer's bias gradient; without one (a head ending otherwise), the first Linear layer's is the best guess."""
+    logits = network.logits if network.logits is not None and network.logits.bias is not None else network.linear
+    return int(grads.of(logits.bias).argmin())
 
 
 def _check_batch_size(batch_size):
