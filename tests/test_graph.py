@@ -1,11 +1,13 @@
-"""Real networks: any nn.Module read through torch.fx (rconv.attack.graph) and the attack on them, each refusal
-one RConvError naming the node or layer."""
+"""Real networks: any nn.Module read through torch.fx (rconv.attack.graph), eval-mode BatchNorm folded into its
+conv layer (rconv.attack.folding), and the attack on each of them, each refusal one RConvError naming the node or
+layer."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import rconv_core as rc
+from rconv.attack.folding import fold_batchnorm, fold_gradients
 from rconv.attack.graph import readable_name, trace_chain
 from rconv.attack.network import parse_network
 
@@ -148,6 +150,40 @@ def test_an_unused_branch_breaks_the_chain():
         trace_chain(Skipping())
 
 
+# folding: eval-mode BatchNorm into its conv layer
+
+@pytest.mark.parametrize("bias,affine", [(True, True), (False, True), (True, False)])
+def test_folding_keeps_the_forward_and_maps_the_gradients(bias, affine):
+    model = with_batchnorm(bias, affine).double()
+    conv, norm = model[0], model[1]
+    folded = fold_batchnorm(conv, norm, "conv layer 1 (model[0])")
+    x = torch.rand(1, *SHAPE, dtype=torch.float64)
+    weights = torch.randn(1, FIRST, 8, 8, dtype=torch.float64)  # a loss linear in the layer's output
+    out = norm(conv(x))
+    assert torch.allclose(folded.conv(x), out, atol=1e-12)
+    (out * weights).sum().backward()
+    beta = norm.bias.grad if affine else None
+    conv_bias = conv.bias.grad if bias else None
+    mapped = fold_gradients(folded, conv.weight.grad, beta, conv_bias, (0.0, 0.0, 0.0))
+    folded_conv = folded.conv.requires_grad_(True)
+    folded_conv.zero_grad()
+    (folded_conv(x) * weights).sum().backward()
+    assert torch.allclose(mapped.weight, folded_conv.weight.grad, atol=1e-10)
+    if affine or bias:
+        assert torch.allclose(mapped.bias, folded_conv.bias.grad, atol=1e-10)
+    else:
+        assert mapped.bias is None
+
+
+def test_a_zero_gamma_is_refused():
+    model = with_batchnorm()
+    with torch.no_grad():
+        model[1].weight[5] = 0.0
+    with pytest.raises(rc.RConvError, match=r"conv layer 1 \(model\[0\]\): its BatchNorm scales filter\(s\) \[5\] "
+                                            r"by zero"):
+        parse_network(model)
+
+
 # the attack on each kind of network: exact from float64 gradients
 
 def test_a_functional_forward():
@@ -164,6 +200,30 @@ def test_an_mlp_head_with_dropout():
     result, image = attack(model)
     assert_exact(result, image)  # the label from the last Linear layer's bias gradient
     assert len(result.features) == FEATURES and grads_of == 8
+
+
+def test_batchnorm_in_eval_mode_is_folded():
+    model = with_batchnorm()
+    result, image = attack(model)
+    assert_exact(result, image)
+    table = rc.constraint_report(model, SHAPE)
+    assert list(table.layer) == [1, 2] and table.attrs["recoverable"]
+    truth, features = rc.layer_inputs(model, image)
+    assert torch.allclose(truth[1].double(), result.inputs[1].double(), atol=EXACT)
+    assert torch.allclose(features.double().flatten(), result.features.double(), atol=EXACT)
+
+
+def test_batchnorm_without_affine_parameters_or_conv_bias():
+    result, image = attack(with_batchnorm(bias=False, affine=False))
+    assert_exact(result, image)
+
+
+def test_batchnorm1d_in_the_head_is_not_needed():
+    torch.manual_seed(0)
+    model = nn.Sequential(*body(), nn.Linear(FEATURES, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                          nn.Linear(32, CLASSES)).eval()
+    result, image = attack(model)
+    assert_exact(result, image)
 
 
 # refusals that name the layer

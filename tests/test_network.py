@@ -31,6 +31,13 @@ def test_layers_in_training_mode(layer, problem):
         rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
 
 
+def test_batchnorm_after_the_activation_cannot_be_folded():
+    model = small(nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(rc.RConvError, match=r"model\[2\] \(BatchNorm2d, after conv layer 1\) must directly follow "
+                                         r"a Conv2d layer \(before its activation\)"):
+        rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
+
+
 def test_linear_without_bias():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3, bias=False))
     grads = [torch.zeros_like(p) for p in model.parameters()]

@@ -82,6 +82,7 @@ def output_gradients(model, image, label, *, dtype=torch.float64):
         out.retain_grad()
         outputs[number] = out
 
+    # the pre-activation output: a folded BatchNorm's, else the conv layer's own
     hooks = [step.output_module.register_forward_hook(lambda m, a, o, n=step.number: keep(o, n))
              for step in network.steps]
     try:

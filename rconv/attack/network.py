@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ import torch.nn as nn
 from ..cases.updates import Update
 from ..common.errors import RConvError
 from ..common.geometry import conv_output_size
+from .folding import Folded, fold_batchnorm, fold_gradients
 from .graph import trace_chain
 
 # What leaves a Linear layer's output the logits.
@@ -19,14 +21,15 @@ _NO_OPS = ("reshape", "dropout", "identity")
 
 @dataclass
 class ConvStep:
-    """One conv layer with the activation after it."""
+    """One conv layer with the activation after it (and the eval-mode BatchNorm before that, folded in)."""
 
     number: int  # 1 for the first conv layer, as LayerReport.layer
     name: str  # where it sits in the model, e.g. "model[0]"
-    conv: nn.Conv2d
+    conv: nn.Conv2d  # the layer the attack inverts: the model's own, or the folded one
     activation: str = "identity"
     slope: float = 0.0  # LeakyReLU's negative slope
     padding: tuple = (0, 0)
+    folded: Folded | None = None  # the BatchNorm folded into conv, and the model's own layers
 
     @property
     def label(self):
@@ -35,12 +38,12 @@ class ConvStep:
     @property
     def module(self):
         """The model's own conv layer (its input is this step's input)."""
-        return self.conv
+        return self.folded.source if self.folded is not None else self.conv
 
     @property
     def output_module(self):
         """The model's own module whose output is this step's pre-activation output."""
-        return self.conv
+        return self.folded.norm if self.folded is not None else self.conv
 
 
 @dataclass
@@ -93,13 +96,22 @@ def _refuse_mode(operation):
                          f"batch's own statistics); call model.eval() with running statistics tracked")
 
 
-def _refuse_norm(operation):
-    raise RConvError(f"{operation.where}: BatchNorm before the Linear layer is not supported yet")
+def _attach_norm(steps, operation):
+    """Fold an eval-mode BatchNorm2d into the conv layer it directly follows."""
+    if not isinstance(operation.module, nn.BatchNorm2d):
+        raise RConvError(f"{operation.where}: BatchNorm before the Linear layer must be a BatchNorm2d directly "
+                         f"after a Conv2d layer, to be folded into it")
+    if not steps or steps[-1].activation != "identity" or steps[-1].folded is not None:
+        raise RConvError(f"{operation.where} must directly follow a Conv2d layer (before its activation), to be "
+                         f"folded into it")
+    step = steps[-1]
+    step.folded = fold_batchnorm(step.conv, operation.module, step.label)
+    step.conv = step.folded.conv
 
 
 def parse_network(model):
     """Check that R-CONV can invert `model` (any nn.Module torch.fx can trace into a chain of layers) and list
-    its conv steps and the first Linear layer, whose input it recovers."""
+    its conv steps (eval-mode BatchNorm folded in) and the first Linear layer, whose input it recovers."""
     steps, linear, head = [], None, []
     for operation in trace_chain(model):
         _refuse_mode(operation)
@@ -109,7 +121,7 @@ def parse_network(model):
         elif operation.kind == "conv":
             steps.append(_conv_step(operation.name, operation.module, len(steps) + 1))
         elif operation.kind == "batchnorm":
-            _refuse_norm(operation)
+            _attach_norm(steps, operation)
         elif operation.kind == "activation":
             _attach_activation(steps, operation)
         elif operation.kind == "linear":
@@ -151,6 +163,11 @@ class Gradients:
     def of(self, parameter):
         return self._by_id[id(parameter)]
 
+    def maybe(self, parameter):
+        """The gradient of `parameter`, or None for no parameter (a layer without a bias) or one whose gradient
+        the model's gradients cannot give (a folded bias without BatchNorm's beta or a conv bias)."""
+        return self._by_id.get(id(parameter)) if parameter is not None else None
+
     def rounding_of(self, parameter):
         """The RMS error a weight update's rounding left in the entries of this parameter's gradient (0 if none)."""
         return self._rounding.get(id(parameter), 0.0)
@@ -187,9 +204,35 @@ def check_gradients(model, network, grads):
         found = ", ".join(f"{name} is {str(dtype).replace('torch.', '')}" for dtype, name in first.items())
         raise RConvError(f"the gradients mix dtypes ({found}); pass every tensor in the one precision the client "
                          f"computed them in")
-    if update is None:
-        return Gradients(parameters, grads)
-    return Gradients(parameters, grads, update.rounding, update.local_steps)
+    rounding = list(update.rounding) if update is not None and update.rounding else [0.0] * len(parameters)
+    given = Gradients(parameters, grads, rounding)
+    derived = _derived(network, given)
+    return Gradients(parameters + [d.parameter for d in derived], grads + [d.grad for d in derived],
+                     rounding + [d.rounding for d in derived], update.local_steps if update is not None else 1)
+
+
+class _Derived(NamedTuple):
+    """A gradient the attack's stand-in layers need, computed from the model's gradients."""
+
+    parameter: torch.Tensor
+    grad: torch.Tensor
+    rounding: float
+
+
+def _derived(network, given):
+    """The gradients of the folded conv layers."""
+    derived = []
+    for step in network.steps:
+        if step.folded is None:
+            continue
+        source, norm = step.folded.source, step.folded.norm
+        folded = fold_gradients(step.folded, given.of(source.weight), given.maybe(norm.bias if norm.affine else None),
+                                given.maybe(source.bias), [given.rounding_of(p) for p in
+                                                           (source.weight, norm.bias, source.bias)])
+        derived.append(_Derived(step.conv.weight, folded.weight, folded.weight_rounding))
+        if folded.bias is not None:
+            derived.append(_Derived(step.conv.bias, folded.bias, folded.bias_rounding))
+    return derived
 
 
 def check_input_shape(network, input_shape):

@@ -123,7 +123,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
 
     Args:
         model: the network the client trained: any nn.Module whose forward torch.fx traces into a chain
-            of Conv2d, activations, reshapes and eval-mode Dropout up to
+            of Conv2d (eval-mode BatchNorm2d folded in), activations, reshapes and eval-mode Dropout up to
             a first Linear layer; whatever follows that layer is never inverted.
         grads: gradients in model.parameters() order (list) or by parameter name (dict).
         input_shape: (C, H, W) of the image.
@@ -342,7 +342,7 @@ def _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted):
     level = noise_level([layer.report.residual for layer in chain.layers
                          if layer.report.method.split()[0] == "gradients"], options.tolerances.dtype)
     probed = probe_level(level, residuals)
-    noisy = perturbed(list(model.parameters()), grads, probed)
+    noisy = perturbed(list(grads.parameters), grads, probed)  # the stand-in layers' gradients too
     linear = network.linear
     if gradient_rank(noisy.of(linear.weight), noisy.of(linear.bias), linear.weight.detach().double(),
                      linear.bias.detach().double(), dtype=options.tolerances.dtype,
