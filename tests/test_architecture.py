@@ -14,7 +14,7 @@ MODULE_LAYERS = {
     "linalg": [{"sparse", "memory"}, {"solvers"}],
     "cases": [{"models", "data", "client", "updates", "privacy"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],
-    "attack": [{"constraints", "graph", "folding"}, {"network"},
+    "attack": [{"constraints", "graph", "folding", "bias_free"}, {"network"},
                {"tolerances", "activations", "equations", "bounds", "tangents"}, {"systems"},
                {"steps"}, {"batch_steps"}, {"reconstruct"}],
     "analysis": [{"reports"}, {"summaries"}, {"plotting"}],

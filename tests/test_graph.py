@@ -1,12 +1,13 @@
 """Real networks: any nn.Module read through torch.fx (rconv.attack.graph), eval-mode BatchNorm folded into its
-conv layer (rconv.attack.folding), and the attack on each of them, each refusal one RConvError naming the node or
-layer."""
+conv layer (rconv.attack.folding), a bias-free last Linear layer read off its weight gradient
+(rconv.attack.bias_free), and the attack on each of them, each refusal one RConvError naming the node or layer."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import rconv_core as rc
+from rconv.attack.bias_free import logit_gradient
 from rconv.attack.folding import fold_batchnorm, fold_gradients
 from rconv.attack.graph import readable_name, trace_chain
 from rconv.attack.network import parse_network
@@ -105,7 +106,7 @@ def test_a_functional_forward_reads_as_a_chain():
 def test_presets_keep_their_names():
     network = parse_network(rc.build_model("lenet", 3, 100))
     assert [step.name for step in network.steps] == ["model[0]", "model[2]", "model[4]", "model[6]"]
-    assert network.linear_name == "model[9]"
+    assert network.linear_name == "model[9]" and not network.bias_free
 
 
 def test_a_residual_add_is_refused():
@@ -184,6 +185,36 @@ def test_a_zero_gamma_is_refused():
         parse_network(model)
 
 
+# bias_free: dL/dlogits off a rank-one weight gradient
+
+@pytest.mark.parametrize("classes,label", [(10, 3), (10, 0), (3, 1), (100, 42)])
+def test_logit_gradient_recovers_the_softmax_gradient(classes, label):
+    generator = torch.Generator().manual_seed(classes + label)
+    weight = torch.randn(classes, 20, generator=generator, dtype=torch.float64) * 0.3
+    x = torch.rand(20, generator=generator, dtype=torch.float64) * 2.0
+    g = torch.softmax(weight @ x, 0) - F.one_hot(torch.tensor(label), classes).double()
+    read = logit_gradient(weight, torch.outer(g, x), "model[5]")
+    assert read.label == label
+    assert torch.allclose(read.grad, g, rtol=1e-9, atol=1e-12)
+    assert read.scale == pytest.approx(float(torch.linalg.norm(x)), rel=1e-9)
+
+
+def test_two_classes_are_ambiguous():
+    # dL/dlogits = (p, -p) or (-p', p'): both labels explain a rank-one dL/dW with their own scale of x
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(2, 20, generator=generator, dtype=torch.float64)
+    x = torch.rand(20, generator=generator, dtype=torch.float64)
+    g = torch.softmax(weight @ x, 0) - torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(rc.RConvError, match=r"model\[5\] has no bias, and its weight gradient fits two images' "
+                                            r"cross-entropy gradients equally well .* with 2 classes"):
+        logit_gradient(weight, torch.outer(g, x), "model[5]")
+
+
+def test_logit_gradient_of_zero_is_refused():
+    with pytest.raises(rc.RConvError, match=r"model\[5\] has no bias and a zero weight gradient"):
+        logit_gradient(torch.ones(3, 4), torch.zeros(3, 4), "model[5]")
+
+
 # the attack on each kind of network: exact from float64 gradients
 
 def test_a_functional_forward():
@@ -224,6 +255,24 @@ def test_batchnorm1d_in_the_head_is_not_needed():
                           nn.Linear(32, CLASSES)).eval()
     result, image = attack(model)
     assert_exact(result, image)
+
+
+def test_bias_free_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(*body(bias=False), nn.Linear(FEATURES, CLASSES, bias=False))
+    result, image = attack(model, label=7)
+    assert_exact(result, image, label=7)  # the label where the recovered dL/dlogits is negative
+    assert all(report.bias_residual == 0.0 for report in result.layers)  # no bias gradient to check
+    assert list(rc.constraint_report(model, SHAPE).determined_by) == ["weights", "gradients"]
+
+
+def test_a_bias_free_linear_layer_reads_one_image_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(*body(bias=False), nn.Linear(FEATURES, CLASSES, bias=False))
+    images = torch.rand(2, *SHAPE)
+    grads = rc.client_gradients(model, images, torch.tensor([1, 4]), dtype=torch.float64)
+    with pytest.raises(rc.RConvError, match=r"the Linear layer model\[5\] has no bias"):
+        rc.reconstruct(model, grads, SHAPE)
 
 
 # refusals that name the layer

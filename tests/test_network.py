@@ -38,10 +38,12 @@ def test_batchnorm_after_the_activation_cannot_be_folded():
         rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
 
 
-def test_linear_without_bias():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3, bias=False))
+def test_a_bias_free_linear_layer_must_be_the_last():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 8, bias=False),
+                          nn.ReLU(), nn.Linear(8, 3))
     grads = [torch.zeros_like(p) for p in model.parameters()]
-    with pytest.raises(rc.RConvError, match=r"the Linear layer model\[3\] has no bias"):
+    with pytest.raises(rc.RConvError, match=r"the Linear layer model\[3\] has no bias and is followed by model\[4\] "
+                                         r"\(ReLU, after conv layer 1\)"):
         rc.reconstruct(model, grads, (1, 8, 8))
 
 

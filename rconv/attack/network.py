@@ -12,10 +12,11 @@ import torch.nn as nn
 from ..cases.updates import Update
 from ..common.errors import RConvError
 from ..common.geometry import conv_output_size
+from .bias_free import logit_gradient
 from .folding import Folded, fold_batchnorm, fold_gradients
 from .graph import trace_chain
 
-# What leaves a Linear layer's output the logits.
+# What may follow a bias-free Linear layer, whose output must be the logits themselves.
 _NO_OPS = ("reshape", "dropout", "identity")
 
 
@@ -51,11 +52,16 @@ class Network:
     """The conv steps, first to last, and the first Linear layer of a model R-CONV can invert."""
 
     steps: list
-    linear: nn.Linear  # the Linear layer the attack reads
+    linear: nn.Linear  # the Linear layer the attack reads; a bias-free one's stand-in carries a zero bias
     parameter_names: list
     linear_name: str = "the Linear layer"
     source_linear: nn.Linear | None = None  # the model's own first Linear layer (its input is the features)
     logits: nn.Linear | None = None  # the layer whose output is the logits, when a Linear layer is the last layer
+
+    @property
+    def bias_free(self):
+        """Whether the model's Linear layer has no bias, so that its output gradient is read off dL/dW alone."""
+        return self.source_linear is not None and self.source_linear is not self.linear
 
 
 def _conv_padding(conv, label):
@@ -109,6 +115,20 @@ def _attach_norm(steps, operation):
     step.conv = step.folded.conv
 
 
+def _bias_free_stand_in(linear, name, head):
+    """A Linear layer sharing the bias-free `linear`'s weight, with a zero bias whose gradient check_gradients
+    reads off the weight gradient (rconv.attack.bias_free); only a last Linear layer's output is the logits."""
+    after = [operation for operation in head if operation.kind not in _NO_OPS]
+    if after:
+        raise RConvError(f"the Linear layer {name} has no bias and is followed by {after[0].where}; R-CONV reads a "
+                         f"bias-free Linear layer only as the last layer, whose output is the logits")
+    stand_in = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                         dtype=linear.weight.dtype)
+    stand_in.weight = linear.weight
+    stand_in.bias = nn.Parameter(torch.zeros_like(stand_in.bias), requires_grad=False)
+    return stand_in
+
+
 def parse_network(model):
     """Check that R-CONV can invert `model` (any nn.Module torch.fx can trace into a chain of layers) and list
     its conv steps (eval-mode BatchNorm folded in) and the first Linear layer, whose input it recovers."""
@@ -130,10 +150,8 @@ def parse_network(model):
         raise RConvError("the model has no Linear layer; R-CONV starts from the Linear layer's gradients")
     names = [name for name, _ in model.named_parameters()]
     module = linear.module
-    if module.bias is None:
-        raise RConvError(f"the Linear layer {linear.name} has no bias; R-CONV recovers the Linear layer's input "
-                         f"as dL/dW / dL/db and needs the bias gradient")
-    return Network(steps, module, names, linear.name, module, _logits_layer(module, head))
+    read = _bias_free_stand_in(module, linear.name, head) if module.bias is None else module
+    return Network(steps, read, names, linear.name, module, _logits_layer(read, head))
 
 
 def _logits_layer(read, head):
@@ -220,7 +238,7 @@ class _Derived(NamedTuple):
 
 
 def _derived(network, given):
-    """The gradients of the folded conv layers."""
+    """The gradients of the folded conv layers and of a bias-free Linear layer's stand-in bias."""
     derived = []
     for step in network.steps:
         if step.folded is None:
@@ -232,6 +250,10 @@ def _derived(network, given):
         derived.append(_Derived(step.conv.weight, folded.weight, folded.weight_rounding))
         if folded.bias is not None:
             derived.append(_Derived(step.conv.bias, folded.bias, folded.bias_rounding))
+    if network.bias_free:
+        weight = network.source_linear.weight
+        read = logit_gradient(weight, given.of(weight), network.linear_name)
+        derived.append(_Derived(network.linear.bias, read.grad, 0.0))
     return derived
 
 

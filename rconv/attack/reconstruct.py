@@ -170,6 +170,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
                                             relu_tol=relu_tol, project=project, image_range=image_range,
                                             device=device, memory_limit=memory_limit))
     if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
+        _check_batch_linear(network)
         result = _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
         result.notes[:0] = update_notes
         return result
@@ -258,6 +259,13 @@ def _label(network, grads):
     layer's bias gradient; without one (a head ending otherwise), the first Linear layer's is the best guess."""
     logits = network.logits if network.logits is not None and network.logits.bias is not None else network.linear
     return int(grads.of(logits.bias).argmin())
+
+
+def _check_batch_linear(network):
+    if network.bias_free:
+        raise RConvError(f"the Linear layer {network.linear_name} has no bias: R-CONV reads its output gradient "
+                         f"off a rank-one weight gradient, so it recovers one image, not a batch; these gradients "
+                         f"look like a batch's (or pass batch_size=1 and check_batch=False to try anyway)")
 
 
 def _check_batch_size(batch_size):
