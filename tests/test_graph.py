@@ -231,12 +231,22 @@ def test_an_mlp_head_with_dropout():
     result, image = attack(model)
     assert_exact(result, image)  # the label from the last Linear layer's bias gradient
     assert len(result.features) == FEATURES and grads_of == 8
+    assert any("model[6], model[8]) are not needed" in note for note in result.notes)
+
+
+def test_a_batch_through_a_head_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(*body(), nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, CLASSES))
+    grads = rc.client_gradients(model, torch.rand(2, *SHAPE), torch.tensor([1, 4]), dtype=torch.float64)
+    with pytest.raises(rc.RConvError, match=r"the Linear layer model\[5\] is followed by more layers: a batch's split"):
+        rc.reconstruct(model, grads, SHAPE)
 
 
 def test_batchnorm_in_eval_mode_is_folded():
     model = with_batchnorm()
     result, image = attack(model)
     assert_exact(result, image)
+    assert "conv layer 1 (model[0]): its eval-mode BatchNorm is folded into it" in result.notes[0]
     table = rc.constraint_report(model, SHAPE)
     assert list(table.layer) == [1, 2] and table.attrs["recoverable"]
     truth, features = rc.layer_inputs(model, image)
@@ -263,6 +273,9 @@ def test_bias_free_layers():
     result, image = attack(model, label=7)
     assert_exact(result, image, label=7)  # the label where the recovered dL/dlogits is negative
     assert all(report.bias_residual == 0.0 for report in result.layers)  # no bias gradient to check
+    assert [note.split(":")[0] for note in result.notes[:3]] == [
+        "conv layer 1 (model[0]) has no bias", "conv layer 2 (model[2]) has no bias",
+        "the Linear layer model[5] has no bias"]
     assert list(rc.constraint_report(model, SHAPE).determined_by) == ["weights", "gradients"]
 
 

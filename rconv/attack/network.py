@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -57,6 +57,7 @@ class Network:
     linear_name: str = "the Linear layer"
     source_linear: nn.Linear | None = None  # the model's own first Linear layer (its input is the features)
     logits: nn.Linear | None = None  # the layer whose output is the logits, when a Linear layer is the last layer
+    notes: list = field(default_factory=list)  # what the model's layers change about the attack, in words
 
     @property
     def bias_free(self):
@@ -151,7 +152,28 @@ def parse_network(model):
     names = [name for name, _ in model.named_parameters()]
     module = linear.module
     read = _bias_free_stand_in(module, linear.name, head) if module.bias is None else module
-    return Network(steps, read, names, linear.name, module, _logits_layer(read, head))
+    return Network(steps, read, names, linear.name, module, _logits_layer(read, head),
+                   _notes(steps, linear, head, module.bias is None))
+
+
+def _notes(steps, linear, head, bias_free):
+    """What the model's layers change about the attack, for the Reconstruction's notes."""
+    notes = []
+    for step in steps:
+        if step.folded is not None:
+            notes.append(f"{step.label}: its eval-mode BatchNorm is folded into it, and the layer's report is the "
+                         f"folded layer's")
+        if step.module.bias is None and (step.folded is None or not step.folded.norm.affine):
+            notes.append(f"{step.label} has no bias: its recovered output gradient is not checked against a bias "
+                         f"gradient, nor are near-zero ReLU units settled by one")
+    if bias_free:
+        notes.append(f"the Linear layer {linear.name} has no bias: its output gradient was read off its rank-one "
+                     f"weight gradient as softmax - onehot (one image's cross-entropy)")
+    layers = [operation.name for operation in head if operation.kind not in _NO_OPS]
+    if layers:
+        notes.append(f"the layers after the Linear layer {linear.name} ({', '.join(layers)}) are not needed: its "
+                     f"input and output gradient are read off its own gradients")
+    return notes
 
 
 def _logits_layer(read, head):

@@ -163,7 +163,8 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     _check_methods(first_layer, relu_test, methods)
     _check_batch_size(batch_size)
     network = parse_network(model)
-    update_notes = list(getattr(grads, "notes", []))  # what a weight update's reading said (cases.updates)
+    # what a weight update's reading said (cases.updates), and what the model's layers change
+    update_notes = list(getattr(grads, "notes", [])) + network.notes
     grads = check_gradients(model, network, grads)
     sizes = check_input_shape(network, input_shape)
     options = _options(network, grads, dict(first_layer=first_layer, methods=methods, relu_test=relu_test,
@@ -262,6 +263,11 @@ def _label(network, grads):
 
 
 def _check_batch_linear(network):
+    if network.logits is not network.linear:
+        raise RConvError(f"the Linear layer {network.linear_name} is followed by more layers: a batch's split "
+                         f"reads each image's softmax gradient at the logits, so through a head R-CONV recovers "
+                         f"one image, not a batch; these gradients look like a batch's (or pass batch_size=1 "
+                         f"and check_batch=False to try anyway)")
     if network.bias_free:
         raise RConvError(f"the Linear layer {network.linear_name} has no bias: R-CONV reads its output gradient "
                          f"off a rank-one weight gradient, so it recovers one image, not a batch; these gradients "
