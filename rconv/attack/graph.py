@@ -22,6 +22,7 @@ from ..common.errors import RConvError
 KINDS = ("conv", "linear", "activation", "reshape", "dropout", "batchnorm", "identity")
 _MODULE_KINDS = {nn.Conv2d: "conv", nn.Linear: "linear", nn.ReLU: "activation", nn.LeakyReLU: "activation",
                  nn.Sigmoid: "activation", nn.Tanh: "activation", nn.Flatten: "reshape", nn.Dropout: "dropout",
+                 nn.Dropout1d: "dropout", nn.Dropout2d: "dropout", nn.Dropout3d: "dropout",
                  nn.BatchNorm2d: "batchnorm", nn.BatchNorm1d: "batchnorm", nn.Identity: "identity"}
 _MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 _FUNCTION_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
