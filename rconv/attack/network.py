@@ -1,4 +1,4 @@
-"""Reading a model as R-CONV sees it: conv steps, one final Linear layer, and checked gradients."""
+"""Reading a model as R-CONV sees it: conv steps, the first Linear layer, and checked gradients."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .bias_free import logit_gradient
 from .folding import Folded, fold_batchnorm, fold_gradients
 from .graph import trace_chain
 
-# What may follow a bias-free Linear layer, whose output must be the logits themselves.
+# Operations that change no values in eval mode: after them a Linear layer's output is still the logits.
 _NO_OPS = ("reshape", "dropout", "identity")
 
 
