@@ -14,42 +14,59 @@ def small(*middle):
     return uniform_init(model)
 
 
-@pytest.mark.parametrize("layer,name", [(nn.MaxPool2d(1), "MaxPool2d"), (nn.BatchNorm2d(4), "BatchNorm2d"),
-                                        (nn.Dropout(0.1), "Dropout"), (nn.AvgPool2d(1), "AvgPool2d")])
+@pytest.mark.parametrize("layer,name", [(nn.MaxPool2d(1), "MaxPool2d"), (nn.AvgPool2d(1), "AvgPool2d")])
 def test_layers_it_cannot_invert(layer, name):
     model = small(nn.ReLU(), layer)
     grads = [torch.zeros_like(p) for p in model.parameters()]
-    with pytest.raises(rc.RConvError, match=rf"model\[2\] \({name}, after conv layer 1\) cannot be inverted"):
+    with pytest.raises(rc.RConvError, match=rf"model\[2\] \({name}, after conv layer 1\) cannot be inverted by "
+                                         rf"R-CONV; pooling is not supported yet"):
         rc.reconstruct(model, grads, (1, 8, 8))
 
 
-def test_linear_without_bias():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3, bias=False))
+@pytest.mark.parametrize("layer,problem", [(nn.BatchNorm2d(4), "train-mode BatchNorm is not supported yet"),
+                                           (nn.Dropout(0.1), "Dropout in training mode")])
+def test_layers_in_training_mode(layer, problem):
+    model = small(layer, nn.ReLU())
+    with pytest.raises(rc.RConvError, match=rf"model\[1\] \({type(layer).__name__}, after conv layer 1\): {problem}"):
+        rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
+
+
+def test_batchnorm_after_the_activation_cannot_be_folded():
+    model = small(nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(rc.RConvError, match=r"model\[2\] \(BatchNorm2d, after conv layer 1\) must directly follow "
+                                         r"a Conv2d layer \(before its activation\)"):
+        rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
+
+
+def test_a_bias_free_linear_layer_must_be_the_last():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 8, bias=False),
+                          nn.ReLU(), nn.Linear(8, 3))
     grads = [torch.zeros_like(p) for p in model.parameters()]
-    with pytest.raises(rc.RConvError, match=r"the Linear layer model\[3\] has no bias"):
+    with pytest.raises(rc.RConvError, match=r"the Linear layer model\[3\] has no bias and is followed by model\[4\] "
+                                         r"\(ReLU, after conv layer 1\)"):
         rc.reconstruct(model, grads, (1, 8, 8))
 
 
 def test_layers_after_the_linear_layer_and_two_activations():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 3), nn.Softmax(dim=1))
-    with pytest.raises(rc.RConvError, match=r"model\[3\] \(Softmax, after conv layer 1\)"):
+    with pytest.raises(rc.RConvError, match=r"model\[3\] \(Softmax, after conv layer 1\) cannot be inverted"):
         rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
     model = small(nn.ReLU(), nn.Tanh())
     with pytest.raises(rc.RConvError, match=r"model\[2\] \(Tanh, after conv layer 1\) must directly follow a Conv2d"):
         rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8))
 
 
-def test_not_a_sequential():
+def test_a_forward_torch_fx_cannot_trace():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.fc(x)
+            return self.fc(x.flatten(1)) if x.sum() > 0 else self.fc(-x.flatten(1))
 
-    with pytest.raises(rc.RConvError, match="nn.Sequential"):
-        rc.reconstruct(Net(), [], (1, 2, 2))
+    with pytest.raises(rc.RConvError, match="torch.fx cannot trace Net"):
+        rc.reconstruct(Net(), [torch.zeros(2, 4), torch.zeros(2)], (1, 2, 2))
 
 
 def test_unsupported_conv_options():

@@ -59,9 +59,10 @@ def layer_inputs(model, image):
     model = copy.deepcopy(model).double()
     network = parse_network(model)
     seen = {}
-    hooks = [step.conv.register_forward_hook(lambda module, args, out, n=step.number: seen.__setitem__(n, args[0]))
+    hooks = [step.module.register_forward_hook(lambda module, args, out, n=step.number: seen.__setitem__(n, args[0]))
              for step in network.steps]
-    hooks.append(network.linear.register_forward_hook(lambda module, args, out: seen.__setitem__("linear", args[0])))
+    hooks.append(network.source_linear.register_forward_hook(
+        lambda module, args, out: seen.__setitem__("linear", args[0])))
     try:
         with torch.no_grad():
             image = torch.as_tensor(image)
@@ -83,7 +84,9 @@ def output_gradients(model, image, label, *, dtype=torch.float64):
         out.retain_grad()
         outputs[number] = out
 
-    hooks = [step.conv.register_forward_hook(lambda m, a, o, n=step.number: keep(o, n)) for step in network.steps]
+    # the pre-activation output: a folded BatchNorm's, else the conv layer's own
+    hooks = [step.output_module.register_forward_hook(lambda m, a, o, n=step.number: keep(o, n))
+             for step in network.steps]
     try:
         image = torch.as_tensor(image).to(dtype)
         loss = F.cross_entropy(model(image.reshape(1, *image.shape[-3:])), torch.as_tensor([int(label)]))

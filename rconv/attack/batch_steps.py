@@ -330,8 +330,8 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
     channels, height, width = input_shape
     batch, label = len(signals), step.label
     if frozen is None:
-        bias = grads.of(step.conv.bias).to(device=options.device, dtype=torch.float64) \
-            if step.conv.bias is not None else None
+        bias = grads.maybe(step.conv.bias)
+        bias = bias.to(device=options.device, dtype=torch.float64) if bias is not None else None
         reads = batch_branches(step, signals, bias, options.tolerances, options.relu_test)
         frozen = [None] * batch
     else:

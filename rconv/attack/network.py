@@ -1,9 +1,10 @@
-"""Reading a model as R-CONV sees it: conv steps, one final Linear layer, and checked gradients."""
+"""Reading a model as R-CONV sees it: conv steps, the first Linear layer, and checked gradients."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -11,44 +12,57 @@ import torch.nn as nn
 from ..cases.updates import Update
 from ..common.errors import RConvError
 from ..common.geometry import conv_output_size
+from .bias_free import logit_gradient
+from .folding import Folded, fold_batchnorm, fold_gradients
+from .graph import trace_chain
 
-_INVERTIBLE = (nn.Conv2d, nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Flatten, nn.Linear)
-_ACTIVATION_TYPES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+# Operations that change no values in eval mode: after them a Linear layer's output is still the logits.
+_NO_OPS = ("reshape", "dropout", "identity")
 
 
 @dataclass
 class ConvStep:
-    """One conv layer with the activation after it."""
+    """One conv layer with the activation after it (and the eval-mode BatchNorm before that, folded in)."""
 
     number: int  # 1 for the first conv layer, as LayerReport.layer
     name: str  # where it sits in the model, e.g. "model[0]"
-    conv: nn.Conv2d
+    conv: nn.Conv2d  # the layer the attack inverts: the model's own, or the folded one
     activation: str = "identity"
     slope: float = 0.0  # LeakyReLU's negative slope
     padding: tuple = (0, 0)
+    folded: Folded | None = None  # the BatchNorm folded into conv, and the model's own layers
 
     @property
     def label(self):
         return f"conv layer {self.number} ({self.name})"
 
+    @property
+    def module(self):
+        """The model's own conv layer (its input is this step's input)."""
+        return self.folded.source if self.folded is not None else self.conv
+
+    @property
+    def output_module(self):
+        """The model's own module whose output is this step's pre-activation output."""
+        return self.folded.norm if self.folded is not None else self.conv
+
 
 @dataclass
 class Network:
-    """The conv steps, first to last, and the final Linear layer of a model R-CONV can invert."""
+    """The conv steps, first to last, and the first Linear layer of a model R-CONV can invert."""
 
     steps: list
-    linear: nn.Linear
+    linear: nn.Linear  # the Linear layer the attack reads; a bias-free one's stand-in carries a zero bias
     parameter_names: list
+    linear_name: str = "the Linear layer"
+    source_linear: nn.Linear | None = None  # the model's own first Linear layer (its input is the features)
+    logits: nn.Linear | None = None  # the layer whose output is the logits, when a Linear layer is the last layer
+    notes: list = field(default_factory=list)  # what the model's layers change about the attack, in words
 
-
-def _flat_layers(module, prefix="model"):
-    """(name, layer) of every leaf of nested Sequentials, named as Python indexes them (model[2], model.head[0])."""
-    for key, child in module.named_children():
-        name = f"{prefix}[{key}]" if key.isdigit() else f"{prefix}.{key}"
-        if isinstance(child, nn.Sequential):
-            yield from _flat_layers(child, name)
-        else:
-            yield name, child
+    @property
+    def bias_free(self):
+        """Whether the model's Linear layer has no bias, so that its output gradient is read off dL/dW alone."""
+        return self.source_linear is not None and self.source_linear is not self.linear
 
 
 def _conv_padding(conv, label):
@@ -69,42 +83,106 @@ def _conv_step(name, conv, number):
     return ConvStep(number, name, conv, padding=_conv_padding(conv, label))
 
 
-def _attach_activation(steps, name, layer):
-    where = f"{name} ({type(layer).__name__}{f', after conv layer {len(steps)}' if steps else ''})"
+def _attach_activation(steps, operation):
+    where = operation.where
     if not steps or steps[-1].activation != "identity":
         raise RConvError(f"{where} must directly follow a Conv2d layer")
-    if isinstance(layer, nn.LeakyReLU) and layer.negative_slope <= 0:
-        raise RConvError(f"{where}: negative_slope must be positive to be invertible; got {layer.negative_slope}")
-    steps[-1].activation = _ACTIVATION_TYPES[type(layer)]
-    steps[-1].slope = float(getattr(layer, "negative_slope", 0.0))
+    if operation.activation == "leaky_relu" and operation.slope <= 0:
+        raise RConvError(f"{where}: negative_slope must be positive to be invertible; got {operation.slope}")
+    steps[-1].activation = operation.activation
+    steps[-1].slope = operation.slope if operation.activation == "leaky_relu" else 0.0
+
+
+def _refuse_mode(operation):
+    """Refuse what would make the forward pass depend on more than the weights and the image."""
+    if operation.kind == "dropout" and operation.training:
+        raise RConvError(f"{operation.where}: Dropout in training mode drops random units, so the forward pass "
+                         f"behind the gradients cannot be replayed; call model.eval() (or pass training=False)")
+    if operation.kind == "batchnorm" and operation.training:
+        raise RConvError(f"{operation.where}: train-mode BatchNorm is not supported yet (it normalises by the "
+                         f"batch's own statistics); call model.eval() with running statistics tracked")
+
+
+def _attach_norm(steps, operation):
+    """Fold an eval-mode BatchNorm2d into the conv layer it directly follows."""
+    if not isinstance(operation.module, nn.BatchNorm2d):
+        raise RConvError(f"{operation.where}: BatchNorm before the Linear layer must be a BatchNorm2d directly "
+                         f"after a Conv2d layer, to be folded into it")
+    if not steps or steps[-1].activation != "identity" or steps[-1].folded is not None:
+        raise RConvError(f"{operation.where} must directly follow a Conv2d layer (before its activation), to be "
+                         f"folded into it")
+    step = steps[-1]
+    step.folded = fold_batchnorm(step.conv, operation.module, step.label)
+    step.conv = step.folded.conv
+
+
+def _bias_free_stand_in(linear, name, head):
+    """A Linear layer sharing the bias-free `linear`'s weight, with a zero bias whose gradient check_gradients
+    reads off the weight gradient (rconv.attack.bias_free); only a last Linear layer's output is the logits."""
+    after = [operation for operation in head if operation.kind not in _NO_OPS]
+    if after:
+        raise RConvError(f"the Linear layer {name} has no bias and is followed by {after[0].where}; R-CONV reads a "
+                         f"bias-free Linear layer only as the last layer, whose output is the logits")
+    stand_in = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                         dtype=linear.weight.dtype)
+    stand_in.weight = linear.weight
+    stand_in.bias = nn.Parameter(torch.zeros_like(stand_in.bias), requires_grad=False)
+    return stand_in
 
 
 def parse_network(model):
-    """Check that R-CONV can invert `model` and list its conv steps and final Linear layer."""
-    if not isinstance(model, nn.Sequential):
-        raise RConvError(f"R-CONV needs an nn.Sequential (or ConvNet) of Conv2d, activations, Flatten and one "
-                         f"final Linear; got {type(model).__name__}")
-    steps, linear = [], None
-    for name, layer in _flat_layers(model):
-        kind = type(layer).__name__
-        where = f"{name} ({kind}{f', after conv layer {len(steps)}' if steps else ''})"
-        if not isinstance(layer, _INVERTIBLE):
-            raise RConvError(f"{where} cannot be inverted by R-CONV; supported layers are Conv2d, ReLU, "
-                             f"LeakyReLU, Sigmoid, Tanh, Identity, Flatten and one final Linear")
+    """Check that R-CONV can invert `model` (any nn.Module torch.fx can trace into a chain of layers) and list
+    its conv steps (eval-mode BatchNorm folded in) and the first Linear layer, whose input it recovers."""
+    steps, linear, head = [], None, []
+    for operation in trace_chain(model):
+        _refuse_mode(operation)
         if linear is not None:
-            raise RConvError(f"{where} follows the Linear layer; R-CONV needs the Linear layer to be the last one")
-        if isinstance(layer, nn.Conv2d):
-            steps.append(_conv_step(name, layer, len(steps) + 1))
-        elif type(layer) in _ACTIVATION_TYPES:
-            _attach_activation(steps, name, layer)
-        elif isinstance(layer, nn.Linear):
-            if layer.bias is None:
-                raise RConvError(f"the Linear layer {name} has no bias; R-CONV recovers the Linear layer's input "
-                                 f"as dL/dW / dL/db and needs the bias gradient")
-            linear = layer
+            # the layers after the first Linear layer are never inverted (graph.py refused the unknown ones)
+            head.append(operation)
+        elif operation.kind == "conv":
+            steps.append(_conv_step(operation.name, operation.module, len(steps) + 1))
+        elif operation.kind == "batchnorm":
+            _attach_norm(steps, operation)
+        elif operation.kind == "activation":
+            _attach_activation(steps, operation)
+        elif operation.kind == "linear":
+            linear = operation
     if linear is None:
-        raise RConvError("the model has no final Linear layer; R-CONV starts from the Linear layer's gradients")
-    return Network(steps, linear, [name for name, _ in model.named_parameters()])
+        raise RConvError("the model has no Linear layer; R-CONV starts from the Linear layer's gradients")
+    names = [name for name, _ in model.named_parameters()]
+    module = linear.module
+    read = _bias_free_stand_in(module, linear.name, head) if module.bias is None else module
+    return Network(steps, read, names, linear.name, module, _logits_layer(read, head),
+                   _notes(steps, linear, head, module.bias is None))
+
+
+def _notes(steps, linear, head, bias_free):
+    """What the model's layers change about the attack, for the Reconstruction's notes."""
+    notes = []
+    for step in steps:
+        if step.folded is not None:
+            notes.append(f"{step.label}: its eval-mode BatchNorm is folded into it, and the layer's report is the "
+                         f"folded layer's")
+        if step.module.bias is None and (step.folded is None or not step.folded.norm.affine):
+            notes.append(f"{step.label} has no bias: its recovered output gradient is not checked against a bias "
+                         f"gradient, nor are near-zero ReLU units settled by one")
+    if bias_free:
+        notes.append(f"the Linear layer {linear.name} has no bias: its output gradient was read off its rank-one "
+                     f"weight gradient as softmax - onehot (one image's cross-entropy)")
+    layers = [operation.name for operation in head if operation.kind not in _NO_OPS]
+    if layers:
+        notes.append(f"the layers after the Linear layer {linear.name} ({', '.join(layers)}) are not needed: its "
+                     f"input and output gradient are read off its own gradients")
+    return notes
+
+
+def _logits_layer(read, head):
+    """The last Linear layer when nothing but no-ops follows it (its bias gradient is dL/dlogits), else None."""
+    while head and head[-1].kind in _NO_OPS:
+        head = head[:-1]
+    if not head:
+        return read
+    return head[-1].module if head[-1].kind == "linear" else None
 
 
 class Gradients:
@@ -124,6 +202,11 @@ class Gradients:
 
     def of(self, parameter):
         return self._by_id[id(parameter)]
+
+    def maybe(self, parameter):
+        """The gradient of `parameter`, or None for no parameter (a layer without a bias) or one whose gradient
+        the model's gradients cannot give (a folded bias without BatchNorm's beta or a conv bias)."""
+        return self._by_id.get(id(parameter)) if parameter is not None else None
 
     def rounding_of(self, parameter):
         """The RMS error a weight update's rounding left in the entries of this parameter's gradient (0 if none)."""
@@ -161,9 +244,39 @@ def check_gradients(model, network, grads):
         found = ", ".join(f"{name} is {str(dtype).replace('torch.', '')}" for dtype, name in first.items())
         raise RConvError(f"the gradients mix dtypes ({found}); pass every tensor in the one precision the client "
                          f"computed them in")
-    if update is None:
-        return Gradients(parameters, grads)
-    return Gradients(parameters, grads, update.rounding, update.local_steps)
+    rounding = list(update.rounding) if update is not None and update.rounding else [0.0] * len(parameters)
+    given = Gradients(parameters, grads, rounding)
+    derived = _derived(network, given)
+    return Gradients(parameters + [d.parameter for d in derived], grads + [d.grad for d in derived],
+                     rounding + [d.rounding for d in derived], update.local_steps if update is not None else 1)
+
+
+class _Derived(NamedTuple):
+    """A gradient the attack's stand-in layers need, computed from the model's gradients."""
+
+    parameter: torch.Tensor
+    grad: torch.Tensor
+    rounding: float
+
+
+def _derived(network, given):
+    """The gradients of the folded conv layers and of a bias-free Linear layer's stand-in bias."""
+    derived = []
+    for step in network.steps:
+        if step.folded is None:
+            continue
+        source, norm = step.folded.source, step.folded.norm
+        folded = fold_gradients(step.folded, given.of(source.weight), given.maybe(norm.bias if norm.affine else None),
+                                given.maybe(source.bias), [given.rounding_of(p) for p in
+                                                           (source.weight, norm.bias, source.bias)])
+        derived.append(_Derived(step.conv.weight, folded.weight, folded.weight_rounding))
+        if folded.bias is not None:
+            derived.append(_Derived(step.conv.bias, folded.bias, folded.bias_rounding))
+    if network.bias_free:
+        weight = network.source_linear.weight
+        read = logit_gradient(weight, given.of(weight), network.linear_name)
+        derived.append(_Derived(network.linear.bias, read.grad, 0.0))
+    return derived
 
 
 def check_input_shape(network, input_shape):

@@ -122,7 +122,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     """Recover the training image behind one client's gradients with R-CONV.
 
     Args:
-        model: the network the client trained (nn.Sequential of Conv2d, activations, Flatten, Linear).
+        model: the network the client trained: any nn.Module whose forward torch.fx traces into a chain
+            of Conv2d (eval-mode BatchNorm2d folded in), activations, reshapes and eval-mode Dropout up to
+            a first Linear layer; whatever follows that layer is never inverted.
         grads: gradients in model.parameters() order (list) or by parameter name (dict).
         input_shape: (C, H, W) of the image.
         first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),
@@ -161,13 +163,15 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     _check_methods(first_layer, relu_test, methods)
     _check_batch_size(batch_size)
     network = parse_network(model)
-    update_notes = list(getattr(grads, "notes", []))  # what a weight update's reading said (cases.updates)
+    # what a weight update's reading said (cases.updates), and what the model's layers change
+    update_notes = list(getattr(grads, "notes", [])) + network.notes
     grads = check_gradients(model, network, grads)
     sizes = check_input_shape(network, input_shape)
     options = _options(network, grads, dict(first_layer=first_layer, methods=methods, relu_test=relu_test,
                                             relu_tol=relu_tol, project=project, image_range=image_range,
                                             device=device, memory_limit=memory_limit))
     if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
+        _check_batch_linear(network)
         result = _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
         result.notes[:0] = update_notes
         return result
@@ -182,7 +186,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
         report.error_bound = layer_bound
     reasons += bound_reasons(bound, options.tolerances)
     notes = update_notes + chain.top.notes + [note for result in reversed(chain.results) for note in result.notes]
-    label = int(grads.of(network.linear.bias).argmin())  # one image's dL/db is negative at its label only
+    label = _label(network, grads)
     return Reconstruction(image=chain.image.detach().cpu()[None], layers=reports, exact=not reasons,
                           reasons=reasons, seconds=time.perf_counter() - start,
                           features=chain.top.features.cpu(), linear_misfit=chain.top.misfit, notes=notes,
@@ -249,6 +253,25 @@ def _local_steps_reasons(grads):
 def _measured(chain):
     """What the bound needs of every conv layer of a _Chain, first to last."""
     return [Measured(r.input, r.report.residual, r.report.cond) for r in chain.results]
+
+
+def _label(network, grads):
+    """One image's label: its dL/dlogits is negative at the label only. The logits' gradient is the last Linear
+    layer's bias gradient; without one (a head ending otherwise), the first Linear layer's is the best guess."""
+    logits = network.logits if network.logits is not None and network.logits.bias is not None else network.linear
+    return int(grads.of(logits.bias).argmin())
+
+
+def _check_batch_linear(network):
+    if network.logits is not network.linear:
+        raise RConvError(f"the Linear layer {network.linear_name} is followed by more layers: a batch's split "
+                         f"reads each image's softmax gradient at the logits, so through a head R-CONV recovers "
+                         f"one image, not a batch; these gradients look like a batch's (or pass batch_size=1 "
+                         f"and check_batch=False to try anyway)")
+    if network.bias_free:
+        raise RConvError(f"the Linear layer {network.linear_name} has no bias: R-CONV reads its output gradient "
+                         f"off a rank-one weight gradient, so it recovers one image, not a batch; these gradients "
+                         f"look like a batch's (or pass batch_size=1 and check_batch=False to try anyway)")
 
 
 def _check_batch_size(batch_size):
@@ -333,7 +356,7 @@ def _batch_bounds(model, network, grads, sizes, options, cache, chain, trusted):
     level = noise_level([layer.report.residual for layer in chain.layers
                          if layer.report.method.split()[0] == "gradients"], options.tolerances.dtype)
     probed = probe_level(level, residuals)
-    noisy = perturbed(list(model.parameters()), grads, probed)
+    noisy = perturbed(list(grads.parameters), grads, probed)  # the stand-in layers' gradients too
     linear = network.linear
     if gradient_rank(noisy.of(linear.weight), noisy.of(linear.bias), linear.weight.detach().double(),
                      linear.bias.detach().double(), dtype=options.tolerances.dtype,

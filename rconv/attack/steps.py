@@ -189,7 +189,8 @@ def layer_equations(step, signal, grads, input_shape, options, cache, repair=Tru
     """
     wide = dict(device=options.device, dtype=torch.float64)
     conv, tolerances = step.conv, options.tolerances
-    bias_grad = grads.of(conv.bias).to(**wide) if conv.bias is not None else None
+    bias_grad = grads.maybe(conv.bias)
+    bias_grad = bias_grad.to(**wide) if bias_grad is not None else None  # a bias-free layer loses the bias checks
     if frozen is None:
         derivative, band = read if read is not None else branches(
             step, signal.activated, signal.activated_grad, bias_grad if repair else None, tolerances, signal.noise,
