@@ -29,6 +29,7 @@ def test_a_round_attacks_every_clients_update(packs):
     assert summary.share_good.iloc[0] == 1.0
 
 
+@pytest.mark.slow
 def test_a_diverged_client_is_a_row_with_its_reason(packs):
     """Five steps at a learning rate of 10 overflow the float32 weights: rows that say so, never a crash."""
     pytest.importorskip("flwr", reason="needs the optional flwr package: make federated")
