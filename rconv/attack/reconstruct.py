@@ -123,8 +123,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
 
     Args:
         model: the network the client trained: any nn.Module whose forward torch.fx traces into a chain
-            of Conv2d (eval-mode BatchNorm2d folded in), activations, reshapes and eval-mode Dropout up to
-            a first Linear layer; whatever follows that layer is never inverted.
+            of Conv2d (eval-mode BatchNorm2d folded in; train-mode for one image only, rconv.attack.train_norm),
+            activations, reshapes and eval-mode Dropout up to a first Linear layer; whatever follows that
+            layer is never inverted.
         grads: gradients in model.parameters() order (list) or by parameter name (dict).
         input_shape: (C, H, W) of the image.
         first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),

@@ -32,6 +32,10 @@ from .activations import branches, preactivation
 from .equations import GradientSystem, WeightSystem
 from .systems import DENSE_MAX_UNKNOWNS
 
+_FLOAT64_BYTES = 8
+# The dense solve holds the system, the SVD's working copy of it and its factors: about three times its size.
+_SVD_COPIES = 3
+
 
 class NormSolve(NamedTuple):
     """A train-mode BatchNorm layer solved: its input, the statistics, and what they were checked by."""
@@ -54,11 +58,9 @@ def solve_train_norm(step, signal, grads, input_shape, options, frozen=None):
     """The NormSolve of conv step `step` (step.norm a network.TrainNorm) from the Signal the layer above handed
     down; frozen: an ActivationRead to read the activation by (the error bound's probe)."""
     wide = dict(device=options.device, dtype=torch.float64)
-    norm, conv, tolerances = step.norm, step.conv, options.tolerances
-    module = norm.module
-    gamma, beta = norm.gamma.to(**wide).view(-1, 1, 1), norm.beta.to(**wide).view(-1, 1, 1)
-    beta_grad = grads.maybe(module.bias if module.affine else None)
-    gamma_grad = grads.maybe(module.weight if module.affine else None)
+    norm, tolerances = step.norm, options.tolerances
+    gamma = norm.gamma.to(**wide)
+    beta_grad = grads.maybe(norm.module.bias if norm.module.affine else None)
     beta_grad = beta_grad.to(**wide) if beta_grad is not None else None
     if frozen is None:
         # dL/dbeta = sum dL/dy: the bias gradient that settles near-zero units of y
@@ -73,6 +75,44 @@ def solve_train_norm(step, signal, grads, input_shape, options, frozen=None):
                          f"and BatchNorm's backward needs every normalised output; R-CONV inverts train-mode "
                          f"BatchNorm before an activation that reveals them all (LeakyReLU, or none)")
     y_grad = signal.activated_grad * derivative
+    notes = []
+    if step.activation in _HOMOGENEOUS:
+        # The layer above may have set its input's scale from eps only (a train-mode BatchNorm too), to a few
+        # digits: BatchNorm's centring, mean(xhat_f) = 0, i.e. t mean(y_f) = beta_f, sets it again to the data's
+        # own precision wherever beta is not zero.
+        data_scale = _data_scale(y, norm.beta.to(**wide))
+        if abs(data_scale - 1.0) > tolerances.residual:
+            notes.append(f"{step.label}: the data the layer above handed down rescaled by {data_scale:.6g} to centre "
+                         f"BatchNorm's output (mean(xhat) = 0); that layer's recovered input is off by this factor")
+        y, y_grad = data_scale * y, y_grad / data_scale
+    solved = _solve_statistics(step, y, y_grad, grads, input_shape, options)
+    return solved._replace(derivative=derivative, notes=tuple(notes) + solved.notes)
+
+
+# Activations whose output scales with their input (a positive factor keeps every branch), so that the data
+# the layer above hands down can be rescaled.
+_HOMOGENEOUS = ("identity", "leaky_relu", "relu")
+
+
+def _data_scale(y, beta):
+    """The factor t that centres xhat = (t y - beta) / gamma, t mean(y_f) = beta_f over the filters in least
+    squares; 1 where beta is zero (no affine parameters, or its initial value), which leaves the scale as it was."""
+    means = y.mean((1, 2))
+    energy = float((means * means).sum())
+    if not float((beta * beta).sum()) > 0 or not energy > 0:
+        return 1.0
+    scale = float((means * beta).sum()) / energy
+    return scale if scale > 0 else 1.0
+
+
+def _solve_statistics(step, y, y_grad, grads, input_shape, options):
+    """The NormSolve (derivative unset) of data y and dL/dy (F, P, Q) as read off the activation."""
+    wide = dict(device=options.device, dtype=torch.float64)
+    norm, conv, tolerances = step.norm, step.conv, options.tolerances
+    module = norm.module
+    gamma, beta = norm.gamma.to(**wide).view(-1, 1, 1), norm.beta.to(**wide).view(-1, 1, 1)
+    beta_grad = grads.maybe(module.bias if module.affine else None)
+    gamma_grad = grads.maybe(module.weight if module.affine else None)
     xhat = (y - beta) / gamma
     pixels = xhat[0].numel()
     mean_grad = y_grad.mean((1, 2), keepdim=True)
@@ -109,7 +149,7 @@ def solve_train_norm(step, signal, grads, input_shape, options, frozen=None):
         mean = m
     output_grad = reduced / s.view(-1, 1, 1)
     equations = gradients.shape[0] * channels + filters * pixels
-    return NormSolve(x.view(*input_shape), output_grad, derivative, mean, s, Spectrum(rank, cond), residual, checks,
+    return NormSolve(x.view(*input_shape), output_grad, None, mean, s, Spectrum(rank, cond), residual, checks,
                      spread, equations, matrix.shape[1], tuple(notes))
 
 
@@ -135,18 +175,19 @@ def _stacked(gradients, weights, xhat, label, memory_limit):
         raise RConvError(f"{label}: a train-mode BatchNorm layer is solved densely, and its {unknowns:,} unknowns "
                          f"exceed the {DENSE_MAX_UNKNOWNS:,} a dense solve takes")
     rows = rows_per_channel * channels + xhat.numel()
-    if memory_limit is not None and 8 * rows * unknowns * 3 > memory_limit:  # K, its copy and the SVD's factors
+    if memory_limit is not None and _FLOAT64_BYTES * rows * unknowns * _SVD_COPIES > memory_limit:
         raise RConvError(f"{label}: the train-mode BatchNorm layer's dense system ({rows:,} x {unknowns:,}) would "
                          f"exceed the memory limit")
     kernel_offsets = rows_per_channel // filters
     matrix = xhat.new_zeros(rows, unknowns)
     block = gradients.matrix
     rhs = gradients.rhs  # (F*k*k, C): dL/dW; its rows (f, i, j) carry s_f
-    which = torch.arange(rows_per_channel, device=xhat.device) // kernel_offsets
+    rows_of_channel = torch.arange(rows_per_channel, device=xhat.device)
+    deviation_columns = channels * pixels + filters + rows_of_channel // kernel_offsets  # row (f, i, j) -> s_f
     for c in range(channels):
         top = c * rows_per_channel
         matrix[top:top + rows_per_channel, c * pixels:(c + 1) * pixels] = -block
-        matrix[top + torch.arange(rows_per_channel, device=xhat.device), channels * pixels + filters + which] = rhs[:, c]
+        matrix[top + rows_of_channel, deviation_columns] = rhs[:, c]
     top = rows_per_channel * channels
     matrix[:top] /= torch.linalg.norm(matrix[:top]).clamp_min(TINY)
     outputs = xhat.shape[1] * xhat.shape[2]
