@@ -82,6 +82,7 @@ def check_norm_layers(result, layers):
         assert report.bias_residual < CERTIFICATE  # dL/dgamma, dL/dbeta and sigma^2 = var + eps
 
 
+@pytest.mark.slow
 def test_first_layer_float64_is_exact():
     result, truth = attack(model_of(), torch.float64)
     assert float((result.image[0] - truth[0]).abs().max()) <= EXACT

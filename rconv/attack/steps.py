@@ -113,6 +113,7 @@ class Signal(NamedTuple):
     activated_grad: torch.Tensor  # dL/d(activated)
     noise: Noise
     determined: bool = True  # every layer above was determined (full rank); else these data are wrong
+    scale_from_eps: bool = False  # a train-mode BatchNorm layer above set these data's scale from its eps alone
 
 
 class _LinearStep(NamedTuple):
@@ -363,7 +364,8 @@ def _train_norm_step(step, signal, grads, input_shape, options, previous_activat
                                             stride=step.conv.stride, padding=step.padding)[0]
     determined = signal.determined and report.full_rank
     read = ActivationRead(solved.derivative, torch.ones_like(solved.derivative, dtype=torch.bool))
-    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes, read, None)
+    return _ConvResult(x, report, Signal(x, input_grad, noise, determined, scale_from_eps=True), solved.notes, read,
+                       None)
 
 
 def _layer_reasons(report, tolerances):

@@ -59,7 +59,6 @@ def solve_train_norm(step, signal, grads, input_shape, options, frozen=None):
     down; frozen: an ActivationRead to read the activation by (the error bound's probe)."""
     wide = dict(device=options.device, dtype=torch.float64)
     norm, tolerances = step.norm, options.tolerances
-    gamma = norm.gamma.to(**wide)
     beta_grad = grads.maybe(norm.module.bias if norm.module.affine else None)
     beta_grad = beta_grad.to(**wide) if beta_grad is not None else None
     if frozen is None:
@@ -76,10 +75,10 @@ def solve_train_norm(step, signal, grads, input_shape, options, frozen=None):
                          f"BatchNorm before an activation that reveals them all (LeakyReLU, or none)")
     y_grad = signal.activated_grad * derivative
     notes = []
-    if step.activation in _HOMOGENEOUS:
-        # The layer above may have set its input's scale from eps only (a train-mode BatchNorm too), to a few
-        # digits: BatchNorm's centring, mean(xhat_f) = 0, i.e. t mean(y_f) = beta_f, sets it again to the data's
-        # own precision wherever beta is not zero.
+    if signal.scale_from_eps and step.activation in _HOMOGENEOUS:
+        # The layer above set its input's scale from eps only (a train-mode BatchNorm too), to a few digits:
+        # BatchNorm's centring, mean(xhat_f) = 0, i.e. t mean(y_f) = beta_f, sets it again to the data's own
+        # precision wherever beta is not zero. (Data from any other layer keep their scale, which is exact.)
         data_scale = _data_scale(y, norm.beta.to(**wide))
         if abs(data_scale - 1.0) > tolerances.residual:
             notes.append(f"{step.label}: the data the layer above handed down rescaled by {data_scale:.6g} to centre "
