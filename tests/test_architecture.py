@@ -15,7 +15,7 @@ MODULE_LAYERS = {
     "cases": [{"models", "data", "client", "updates", "privacy", "flower"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],
     "attack": [{"constraints", "graph", "folding", "bias_free"}, {"network"},
-               {"tolerances", "activations", "equations", "bounds", "tangents"}, {"systems"},
+               {"tolerances", "activations", "equations", "bounds", "tangents"}, {"systems"}, {"train_norm"},
                {"steps"}, {"batch_steps"}, {"reconstruct"}],
     "analysis": [{"reports"}, {"summaries"}, {"plotting"}],
     "studies": [{"executors", "findings"}, {"experiments", "baselines"}, {"batches", "federated"}],

@@ -306,13 +306,7 @@ def test_train_mode_dropout_is_refused():
         parse_network(Dropping())
 
 
-def test_train_mode_batchnorm_is_refused():
-    model = with_batchnorm().train()
-    grads = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
-    with pytest.raises(rc.RConvError, match=r"model\[1\] \(BatchNorm2d, after conv layer 1\): train-mode BatchNorm "
-                                            r"is not supported yet"):
-        rc.reconstruct(model, grads, SHAPE)
-    untracked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(),
-                              nn.Linear(4 * 14 * 14, 3)).eval()
-    with pytest.raises(rc.RConvError, match=r"model\[1\] \(BatchNorm2d, after conv layer 1\): train-mode BatchNorm"):
-        parse_network(untracked)
+def test_train_mode_batchnorm_is_kept_beside_its_conv_layer():
+    """Not folded: it normalises by the image's own statistics (tests/test_batchnorm.py attacks it)."""
+    step = parse_network(with_batchnorm().train()).steps[0]
+    assert step.folded is None and step.norm is not None and step.norm.module is step.output_module

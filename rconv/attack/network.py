@@ -31,6 +31,7 @@ class ConvStep:
     slope: float = 0.0  # LeakyReLU's negative slope
     padding: tuple = (0, 0)
     folded: Folded | None = None  # the BatchNorm folded into conv, and the model's own layers
+    norm: TrainNorm | None = None  # a train-mode BatchNorm between conv and activation (rconv.attack.train_norm)
 
     @property
     def label(self):
@@ -44,7 +45,19 @@ class ConvStep:
     @property
     def output_module(self):
         """The model's own module whose output is this step's pre-activation output."""
+        if self.norm is not None:
+            return self.norm.module
         return self.folded.norm if self.folded is not None else self.conv
+
+
+class TrainNorm(NamedTuple):
+    """A train-mode BatchNorm2d after a conv layer: y = gamma (O - mu) / sigma + beta with the image's own mean
+    mu and sigma = sqrt(biased variance + eps) per channel, float64."""
+
+    module: nn.BatchNorm2d  # the model's own layer (its gamma and beta gradients check the recovered data)
+    gamma: torch.Tensor  # (F,), ones without affine parameters
+    beta: torch.Tensor  # (F,), zeros without affine parameters
+    eps: float
 
 
 @dataclass
@@ -93,27 +106,45 @@ def _attach_activation(steps, operation):
     steps[-1].slope = operation.slope if operation.activation == "leaky_relu" else 0.0
 
 
-def _refuse_mode(operation):
-    """Refuse what would make the forward pass depend on more than the weights and the image."""
+def _refuse_dropout(operation):
+    """Refuse what would make the forward pass depend on more than the weights and the image (train-mode
+    BatchNorm depends on the image's own statistics, which the attack recovers with it: rconv.attack.train_norm)."""
     if operation.kind == "dropout" and operation.training:
         raise RConvError(f"{operation.where}: Dropout in training mode drops random units, so the forward pass "
                          f"behind the gradients cannot be replayed; call model.eval() (or pass training=False)")
-    if operation.kind == "batchnorm" and operation.training:
-        raise RConvError(f"{operation.where}: train-mode BatchNorm is not supported yet (it normalises by the "
-                         f"batch's own statistics); call model.eval() with running statistics tracked")
 
 
 def _attach_norm(steps, operation):
-    """Fold an eval-mode BatchNorm2d into the conv layer it directly follows."""
+    """Fold an eval-mode BatchNorm2d into the conv layer it directly follows; keep a train-mode one beside it."""
     if not isinstance(operation.module, nn.BatchNorm2d):
         raise RConvError(f"{operation.where}: BatchNorm before the Linear layer must be a BatchNorm2d directly "
                          f"after a Conv2d layer, to be folded into it")
-    if not steps or steps[-1].activation != "identity" or steps[-1].folded is not None:
+    if not steps or steps[-1].activation != "identity" or steps[-1].folded is not None or steps[-1].norm is not None:
         raise RConvError(f"{operation.where} must directly follow a Conv2d layer (before its activation), to be "
-                         f"folded into it")
+                         f"folded into it or inverted with it")
     step = steps[-1]
+    if operation.training:
+        step.norm = _train_norm(step, operation.module)
+        return
     step.folded = fold_batchnorm(step.conv, operation.module, step.label)
     step.conv = step.folded.conv
+
+
+def _train_norm(step, norm):
+    """The TrainNorm of a train-mode BatchNorm2d after step's conv layer, refusing a gamma of zero, which erases
+    its channel."""
+    if norm.num_features != step.conv.out_channels:
+        raise RConvError(f"{step.label}: its BatchNorm has {norm.num_features} channels, the conv layer "
+                         f"{step.conv.out_channels} filters")
+    wide = dict(dtype=torch.float64, device=step.conv.weight.device)
+    filters = step.conv.out_channels
+    gamma = norm.weight.detach().to(**wide) if norm.affine else torch.ones(filters, **wide)
+    beta = norm.bias.detach().to(**wide) if norm.affine else torch.zeros(filters, **wide)
+    if not bool(torch.isfinite(gamma).all()) or bool((gamma == 0).any()):
+        zero = [int(f) for f in torch.nonzero(~torch.isfinite(gamma) | (gamma == 0)).flatten()]
+        raise RConvError(f"{step.label}: its train-mode BatchNorm has gamma = 0 (or non-finite) at filter(s) {zero}, "
+                         f"which erases that channel, so the layer cannot be inverted")
+    return TrainNorm(norm, gamma, beta, float(norm.eps))
 
 
 def _bias_free_stand_in(linear, name, head):
@@ -135,7 +166,7 @@ def parse_network(model):
     its conv steps (eval-mode BatchNorm folded in) and the first Linear layer, whose input it recovers."""
     steps, linear, head = [], None, []
     for operation in trace_chain(model):
-        _refuse_mode(operation)
+        _refuse_dropout(operation)
         if linear is not None:
             # the layers after the first Linear layer are never inverted (graph.py refused the unknown ones)
             head.append(operation)
@@ -163,7 +194,10 @@ def _notes(steps, linear, head, bias_free):
         if step.folded is not None:
             notes.append(f"{step.label}: its eval-mode BatchNorm is folded into it, and the layer's report is the "
                          f"folded layer's")
-        if step.module.bias is None and (step.folded is None or not step.folded.norm.affine):
+        if step.norm is not None:
+            notes.append(f"{step.label}: its train-mode BatchNorm normalises by the image's own mean and variance, "
+                         f"recovered with the layer's input; the conv bias cancels in it and is not recovered")
+        elif step.module.bias is None and (step.folded is None or not step.folded.norm.affine):
             notes.append(f"{step.label} has no bias: its recovered output gradient is not checked against a bias "
                          f"gradient, nor are near-zero ReLU units settled by one")
     if bias_free:

@@ -123,8 +123,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
 
     Args:
         model: the network the client trained: any nn.Module whose forward torch.fx traces into a chain
-            of Conv2d (eval-mode BatchNorm2d folded in), activations, reshapes and eval-mode Dropout up to
-            a first Linear layer; whatever follows that layer is never inverted.
+            of Conv2d (eval-mode BatchNorm2d folded in; train-mode for one image only, rconv.attack.train_norm),
+            activations, reshapes and eval-mode Dropout up to a first Linear layer; whatever follows that
+            layer is never inverted.
         grads: gradients in model.parameters() order (list) or by parameter name (dict).
         input_shape: (C, H, W) of the image.
         first_layer: how to recover the first conv layer's input: "weights" (the paper: O = conv(x) + b),
@@ -172,6 +173,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
                                             device=device, memory_limit=memory_limit))
     if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
         _check_batch_linear(network)
+        _check_batch_norms(network)
         result = _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
         result.notes[:0] = update_notes
         return result
@@ -180,7 +182,12 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     reasons = verdict(reports, options.tolerances) + _local_steps_reasons(grads)
     # Only an image that passes every other check is worth bounding.
     bound_start = time.perf_counter()
-    bound = unbounded(len(reports)) if reasons else _error_bound(network, grads, options, cache, chain)
+    if reasons:
+        bound = unbounded(len(reports))
+    elif any(step.norm is not None for step in network.steps):
+        bound = _probe_single(network, grads, sizes, options, cache, chain)
+    else:
+        bound = _error_bound(network, grads, options, cache, chain)
     bound_seconds = time.perf_counter() - bound_start
     for report, layer_bound in zip(reports, bound.layers):
         report.error_bound = layer_bound
@@ -232,6 +239,21 @@ def _error_bound(network, grads, options, cache, chain):
     return linearised_bound(layers, _measured(chain), max(levels.levels), options.tolerances.dtype)
 
 
+def _probe_single(network, grads, sizes, options, cache, chain):
+    """The ErrorBound of one image through a train-mode BatchNorm layer, whose solve has no Linearisation: the
+    attack rerun on noisier gradients with the activations read as before, as a batch's bound is (probe_bound)."""
+    residuals = [result.report.residual for result in chain.results]
+    level = noise_level([chain.top.misfit] + [result.report.residual for result in chain.results
+                                              if result.report.method == "gradients"], options.tolerances.dtype)
+    probed = probe_level(level, residuals)
+    noisy = perturbed(list(grads.parameters), grads, probed)
+    try:
+        probe = _single_image(network, noisy, sizes, options, cache, check_batch=False, like=chain)
+    except RConvError:
+        return unbounded(len(chain.results), level)
+    return probe_bound(_measured(chain), _measured(probe), level, probed)
+
+
 def _rounding_level(grads, parameter):
     """The relative noise a weight update's rounding left in a parameter's gradient (0 for gradients shared
     as such)."""
@@ -272,6 +294,15 @@ def _check_batch_linear(network):
         raise RConvError(f"the Linear layer {network.linear_name} has no bias: R-CONV reads its output gradient "
                          f"off a rank-one weight gradient, so it recovers one image, not a batch; these gradients "
                          f"look like a batch's (or pass batch_size=1 and check_batch=False to try anyway)")
+
+
+def _check_batch_norms(network):
+    """Refuse a batch through train-mode BatchNorm: its statistics are the batch's, shared by all its images."""
+    for step in network.steps:
+        if step.norm is not None:
+            raise RConvError(f"{step.label}: its train-mode BatchNorm normalises by the batch's statistics, which "
+                             f"couple the images: R-CONV inverts it for one image only, and these gradients look "
+                             f"like a batch's (or pass batch_size=1 and check_batch=False to try anyway)")
 
 
 def _check_batch_size(batch_size):

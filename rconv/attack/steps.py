@@ -24,8 +24,12 @@ from .equations import GradientSystem, LayerEquations, weight_system
 from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
 from .tangents import Linearisation
 from .tolerances import Tolerances
+from .train_norm import solve_train_norm
 
 FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
+# The method a LayerReport names for a conv layer solved with its train-mode BatchNorm (unknowns: its input,
+# each filter's mean and deviation).
+TRAIN_NORM_METHOD = "gradients+weights+batchnorm"
 # The Linear layer's ratio dL/dW / dL/db is well conditioned: its output carries the gradients'
 # rounding amplified at most this much.
 LINEAR_NOISE_GAIN = 10.0
@@ -109,6 +113,7 @@ class Signal(NamedTuple):
     activated_grad: torch.Tensor  # dL/d(activated)
     noise: Noise
     determined: bool = True  # every layer above was determined (full rank); else these data are wrong
+    scale_from_eps: bool = False  # a train-mode BatchNorm layer above set these data's scale from its eps alone
 
 
 class _LinearStep(NamedTuple):
@@ -313,6 +318,8 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
 
     frozen: the ActivationRead of an earlier run to read the activation by (the error bound's probe).
     """
+    if step.norm is not None:
+        return _train_norm_step(step, signal, grads, input_shape, options, previous_activation, frozen)
     start = time.perf_counter()
     channels, height, width = input_shape
     equations, output_grad, bias_grad, read = layer_equations(step, signal, grads, input_shape, options, cache,
@@ -338,6 +345,27 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
                                             stride=step.conv.stride, padding=step.padding)[0]
     determined = signal.determined and report.full_rank
     return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes, read, linearisation)
+
+
+def _train_norm_step(step, signal, grads, input_shape, options, previous_activation, frozen):
+    """conv_step for a conv layer followed by train-mode BatchNorm (rconv.attack.train_norm): no Linearisation,
+    so the chain's error bound is the probe's."""
+    start = time.perf_counter()
+    solved = solve_train_norm(step, signal, grads, input_shape, options, frozen)
+    x = solved.x
+    noise = noise_of(solved.spectrum, x, options.tolerances.dtype)
+    x, clipped = project_input(x, previous_activation, options)
+    report = LayerReport(
+        layer=step.number, method=TRAIN_NORM_METHOD, equations=solved.equations, unknowns=solved.unknowns,
+        rank=solved.spectrum.rank, cond=solved.spectrum.cond, residual=solved.residual, bias_residual=solved.checks,
+        known_outputs=1.0, seconds=time.perf_counter() - start, clipped=clipped)
+    weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
+    input_grad = torch.nn.grad.conv2d_input((1, *input_shape), weight, solved.output_grad[None],
+                                            stride=step.conv.stride, padding=step.padding)[0]
+    determined = signal.determined and report.full_rank
+    read = ActivationRead(solved.derivative, torch.ones_like(solved.derivative, dtype=torch.bool))
+    return _ConvResult(x, report, Signal(x, input_grad, noise, determined, scale_from_eps=True), solved.notes, read,
+                       None)
 
 
 def _layer_reasons(report, tolerances):
