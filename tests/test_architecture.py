@@ -11,10 +11,11 @@ SUBPACKAGES = ["common", "linalg", "cases", "split", "attack", "analysis", "stud
 # Within a sub-package, its modules' order, top first: a module imports only from the sets above its own.
 MODULE_LAYERS = {
     "common": [{"errors", "geometry", "paths", "progress", "environment", "optional"}, {"checks"}],
-    "linalg": [{"sparse", "memory"}, {"solvers"}],
+    "linalg": [{"sparse", "memory", "krylov"}, {"solvers"}],
     "cases": [{"models", "data", "client", "updates", "privacy"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],
-    "attack": [{"constraints", "network"}, {"tolerances", "activations", "equations", "bounds", "tangents"},
+    "attack": [{"constraints", "network"},
+               {"tolerances", "activations", "equations", "bounds", "tangents", "preconditioning"},
                {"systems"},
                {"steps"}, {"batch_steps"}, {"reconstruct"}],
     "analysis": [{"reports"}, {"summaries"}, {"plotting"}],

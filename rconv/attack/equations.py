@@ -141,6 +141,13 @@ class WeightSystem:
     def dense(self):
         return self.entries.dense()
 
+    def gram_entries(self):
+        """An upper bound on the nonzeros of M^T M, known before building it: two unknowns meet in a row
+        only when their pixels lie less than a kernel apart, in any pair of channels."""
+        channels, *sizes = self.input_shape
+        reach = math.prod(min(2 * k - 1, size) for k, size in zip(self.weight.shape[2:], sizes))
+        return self.shape[1] * min(self.shape[1], channels * reach)
+
     def sparse(self, known=None):
         """M (or its rows in `known`) as a scipy CSR matrix."""
         import scipy.sparse

@@ -13,7 +13,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..linalg.krylov import gram_solver, normal_cg
 from ..linalg.memory import check, size
+from ..linalg.sparse import FillTooLarge
 from ..linalg.solvers import (
     TINY,
     Factor,
@@ -23,9 +25,11 @@ from ..linalg.solvers import (
     cg_least_squares,
     eps,
     norm_2,
+    power_estimates,
     rank_rtol,
     solve_operator,
 )
+from .preconditioning import conv_preconditioner
 
 # Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
 # a dense system would take minutes and gigabytes, and the sparse normal equations take over.
@@ -50,6 +54,20 @@ _COMPLETION_PASSES = 2
 # A completion's condition number is this many times the amplification one random probe measures:
 # a random direction sees the average amplification, the worst one can be a few times larger.
 _PROBE_MARGIN = 10.0
+# Weight constraints whose Gram matrix M^T M has more nonzeros than this are solved by Krylov iterations
+# instead of a sparse factorisation: lenet_hr224's first layer (at most 37M) factorises in seconds, while
+# a 16-channel 5x5 layer at 112 px (260M) filled in to an 11.7 GB factor.
+DIRECT_MAX_GRAM_ENTRIES = 100_000_000
+# The normal equations' relative residual a Krylov solve must reach: what float64 CG can reach, so
+# that the solution is as good as the direct factorisation's whatever the gradients' precision.
+KRYLOV_TOLERANCE = 1e-14
+# CG steps and seconds a Krylov solve may take before it gives up, saying so.
+KRYLOV_MAX_STEPS, KRYLOV_TIME_LIMIT = 3000, 600.0
+# Power and inverse-iteration steps of a Krylov solve's condition number (its order of magnitude), and
+# the looser tolerance of the inverse iteration's solves.
+_CONDITION_STEPS, _CONDITION_TOLERANCE = 3, 1e-6
+# Vectors of the layer's size a Krylov solve keeps at once (CG's, the preconditioner's, the refinement's).
+_KRYLOV_VECTORS = 12
 # CGLS steps for a large layer that cannot be determined (too few equations, or wrong data from an
 # undetermined layer above): a minimum-norm estimate for the picture, not a solution to trust.
 _ESTIMATE_STEPS = 50
@@ -69,6 +87,8 @@ class LayerSolve(NamedTuple):
     notes: tuple = ()
     estimated: bool = False  # a cheap estimate of an undeterminable layer: the rank is only a counting bound
     resolve: object = None
+    solver: str = "direct"  # "direct" (a factorisation) or "krylov" (preconditioned CG)
+    stopped: str = ""  # why an iterative solve stopped short of its tolerance (empty: it converged)
 
 
 class _Block(NamedTuple):
@@ -273,6 +293,18 @@ def _gradient_gram_bytes(equations):
         * _SPARSE_BYTES_PER_ENTRY
 
 
+def _direct_need(equations):
+    """Bytes the sparse Gram matrix of the weight constraints takes while it is built (its factor comes on top)."""
+    return _SPARSE_BYTES_PER_ENTRY * equations.weights.gram_entries()
+
+
+def choose_solver(equations, memory_limit):
+    """ "direct" when the weight constraints' sparse normal equations may be built and factorised here, else
+    "krylov"; the Gram matrix's size is predicted, its factor's is measured by PARDISO before it is allocated."""
+    fits = _direct_need(equations) <= (memory_limit or math.inf)
+    return "direct" if fits and equations.weights.gram_entries() <= DIRECT_MAX_GRAM_ENTRIES else "krylov"
+
+
 def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     """The sparse normal equations of weight constraints (and gradient constraints), for large layers."""
     notes = []
@@ -283,6 +315,9 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     if with_gradients:
         check(3 * equations.gradients.dense_bytes(), f"{label}: the gradient-constraint matrix "
               f"({equations.gradients.shape[0]:,} x {equations.gradients.shape[1]:,}, dense)", memory_limit)
+    if choose_solver(equations, memory_limit) == "krylov":
+        why = f"{label}: its normal equations' Gram matrix would need {size(_direct_need(equations))} before fill-in"
+        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (why,))
     weights, known = equations.weights, equations.known
     check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
           f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
@@ -298,16 +333,47 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
                 gram = gram + _gradient_gram(equations, grad_scale)
             like = torch.empty(0, dtype=equations.output.dtype, device=equations.output.device)
             factor = NormalFactor(gram, system.apply, system.apply_t, rtol, like, memory_limit)
-    except MemoryError as error:
-        check(int(error.args[0]), f"{label}: the sparse factorisation of its normal equations "
-                                  f"({weights.shape[1]:,} unknowns)", memory_limit)
-        raise
+    except FillTooLarge as error:
+        why = f"{label}: the sparse factorisation of its normal equations would need {size(error.need)}"
+        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (why,))
     x = factor.solve(system)
     if factor.kind == "ridge":
         notes.append(f"{label}: rank-deficient at the gradients' precision; the solution is a ridge "
                      f"(minimum-norm) estimate")
     return LayerSolve(x.view(equations.channels, equations.pixels), factor.spectrum, system.residual(x), tuple(notes),
                       resolve=_joint_resolve(equations, with_gradients, factor.least_squares))
+
+
+def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
+    """The weight constraints (and gradient constraints) by preconditioned CG, matrix-free: for layers whose
+    factorisation would not fit. Certified by its residuals; a solve that stops short says why (`stopped`)."""
+    weights, known = equations.weights, equations.known
+    check(_KRYLOV_VECTORS * weights.shape[1] * _FLOAT64_BYTES, f"{label}: the vectors of its Krylov solve "
+          f"({weights.shape[1]:,} unknowns)", memory_limit)
+    system = joint_system(equations, with_gradients)
+    weight_scale = _hybrid_scales(equations)[1] if with_gradients else 1.0
+
+    def gram_apply(v):
+        return system.apply_t(system.apply(v))
+
+    preconditioner = conv_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding, known,
+                                         gram_apply, memory_limit=memory_limit, label=label)
+
+    def solve_rhs(rhs):
+        return normal_cg(system.apply, system.apply_t, rhs, lambda r: preconditioner(r) / weight_scale ** 2,
+                         tolerance=KRYLOV_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS, time_limit=KRYLOV_TIME_LIMIT)
+
+    solved = solve_rhs(system.rhs)
+    inverse = gram_solver(gram_apply, lambda r: preconditioner(r) / weight_scale ** 2,
+                          tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
+    estimates = power_estimates(weights.shape[1], system.rhs, gram_apply, inverse, iterations=_CONDITION_STEPS)
+    cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
+    notes = notes + (f"{label}: solved by preconditioned CG in {solved.iterations} steps (normal-equations residual "
+                     f"{solved.optimality:.2g})",)
+    stopped = "" if solved.converged else f"{label}: its Krylov solve {solved.reason}"
+    return LayerSolve(solved.x.view(equations.channels, equations.pixels), Spectrum(weights.shape[1], cond),
+                      solved.residual, notes + ((stopped,) if stopped else ()), solver="krylov", stopped=stopped,
+                      resolve=_joint_resolve(equations, with_gradients, lambda rhs: solve_rhs(rhs).x))
 
 
 def _solve_dense(equations, method, dtype, fallback):
