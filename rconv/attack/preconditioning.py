@@ -24,7 +24,7 @@ from .constraints import weight_entries
 
 # The frame solved exactly is this many kernel widths wide: on a 64-px, 3x3 layer, 2 widths (4 px) left
 # CG 273 steps, 3.3 widths (10 px) 19 steps.
-FRAME_KERNELS = 3.5
+FRAME_KERNELS = float(__import__("os").environ.get("FK", "3.5"))
 # Eigenvalues of the symbol below this fraction of its largest are lifted to it: the symbol of a valid
 # convolution may vanish at a frequency the border's rows still determine.
 _SYMBOL_FLOOR = 1e-10
@@ -77,11 +77,11 @@ def plan(weight_shape, input_shape, stride, padding):
                 channels * pixels * channels * reach, 3 * symbol)
 
 
-def _frame_solver(weight, input_shape, stride, padding, known, columns):
+def _frame_solver(weight, input_shape, stride, padding, known, columns, memory_limit, label):
     """(M^T M)[frame, frame]^-1 through a sparse factorisation (known rows of M only)."""
     import scipy.sparse
 
-    from ..linalg.sparse import SparseFactor
+    from ..linalg.sparse import FillTooLarge, SparseFactor
     kernel = weight.shape[2:]
     frame = _frame(input_shape, kernel)
     outputs = _outputs_reading(frame, input_shape, kernel, stride, padding)
@@ -96,7 +96,12 @@ def _frame_solver(weight, input_shape, stride, padding, known, columns):
     matrix = scipy.sparse.csr_matrix((values[inside], (rows[inside], local[inside])),
                                      shape=(known.numel(), len(columns)))
     del rows, cols, values, local
-    factor = SparseFactor((matrix.T @ matrix).tocsr(), positive_definite=True)
+    try:
+        factor = SparseFactor((matrix.T @ matrix).tocsr(), positive_definite=True, memory_limit=memory_limit)
+    except FillTooLarge as error:
+        check(error.need, f"{label}: the factorisation of its Krylov preconditioner's {len(columns):,}-unknown "
+                          f"frame", memory_limit)
+        raise
     return lambda r: torch.from_numpy(factor.solve(r.numpy())).to(r.dtype)
 
 
@@ -140,7 +145,7 @@ def conv_preconditioner(weight, input_shape, stride, padding, known, gram_apply,
                         f"frame factorised, and the symbol)", memory_limit)
     frame = _frame(input_shape, weight.shape[2:])
     columns = (torch.arange(input_shape[0])[:, None] * frame.numel() + torch.nonzero(frame)[:, 0][None, :]).reshape(-1)
-    local = _frame_solver(weight, input_shape, stride, padding, known, columns)
+    local = _frame_solver(weight, input_shape, stride, padding, known, columns, memory_limit, label)
     if max(stride) == 1:
         approximate = _symbol_solver(weight, input_shape)
     else:
