@@ -18,8 +18,10 @@ import torch
 # Guards divisions by a norm that may be zero; far below any norm real data produce.
 _TINY = 1e-300
 # Rounds of CG restarted on the true residual K^T (b - K x): each round corrects what the previous
-# one's recurrence lost to rounding (corrected semi-normal equations, done by CG).
+# one's recurrence lost to rounding.
 _REFINE_ROUNDS = 3
+# Rounds stop once a correction changes the solution by less than this, relative to it.
+_REFINE_STALL = 1e-15
 
 
 class KrylovSolve(NamedTuple):
@@ -91,11 +93,14 @@ def normal_cg(apply, apply_t, rhs, precondition, *, tolerance, max_iterations, t
             iterations += steps[0]
             if step is not None:
                 x[:, column:column + 1] += as_tensor(step)
+            small = step is None or float(np.linalg.norm(step)) <= _REFINE_STALL * float(torch.linalg.norm(x[:, column]))
             if info == -1:
                 reason = f"stopped at the time limit of {time_limit:.0f} s after {iterations} CG steps"
                 break
-            if iterations >= max_iterations:
+            if iterations >= max_iterations and info != 0:
                 reason = f"CG did not converge in {max_iterations} steps"
+                break
+            if small:
                 break
         if reason:
             break
