@@ -29,7 +29,8 @@ from ..linalg.solvers import (
     solve_operator,
 )
 from .nullspace import complete, null_images, null_space
-from .preconditioning import conv_preconditioner
+from .equations import gram_entries_bound
+from .preconditioning import conv_preconditioner, plan
 
 # Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
 # a dense system would take minutes and gigabytes, and the sparse normal equations take over.
@@ -293,6 +294,25 @@ def _gradient_gram_bytes(equations):
         * _SPARSE_BYTES_PER_ENTRY
 
 
+class SolverPlan(NamedTuple):
+    """How a large layer's weight constraints will be solved, and the memory that is predicted before any
+    gradient exists: the sparse Gram matrix for "direct" (its factor comes on top, measured by PARDISO
+    before it is allocated), the preconditioner and vectors for "krylov"."""
+
+    solver: str
+    memory: int  # bytes
+
+
+def plan_solver(weight_shape, input_shape, stride, padding, memory_limit=None):
+    """The SolverPlan of a conv layer's weight constraints, from shapes alone."""
+    gram = gram_entries_bound(input_shape, weight_shape[2:])
+    direct = _SPARSE_BYTES_PER_ENTRY * gram
+    if direct <= (memory_limit or math.inf) and gram <= DIRECT_MAX_GRAM_ENTRIES:
+        return SolverPlan("direct", direct)
+    vectors = _KRYLOV_VECTORS * math.prod(input_shape) * _FLOAT64_BYTES
+    return SolverPlan("krylov", vectors + plan(weight_shape, input_shape, stride, padding).bytes)
+
+
 def _direct_need(equations):
     """Bytes the sparse Gram matrix of the weight constraints takes while it is built (its factor comes on top)."""
     return _SPARSE_BYTES_PER_ENTRY * equations.weights.gram_entries()
@@ -300,9 +320,9 @@ def _direct_need(equations):
 
 def choose_solver(equations, memory_limit):
     """ "direct" when the weight constraints' sparse normal equations may be built and factorised here, else
-    "krylov"; the Gram matrix's size is predicted, its factor's is measured by PARDISO before it is allocated."""
-    fits = _direct_need(equations) <= (memory_limit or math.inf)
-    return "direct" if fits and equations.weights.gram_entries() <= DIRECT_MAX_GRAM_ENTRIES else "krylov"
+    "krylov" (plan_solver)."""
+    weights = equations.weights
+    return plan_solver(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, memory_limit).solver
 
 
 def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
