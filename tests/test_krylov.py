@@ -109,7 +109,10 @@ def test_a_krylov_layer_that_runs_out_of_steps_says_so_and_is_not_certified(monk
 def test_the_preconditioner_is_refused_before_it_is_built_when_it_would_not_fit():
     equations, _ = conv_layer()
     weights = equations.weights
-    need = plan(weights.weight.shape, weights.input_shape, weights.stride, weights.padding).bytes
+    widest = plan(weights.weight.shape, weights.input_shape, weights.stride, weights.padding)
+    narrower = plan(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, widest.bytes - 1)
+    assert narrower.frame_width < widest.frame_width and narrower.bytes < widest.bytes, "a tight limit narrows it"
+    need = plan(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, memory_limit=1).bytes
     with pytest.raises(rc.RConvError, match=r"conv layer 2: the preconditioner of its Krylov solve .* would need"):
         conv_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding, equations.known,
                             lambda v: v, memory_limit=need // 2, label="conv layer 2")

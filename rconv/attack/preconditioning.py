@@ -22,9 +22,10 @@ from ..linalg.krylov import symmetric_schwarz
 from ..linalg.memory import check
 from .constraints import weight_entries
 
-# The frame solved exactly is this many kernel widths wide: on a 64-px, 3x3 layer, 2 widths (4 px) left
-# CG 273 steps, 3.3 widths (10 px) 19 steps.
-FRAME_KERNELS = float(__import__("os").environ.get("FK", "3.5"))
+# The frame solved exactly is at most this many kernel widths wide: on a 64-px, 3x3 layer, 1.3 widths
+# (4 px) left CG 273 steps, 3.3 widths (10 px) 19 steps. A frame that would not fit in memory is narrowed,
+# down to one kernel width; on a 112-px 5x5 layer, 1.6 widths (8 px) did not converge in 231 steps.
+FRAME_KERNELS = 3.5
 # Eigenvalues of the symbol below this fraction of its largest are lifted to it: the symbol of a valid
 # convolution may vanish at a frequency the border's rows still determine.
 _SYMBOL_FLOOR = 1e-10
@@ -36,6 +37,7 @@ _SPARSE_BYTES_PER_ENTRY = 40
 class Plan(NamedTuple):
     """The preconditioner's size, known before anything is built: for memory checks and reports."""
 
+    frame_width: int  # pixels
     frame_unknowns: int
     frame_entries: int  # nonzeros of M's rows that read the frame
     frame_gram_entries: int  # nonzeros of the frame's block of M^T M (an upper bound)
@@ -46,10 +48,14 @@ class Plan(NamedTuple):
         return _SPARSE_BYTES_PER_ENTRY * (self.frame_entries + self.frame_gram_entries) + self.symbol_bytes
 
 
-def _frame(input_shape, kernel):
-    """(H*W,) bool: the pixels within the frame's width of the border."""
+def _widths(kernel):
+    """The frame widths to try, in pixels, widest first."""
+    return range(math.ceil(FRAME_KERNELS * max(kernel)), max(kernel) - 1, -1)
+
+
+def _frame(input_shape, wide):
+    """(H*W,) bool: the pixels within `wide` pixels of the border."""
     _, height, width = input_shape
-    wide = math.ceil(FRAME_KERNELS * max(kernel))
     y, x = torch.arange(height), torch.arange(width)
     inner_y = torch.minimum(y, height - 1 - y)[:, None]
     inner_x = torch.minimum(x, width - 1 - x)[None, :]
@@ -64,26 +70,34 @@ def _outputs_reading(frame, input_shape, kernel, stride, padding):
     return (reach > 0).reshape(-1)
 
 
-def plan(weight_shape, input_shape, stride, padding):
-    """The Plan of a layer's preconditioner."""
+def plan(weight_shape, input_shape, stride, padding, memory_limit=None):
+    """The Plan of a layer's preconditioner: the widest frame that fits in memory_limit, else the narrowest."""
+    for wide in _widths(weight_shape[2:]):
+        layout = _plan(weight_shape, input_shape, stride, padding, wide)
+        if layout.bytes <= (memory_limit or math.inf):
+            break
+    return layout
+
+
+def _plan(weight_shape, input_shape, stride, padding, wide):
     filters, channels, *kernel = weight_shape
     stride, padding = pair(stride), pair(padding)
-    frame = _frame(input_shape, kernel)
+    frame = _frame(input_shape, wide)
     outputs = int(_outputs_reading(frame, input_shape, kernel, stride, padding).sum())
     pixels = int(frame.sum())
     reach = math.prod(min(2 * k - 1, size) for k, size in zip(kernel, input_shape[1:]))
     symbol = math.prod(input_shape[1:]) * channels * channels * _COMPLEX128_BYTES if max(stride) == 1 else 0
-    return Plan(channels * pixels, outputs * filters * channels * math.prod(kernel),
+    return Plan(wide, channels * pixels, outputs * filters * channels * math.prod(kernel),
                 channels * pixels * channels * reach, 3 * symbol)
 
 
-def _frame_solver(weight, input_shape, stride, padding, known, columns, memory_limit, label):
+def _frame_solver(weight, input_shape, stride, padding, known, columns, wide, memory_limit, label):
     """(M^T M)[frame, frame]^-1 through a sparse factorisation (known rows of M only)."""
     import scipy.sparse
 
     from ..linalg.sparse import FillTooLarge, SparseFactor
     kernel = weight.shape[2:]
-    frame = _frame(input_shape, kernel)
+    frame = _frame(input_shape, wide)
     outputs = _outputs_reading(frame, input_shape, kernel, stride, padding)
     entries = weight_entries(weight, input_shape[1:], stride, padding, outputs=outputs)
     keep = known[entries.rows]
@@ -140,12 +154,13 @@ def conv_preconditioner(weight, input_shape, stride, padding, known, gram_apply,
     them. Raises RConvError (memory.check) before building what would not fit in memory_limit.
     """
     stride, padding = pair(stride), pair(padding)
-    layout = plan(weight.shape, input_shape, stride, padding)
+    layout = plan(weight.shape, input_shape, stride, padding, memory_limit)
     check(layout.bytes, f"{label}: the preconditioner of its Krylov solve (a {layout.frame_unknowns:,}-unknown "
                         f"frame factorised, and the symbol)", memory_limit)
-    frame = _frame(input_shape, weight.shape[2:])
+    frame = _frame(input_shape, layout.frame_width)
     columns = (torch.arange(input_shape[0])[:, None] * frame.numel() + torch.nonzero(frame)[:, 0][None, :]).reshape(-1)
-    local = _frame_solver(weight, input_shape, stride, padding, known, columns, memory_limit, label)
+    local = _frame_solver(weight, input_shape, stride, padding, known, columns, layout.frame_width, memory_limit,
+                          label)
     if max(stride) == 1:
         approximate = _symbol_solver(weight, input_shape)
     else:

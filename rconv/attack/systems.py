@@ -310,7 +310,7 @@ def plan_solver(weight_shape, input_shape, stride, padding, memory_limit=None):
     if direct <= (memory_limit or math.inf) and gram <= DIRECT_MAX_GRAM_ENTRIES:
         return SolverPlan("direct", direct)
     vectors = _KRYLOV_VECTORS * math.prod(input_shape) * _FLOAT64_BYTES
-    return SolverPlan("krylov", vectors + plan(weight_shape, input_shape, stride, padding).bytes)
+    return SolverPlan("krylov", vectors + plan(weight_shape, input_shape, stride, padding, memory_limit).bytes)
 
 
 def _direct_need(equations):
