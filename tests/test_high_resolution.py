@@ -236,9 +236,8 @@ def test_under_an_address_space_limit_a_reconstruction_succeeds_or_refuses_never
 
 
 @pytest.mark.slow
-def test_the_128_px_non_preset_network_is_exact_from_float64_and_60_db_from_float32():
+def test_the_128_px_non_preset_network_is_exact_from_float64():
     result, image = attack_non_preset(128, torch.float64)
     assert result.exact, result.reasons
     assert max_error(result, image) <= EXACT_ERROR
-    single, image = attack_non_preset(128, torch.float32)
-    assert rc.image_metrics(image, single.image)["psnr"] >= FLOAT32_PSNR
+    assert [layer.solver for layer in result.layers] == ["direct", "direct"]

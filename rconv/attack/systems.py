@@ -384,10 +384,12 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
                          tolerance=tolerance, max_iterations=KRYLOV_MAX_STEPS, time_limit=KRYLOV_TIME_LIMIT)
 
     solved = solve_rhs(system.rhs)
-    inverse = gram_solver(gram_apply, lambda r: preconditioner(r) / weight_scale ** 2,
-                          tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
-    estimates = power_estimates(weights.shape[1], system.rhs, gram_apply, inverse, iterations=_CONDITION_STEPS)
-    cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
+    cond = math.inf  # a solve that stopped short is not certified: its inverse iterations would not be either
+    if solved.converged:
+        inverse = gram_solver(gram_apply, lambda r: preconditioner(r) / weight_scale ** 2,
+                              tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
+        estimates = power_estimates(weights.shape[1], system.rhs, gram_apply, inverse, iterations=_CONDITION_STEPS)
+        cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
     notes = notes + (f"{label}: solved by preconditioned CG in {solved.iterations} steps (normal-equations residual "
                      f"{solved.optimality:.2g})",)
     stopped = "" if solved.converged else f"{label}: its Krylov solve {solved.reason}"
