@@ -11,11 +11,12 @@ SUBPACKAGES = ["common", "linalg", "cases", "split", "attack", "analysis", "stud
 # Within a sub-package, its modules' order, top first: a module imports only from the sets above its own.
 MODULE_LAYERS = {
     "common": [{"errors", "geometry", "paths", "progress", "environment", "optional"}, {"checks"}],
-    "linalg": [{"sparse", "memory"}, {"solvers"}],
+    "linalg": [{"sparse", "memory", "krylov"}, {"solvers"}],
     "cases": [{"models", "data", "client", "updates", "privacy", "flower"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],
     "attack": [{"constraints", "graph", "folding", "bias_free"}, {"network"},
-               {"tolerances", "activations", "equations", "bounds", "tangents"}, {"systems"}, {"train_norm"},
+               {"tolerances", "activations", "equations", "bounds", "tangents", "preconditioning", "nullspace"},
+               {"systems"}, {"train_norm"},
                {"steps"}, {"batch_steps"}, {"reconstruct"}],
     "analysis": [{"reports"}, {"summaries"}, {"plotting"}],
     "studies": [{"executors", "findings"}, {"experiments", "baselines"}, {"batches", "federated"}],

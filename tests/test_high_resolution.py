@@ -177,3 +177,67 @@ def test_a_large_layer_s_rank_deficient_gradients_are_completed_quickly():
     assert layer.method == "gradients+weights" and layer.rank < layer.unknowns
     assert any("its gradient constraints left 231 directions undetermined" in note for note in result.notes)
     assert not result.exact and "conv layer 2 (gradients+weights): rank" in result.reasons[0]
+
+
+def non_preset(size, kernel=3):
+    """The two-layer networks of no preset that high resolution once broke: a stride-2 layer into 16 channels,
+    then a stride-1 layer of 20 filters with no padding, whose input only its weight constraints determine."""
+    activations = ("tanh", "sigmoid") if kernel == 3 else ("leaky_relu", "leaky_relu")
+    return rc.build_model("lenet_hr64", channels=(16, 20), strides=(2, 1), activations=activations, kernel_size=kernel,
+                          padding=(kernel // 2, 0), input_size=size, init="default")
+
+
+def attack_non_preset(size, dtype, kernel=3, **options):
+    images, labels = rc.load_images("samples", [0], size=size)
+    model = non_preset(size, kernel)
+    grads = rc.client_gradients(model, images[0], int(labels[0]), dtype=dtype)
+    return rc.reconstruct(model, grads, tuple(images.shape[1:]), **options), images[0]
+
+
+def test_a_non_preset_layer_beyond_its_memory_limit_is_refused_by_name():
+    with pytest.raises(rc.RConvError, match=r"^conv layer 2 \(model\[2\]\): .* would need .*\(memory_limit\)"):
+        attack_non_preset(64, torch.float64, memory_limit=2 ** 20)
+
+
+# What a reconstruction may map beyond what the interpreter and its libraries map after import: enough for the
+# 64-px network's direct solve to be refused or to fit, never to run out.
+_ADDRESS_SPACE_HEADROOM = 600 * 2 ** 20
+_UNDER_LIMIT = """
+import torch
+import rconv_core as rc
+images, labels = rc.load_images("samples", [0], size=64)
+model = rc.build_model("lenet_hr64", channels=(16, 20), strides=(2, 1), activations=("tanh", "sigmoid"),
+                       kernel_size=3, padding=(1, 0), input_size=64, init="default")
+grads = rc.client_gradients(model, images[0], int(labels[0]), dtype=torch.float64)
+try:
+    result = rc.reconstruct(model, grads, (3, 64, 64))
+    print("exact", result.exact)
+except rc.RConvError as error:
+    print("RConvError:", error)
+"""
+
+
+@pytest.mark.slow
+def test_under_an_address_space_limit_a_reconstruction_succeeds_or_refuses_never_runs_out():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    mapped = subprocess.run([sys.executable, "-c", "import rconv_core, scipy.sparse.linalg; "
+                             "print(open('/proc/self/status').read().split('VmSize:')[1].split()[0])"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    limit_kb = int(mapped.stdout) + _ADDRESS_SPACE_HEADROOM // 1024
+    done = subprocess.run(["bash", "-c", f'ulimit -v {limit_kb}; exec "$0" -c "$1"', sys.executable, _UNDER_LIMIT],
+                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MemoryError" not in done.stderr
+    assert done.stdout.startswith(("exact True", "RConvError: conv layer")), done.stdout
+
+
+@pytest.mark.slow
+def test_the_128_px_non_preset_network_is_exact_from_float64():
+    result, image = attack_non_preset(128, torch.float64)
+    assert result.exact, result.reasons
+    assert max_error(result, image) <= EXACT_ERROR
+    assert [layer.solver for layer in result.layers] == ["direct", "direct"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..attack.constraints import min_filters
 from ..attack.network import check_input_shape, parse_network
+from ..attack.systems import DENSE_MAX_UNKNOWNS, plan_solver
 from ..cases.client import as_dtype
 from ..common.checks import whole_number
 from ..common.errors import RConvError
@@ -155,7 +156,9 @@ def constraint_report(model, input_shape, *, batch_size=1):
     determine the input, and determined_by which constraints can ("gradients", "weights",
     "both jointly", or "none: ..."). These are necessary conditions: ReLU reveals the
     pre-activation only where active (weights_need_active is the share of outputs that must
-    be), and the numerical rank decides in the end. The table's attrs hold the network's
+    be), and the numerical rank decides in the end. weight_solver says how the weight constraints would be
+    solved ("dense", "direct": a sparse factorisation, or "krylov": preconditioned CG, where the sparse
+    normal equations would be too large), weight_solver_memory the bytes predicted for it. The table's attrs hold the network's
     verdict: attrs["recoverable"] (bool) and attrs["verdict"] ("recoverable", or "not: layer 2
     has 12,288 unknowns and at most 8,896 equations").
 
@@ -194,6 +197,7 @@ def constraint_report(model, input_shape, *, batch_size=1):
             batch_size=batch_size, max_batch=_layer_max_batch(channels, height * width, filters * kh * kw, per_image,
                                                               uncovered))
         row["determined_by"] = _determined_by(row)
+        row["weight_solver"], row["weight_solver_memory"] = _weight_solver(step, sizes[step.number - 1], batch_size)
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["verdict"] = _verdict(rows)
@@ -201,6 +205,15 @@ def constraint_report(model, input_shape, *, batch_size=1):
     classes = network.linear.out_features
     table.attrs["max_batch"] = int(min(table.max_batch.min(), classes - 1))
     return table
+
+
+def _weight_solver(step, input_shape, batch_size):
+    """How the layer's weight constraints would be solved ("dense", "direct" sparse, or "krylov") and the memory
+    predicted for it in bytes (for "direct", before the factor's fill-in, which PARDISO measures later)."""
+    if batch_size * math.prod(input_shape) <= DENSE_MAX_UNKNOWNS:
+        return "dense", None
+    chosen = plan_solver(tuple(step.conv.weight.shape), input_shape, step.conv.stride, step.padding)
+    return chosen.solver, chosen.memory
 
 
 def _layer_max_batch(channels, pixels, kernel_rows, weight_rows, uncovered):

@@ -25,15 +25,8 @@ from ..linalg.solvers import TINY, System, eps, rank_rtol, solve
 from ..split.linear import split_linear, track_split
 from .activations import NOISE_MARGIN, Noise, batch_branches
 from .steps import LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of, project_input
-from .systems import (
-    COMPLETION_MAX_DIRECTIONS,
-    complete,
-    counted_equations,
-    estimate_layer,
-    null_images,
-    null_space,
-    solve_layer,
-)
+from .nullspace import complete, null_images, null_space
+from .systems import COMPLETION_MAX_DIRECTIONS, counted_equations, estimate_layer, solve_layer
 
 # A joint system of both kinds of constraint over the whole batch is solved dense, up to this
 # many unknowns (a 6,848 x 6,144 matrix for two of the paper's LeNet layer-2 inputs, ~0.3 GB).
@@ -184,7 +177,7 @@ def _joint_hybrid(equations, rhs, dtype, memory_limit, label):
 
 def _joint_completion(equations, rhs, dtype, memory_limit, label):
     """Both kinds jointly, through the null space of the batch's gradient constraints [A_1 ... A_B] (see
-    systems.complete): None when it leaves too many directions to solve densely."""
+    nullspace.complete): None when it leaves too many directions to solve densely."""
     batch, channels, pixels = len(equations), equations[0].channels, equations[0].pixels
     rows = equations[0].gradients.shape[0]
     weight_rows = sum(int(e.known.sum()) for e in equations)

@@ -56,8 +56,11 @@ class SparseEntries(NamedTuple):
         return matrix
 
 
-def weight_entries(weight, input_size, stride, padding):
-    """Nonzeros of the weight-constraint matrix: rows (f, p, q), columns (c, y, x), values W[f, c, i, j]."""
+def weight_entries(weight, input_size, stride, padding, outputs=None):
+    """Nonzeros of the weight-constraint matrix: rows (f, p, q), columns (c, y, x), values W[f, c, i, j].
+
+    outputs: a bool mask over the output positions (P*Q,): only their rows (numbered as in the whole matrix).
+    """
     filters, channels, kh, kw = weight.shape
     (h, w), (sh, sw), (ph, pw) = pair(input_size), pair(stride), pair(padding)
     out_h, out_w = conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw))
@@ -72,10 +75,12 @@ def weight_entries(weight, input_size, stride, padding):
         for j in range(kw):
             x = sw * q + j - pw
             inside_x = (x >= 0) & (x < w)
-            outputs = (p[inside_y, None] * out_w + q[None, inside_x]).flatten()
+            positions = (p[inside_y, None] * out_w + q[None, inside_x]).flatten()
             pixels = (y[inside_y, None] * w + x[None, inside_x]).flatten()
-            shape = (filters, channels, len(outputs))
-            rows.append((f_offset + outputs).expand(shape).flatten())
+            if outputs is not None:
+                pixels, positions = pixels[outputs[positions]], positions[outputs[positions]]
+            shape = (filters, channels, len(positions))
+            rows.append((f_offset + positions).expand(shape).flatten())
             cols.append((c_offset + pixels).expand(shape).flatten())
             values.append(weight[:, :, i, j, None].expand(shape).flatten())
     return SparseEntries(torch.cat(rows), torch.cat(cols), torch.cat(values),

@@ -28,6 +28,15 @@ _PATCH_GRAM_MAX_UNKNOWNS = 8192
 _PATCH_GRAM_CHUNK = 50_000_000
 
 
+def gram_entries_bound(input_shape, kernel):
+    """An upper bound on the nonzeros of a conv layer's M^T M, known before building it: two unknowns meet in
+    a row only when their pixels lie less than a kernel apart, in any pair of channels."""
+    channels, *sizes = input_shape
+    unknowns = math.prod(input_shape)
+    reach = math.prod(min(2 * k - 1, size) for k, size in zip(kernel, sizes))
+    return unknowns * min(unknowns, channels * reach)
+
+
 class ResidueClass(NamedTuple):
     """The rows of A with kernel offsets (i, j) = (ry, rx) mod the stride, and the only pixels they reach."""
 
@@ -140,6 +149,10 @@ class WeightSystem:
 
     def dense(self):
         return self.entries.dense()
+
+    def gram_entries(self):
+        """An upper bound on the nonzeros of M^T M (gram_entries_bound)."""
+        return gram_entries_bound(self.input_shape, self.weight.shape[2:])
 
     def sparse(self, known=None):
         """M (or its rows in `known`) as a scipy CSR matrix."""

@@ -57,10 +57,12 @@ class LayerReport:
     estimated: bool = False  # the layer could not be determined: rank is a counting bound, the input an estimate
     clipped: float = 0.0  # project=True: the largest change clipping made to the input, relative to its largest value
     error_bound: float = math.inf  # bound on the max abs error of its recovered input (inf: none)
+    solver: str = "direct"  # "direct" (a factorisation) or "krylov" (preconditioned CG, matrix-free)
+    stopped: str = ""  # why its Krylov solve stopped short of its tolerance (empty: converged, or direct)
 
     @property
     def full_rank(self):
-        return self.rank == self.unknowns and not self.estimated
+        return self.rank == self.unknowns and not self.estimated and not self.stopped
 
 
 @dataclass
@@ -339,7 +341,7 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
         unknowns=channels * height * width, rank=solved.spectrum.rank, cond=solved.spectrum.cond,
         residual=solved.residual, bias_residual=bias_residual,
         known_outputs=float(equations.known.double().mean()), seconds=time.perf_counter() - start,
-        clipped=clipped, estimated=solved.estimated)
+        clipped=clipped, estimated=solved.estimated, solver=solved.solver, stopped=solved.stopped)
     weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
     input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
                                             stride=step.conv.stride, padding=step.padding)[0]
@@ -375,7 +377,9 @@ def _layer_reasons(report, tolerances):
     if report.estimated:  # its residuals say nothing more: see the notes for why it was only estimated
         return [f"{where}: not determined, only a minimum-norm estimate (rank at most {report.rank} of "
                 f"{report.unknowns} unknowns)"]
-    if not report.full_rank:
+    if report.stopped:
+        reasons.append(f"{where}: not certified: {report.stopped}")
+    elif not report.full_rank:
         reasons.append(f"{where}: rank {report.rank} of {report.unknowns} unknowns from {report.equations} "
                        f"equations, so part of its input is undetermined")
     if not report.residual <= tolerances.residual:

@@ -13,19 +13,24 @@ from typing import NamedTuple
 
 import torch
 
+from ..common.errors import RConvError
+from ..linalg.krylov import gram_solver, normal_cg
 from ..linalg.memory import check, size
+from ..linalg.sparse import FillTooLarge
 from ..linalg.solvers import (
     TINY,
-    Factor,
     NormalFactor,
     Spectrum,
     System,
     cg_least_squares,
-    eps,
     norm_2,
+    power_estimates,
     rank_rtol,
     solve_operator,
 )
+from .nullspace import complete, null_images, null_space
+from .equations import gram_entries_bound
+from .preconditioning import conv_preconditioner, plan
 
 # Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
 # a dense system would take minutes and gigabytes, and the sparse normal equations take over.
@@ -45,11 +50,22 @@ _SPARSE_BYTES_PER_ENTRY = 40
 # all channels) is completed within it from the weight constraints, densely, instead of factorising
 # the whole stacked system (minutes for the 19,712 unknowns of LeNet_All_ReLU's second layer).
 COMPLETION_MAX_DIRECTIONS = 4096
-# Passes of the completion: the second corrects the first with the residuals of both systems.
-_COMPLETION_PASSES = 2
-# A completion's condition number is this many times the amplification one random probe measures:
-# a random direction sees the average amplification, the worst one can be a few times larger.
-_PROBE_MARGIN = 10.0
+# Weight constraints whose Gram matrix M^T M has more nonzeros than this are solved by Krylov iterations
+# instead of a sparse factorisation: lenet_hr224's first layer (at most 37M) factorises in seconds, while
+# a 16-channel 5x5 layer at 112 px (260M) filled in to an 11.7 GB factor.
+DIRECT_MAX_GRAM_ENTRIES = 100_000_000
+# The normal equations' relative residual a Krylov solve must reach: what float64 CG can reach, so
+# that the solution is as good as the direct factorisation's whatever the gradients' precision.
+KRYLOV_TOLERANCE = 1e-14
+# CG steps and seconds a Krylov solve may take before it gives up, saying so.
+KRYLOV_MAX_STEPS, KRYLOV_TIME_LIMIT = 3000, 600.0
+# Power and inverse-iteration steps of a Krylov solve's condition number (its order of magnitude), and
+# the looser tolerance of the inverse iteration's solves.
+_CONDITION_STEPS, _CONDITION_TOLERANCE = 2, 1e-6
+# The error bound's tangents need a few digits (solvers.Solved): its Krylov solves stop at this tolerance.
+_RESOLVE_TOLERANCE = 1e-8
+# Vectors of the layer's size a Krylov solve keeps at once (CG's, the preconditioner's, the refinement's).
+_KRYLOV_VECTORS = 12
 # CGLS steps for a large layer that cannot be determined (too few equations, or wrong data from an
 # undetermined layer above): a minimum-norm estimate for the picture, not a solution to trust.
 _ESTIMATE_STEPS = 50
@@ -69,6 +85,8 @@ class LayerSolve(NamedTuple):
     notes: tuple = ()
     estimated: bool = False  # a cheap estimate of an undeterminable layer: the rank is only a counting bound
     resolve: object = None
+    solver: str = "direct"  # "direct" (a factorisation) or "krylov" (preconditioned CG)
+    stopped: str = ""  # why an iterative solve stopped short of its tolerance (empty: it converged)
 
 
 class _Block(NamedTuple):
@@ -148,6 +166,9 @@ def _weight_block(equations, scale):
         full[known] = y
         return weights.apply_t(full)
 
+    if bool(known.all()):  # the same products without the copies into and out of the known rows
+        return _Block(scale, weights.apply, weights.apply_t, equations.output.reshape(-1, 1),
+                      lambda: weights.gram(known), lambda: weights.dense())
     return _Block(scale, lambda x: weights.apply(x)[known], scatter, equations.output.reshape(-1, 1),
                   lambda: weights.gram(known), lambda: weights.dense()[known])
 
@@ -273,6 +294,37 @@ def _gradient_gram_bytes(equations):
         * _SPARSE_BYTES_PER_ENTRY
 
 
+class SolverPlan(NamedTuple):
+    """How a large layer's weight constraints will be solved, and the memory that is predicted before any
+    gradient exists: the sparse Gram matrix for "direct" (its factor comes on top, measured by PARDISO
+    before it is allocated), the preconditioner and vectors for "krylov"."""
+
+    solver: str
+    memory: int  # bytes
+
+
+def plan_solver(weight_shape, input_shape, stride, padding, memory_limit=None):
+    """The SolverPlan of a conv layer's weight constraints, from shapes alone."""
+    gram = gram_entries_bound(input_shape, weight_shape[2:])
+    direct = _SPARSE_BYTES_PER_ENTRY * gram
+    if direct <= (memory_limit or math.inf) and gram <= DIRECT_MAX_GRAM_ENTRIES:
+        return SolverPlan("direct", direct)
+    vectors = _KRYLOV_VECTORS * math.prod(input_shape) * _FLOAT64_BYTES
+    return SolverPlan("krylov", vectors + plan(weight_shape, input_shape, stride, padding, memory_limit).bytes)
+
+
+def _direct_need(equations):
+    """Bytes the sparse Gram matrix of the weight constraints takes while it is built (its factor comes on top)."""
+    return _SPARSE_BYTES_PER_ENTRY * equations.weights.gram_entries()
+
+
+def choose_solver(equations, memory_limit):
+    """ "direct" when the weight constraints' sparse normal equations may be built and factorised here, else
+    "krylov" (plan_solver)."""
+    weights = equations.weights
+    return plan_solver(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, memory_limit).solver
+
+
 def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     """The sparse normal equations of weight constraints (and gradient constraints), for large layers."""
     notes = []
@@ -283,6 +335,9 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     if with_gradients:
         check(3 * equations.gradients.dense_bytes(), f"{label}: the gradient-constraint matrix "
               f"({equations.gradients.shape[0]:,} x {equations.gradients.shape[1]:,}, dense)", memory_limit)
+    if choose_solver(equations, memory_limit) == "krylov":
+        why = f"{label}: its normal equations' Gram matrix would need {size(_direct_need(equations))} before fill-in"
+        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (why,))
     weights, known = equations.weights, equations.known
     check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
           f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
@@ -298,16 +353,49 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
                 gram = gram + _gradient_gram(equations, grad_scale)
             like = torch.empty(0, dtype=equations.output.dtype, device=equations.output.device)
             factor = NormalFactor(gram, system.apply, system.apply_t, rtol, like, memory_limit)
-    except MemoryError as error:
-        check(int(error.args[0]), f"{label}: the sparse factorisation of its normal equations "
-                                  f"({weights.shape[1]:,} unknowns)", memory_limit)
-        raise
+    except FillTooLarge as error:
+        why = f"{label}: the sparse factorisation of its normal equations would need {size(error.need)}"
+        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (why,))
     x = factor.solve(system)
     if factor.kind == "ridge":
         notes.append(f"{label}: rank-deficient at the gradients' precision; the solution is a ridge "
                      f"(minimum-norm) estimate")
     return LayerSolve(x.view(equations.channels, equations.pixels), factor.spectrum, system.residual(x), tuple(notes),
                       resolve=_joint_resolve(equations, with_gradients, factor.least_squares))
+
+
+def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
+    """The weight constraints (and gradient constraints) by preconditioned CG, matrix-free: for layers whose
+    factorisation would not fit. Certified by its residuals; a solve that stops short says why (`stopped`)."""
+    weights, known = equations.weights, equations.known
+    check(_KRYLOV_VECTORS * weights.shape[1] * _FLOAT64_BYTES, f"{label}: the vectors of its Krylov solve "
+          f"({weights.shape[1]:,} unknowns)", memory_limit)
+    system = joint_system(equations, with_gradients)
+    weight_scale = _hybrid_scales(equations)[1] if with_gradients else 1.0
+
+    def gram_apply(v):
+        return system.apply_t(system.apply(v))
+
+    preconditioner = conv_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding, known,
+                                         gram_apply, memory_limit=memory_limit, label=label)
+
+    def solve_rhs(rhs, tolerance=KRYLOV_TOLERANCE):
+        return normal_cg(system.apply, system.apply_t, rhs, lambda r: preconditioner(r) / weight_scale ** 2,
+                         tolerance=tolerance, max_iterations=KRYLOV_MAX_STEPS, time_limit=KRYLOV_TIME_LIMIT)
+
+    solved = solve_rhs(system.rhs)
+    cond = math.inf  # a solve that stopped short is not certified: its inverse iterations would not be either
+    if solved.converged:
+        inverse = gram_solver(gram_apply, lambda r: preconditioner(r) / weight_scale ** 2,
+                              tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
+        estimates = power_estimates(weights.shape[1], system.rhs, gram_apply, inverse, iterations=_CONDITION_STEPS)
+        cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
+    notes = notes + (f"{label}: solved by preconditioned CG in {solved.iterations} steps (normal-equations residual "
+                     f"{solved.optimality:.2g})",)
+    stopped = "" if solved.converged else f"{label}: its Krylov solve {solved.reason}"
+    return LayerSolve(solved.x.view(equations.channels, equations.pixels), Spectrum(weights.shape[1], cond),
+                      solved.residual, notes + ((stopped,) if stopped else ()), solver="krylov", stopped=stopped,
+                      resolve=_joint_resolve(equations, with_gradients, lambda rhs: solve_rhs(rhs, _RESOLVE_TOLERANCE).x))
 
 
 def _solve_dense(equations, method, dtype, fallback):
@@ -330,124 +418,6 @@ def _solve_dense(equations, method, dtype, fallback):
         x, spectrum = solved.x, solved.spectrum
         resolve = _joint_resolve(equations, method == "hybrid", solved.resolve)
     return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x), resolve=resolve)
-
-
-class _PseudoInverse(NamedTuple):
-    """One block of A (whole A, or one residue class) by its kept singular triplets."""
-
-    rows: object  # the block's rows of A (a slice or an index tensor)
-    columns: torch.Tensor
-    scaled_left: torch.Tensor  # U_r / sigma_r
-    right: torch.Tensor  # V_r
-
-    def apply(self, rhs):
-        """x[columns] = V_r (U_r / sigma_r)^T b[rows]."""
-        return self.right @ (self.scaled_left.T @ rhs[self.rows])
-
-
-class NullSpace(NamedTuple):
-    """A gradient-constraint matrix A's SVD, block by block (whole A, or its residue classes): its
-    minimum-norm solve and the null space it leaves to the weight constraints."""
-
-    blocks: list  # a _PseudoInverse per block
-    basis: torch.Tensor  # (columns of A, d) orthonormal: A basis = 0 at the gradients' precision
-    rank: int
-    cond: float  # of A's kept part, the largest over its blocks
-
-    def least_squares(self, rhs):
-        """A's minimum-norm least-squares solution for each column of rhs (rows, r)."""
-        x = rhs.new_zeros(self.basis.shape[0], rhs.shape[1])
-        for block in self.blocks:
-            x[block.columns] = block.apply(rhs)
-        return x
-
-
-def null_space(matrix, dtype, classes=None):
-    """The NullSpace of a dense A (rows, columns), block by block over `classes` (ResidueClasses), else whole."""
-    rtol = rank_rtol(dtype, matrix.shape)
-    blocks, null, rank, cond = [], [], 0, 0.0
-    for residue in classes or [None]:
-        block = matrix if residue is None else matrix[residue.rows][:, residue.pixels]
-        columns = torch.arange(matrix.shape[1], device=matrix.device) if residue is None else residue.pixels
-        left, sigma, right = torch.linalg.svd(block, full_matrices=True)
-        top = float(sigma.max()) if sigma.numel() else 0.0
-        kept = int((sigma > rtol * top).sum()) if top > 0 else 0
-        blocks.append(_PseudoInverse(slice(None) if residue is None else residue.rows, columns,
-                                     left[:, :kept] / sigma[:kept], right[:kept].T))
-        directions = right[kept:].T  # every right singular direction past the rank, a wide block's included
-        embedded = directions.new_zeros(matrix.shape[1], directions.shape[1])
-        embedded[columns] = directions
-        null.append(embedded)
-        rank += kept
-        cond = max(cond, float(sigma[0] / sigma[kept - 1]) if kept else math.inf)
-    return NullSpace(blocks, torch.cat(null, dim=1), rank, cond)
-
-
-def null_images(weights, basis, known):
-    """M (e_c (x) n_j)[known] for every channel c and null direction n_j (columns of basis, (H*W, d)), as
-    (known rows, C*d): one single-channel convolution of the directions with every (filter, channel) kernel."""
-    filters, channels = weights.weight.shape[:2]
-    directions = basis.shape[1]
-    if directions == 0:
-        return basis.new_zeros(int(known.sum()), 0)
-    kernels = weights.weight.reshape(filters * channels, 1, *weights.weight.shape[2:])
-    images = torch.nn.functional.conv2d(basis.T.reshape(directions, 1, *weights.input_shape[1:]), kernels,
-                                        stride=weights.stride, padding=weights.padding)
-    out = images.reshape(directions, filters, channels, -1)  # (d, F, C, P*Q)
-    return out.permute(1, 3, 2, 0).reshape(filters * out.shape[3], channels * directions)[known]
-
-
-class Completion(NamedTuple):
-    """x = x_A + N z: the gradient constraints' minimum-norm solution, completed in their null space."""
-
-    x: torch.Tensor  # (C, columns of A)
-    spectrum: Spectrum  # rank and condition number of the stacked system
-    residual: float  # the larger relative residual of the two kinds of constraint
-    fit: object = None  # fit(gradient_rhs (rows, C), weight_rhs (known rows, 1)) -> x: the same completion of other data
-
-
-def complete(null, gradients, weights, images, dtype):
-    """Complete A's minimum-norm solution within its null space from the known weight rows.
-
-    gradients: (apply, rhs) with apply(x (C, columns)) -> (rows, C); weights: (apply, rhs) with
-    apply(x) -> (known rows, 1); images: the weight rows on the null space (null_images). The
-    rank is exact: rank [I (x) A; B] = C rank A + rank (B N). The condition number is measured:
-    how much a probe of rounding-sized noise on both right-hand sides moves x (see _PROBE_MARGIN).
-    """
-    (apply_gradients, gradient_rhs), (apply_weights, weight_rhs) = gradients, weights
-    # An empty null space leaves nothing to complete: the weight rows only check A's solution.
-    reduced = Factor(tuple(images.shape), rank_rtol(dtype, images.shape), images) if images.shape[1] else None
-
-    def fit(gradient_target, weight_target):
-        x = gradient_target.new_zeros(gradient_target.shape[1], null.basis.shape[0])
-        for _ in range(_COMPLETION_PASSES):
-            x += null.least_squares(gradient_target - apply_gradients(x)).T
-            if reduced is None:
-                continue
-            misfit = weight_target - apply_weights(x)
-            z = reduced.solve(System(tuple(images.shape), lambda v: images @ v, lambda y: images.T @ y, misfit))
-            x += z.view(x.shape[0], -1) @ null.basis.T
-        return x
-
-    x = fit(gradient_rhs, weight_rhs)
-    residual = max(_relative(apply_gradients(x), gradient_rhs), _relative(apply_weights(x), weight_rhs))
-    generator = torch.Generator().manual_seed(0)
-    probe = fit(gradient_rhs + _rounding_noise(gradient_rhs, dtype, generator),
-                weight_rhs + _rounding_noise(weight_rhs, dtype, generator))
-    amplification = float(torch.linalg.norm(probe - x) / (torch.linalg.norm(x).clamp_min(TINY) * eps(dtype)))
-    spectrum = reduced.spectrum if reduced is not None else Spectrum(0, 1.0)
-    rank = null.rank * gradient_rhs.shape[1] + spectrum.rank
-    return Completion(x, Spectrum(rank, max(null.cond, spectrum.cond, _PROBE_MARGIN * amplification)), residual, fit)
-
-
-def _rounding_noise(target, dtype, generator):
-    """Gaussian noise of relative size eps(dtype) against target."""
-    noise = torch.randn(target.shape, dtype=target.dtype, generator=generator).to(target.device)
-    return noise * (eps(dtype) * float(torch.linalg.norm(target)) / float(torch.linalg.norm(noise).clamp_min(TINY)))
-
-
-def _relative(value, target):
-    return float(torch.linalg.norm(value - target) / torch.linalg.norm(target).clamp_min(TINY))
 
 
 def complete_gradients(equations, dtype, *, memory_limit=None, label="conv layer"):
@@ -510,6 +480,14 @@ def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv laye
     than analyse a dense system that is rank-deficient too, and completes a large layer within
     the gradient constraints' null space when that is small (complete_gradients).
     """
+    try:
+        return _solve_layer(equations, method, dtype, memory_limit, label, fallback)
+    except MemoryError as error:  # the checks before each allocation should have refused it: the last guard
+        raise RConvError(f"{label}: an allocation failed while solving its {equations.unknowns:,} unknowns "
+                         f"({error}); give it more memory or a smaller memory_limit to stop before it") from error
+
+
+def _solve_layer(equations, method, dtype, memory_limit, label, fallback):
     if method == "hybrid" and not bool(equations.known.any()):
         method = "gradients"  # no weight constraint left (every ReLU unit off): the per-channel solve is the same
     if method == "gradients":

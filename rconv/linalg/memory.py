@@ -12,19 +12,43 @@ _USABLE_SHARE = 0.75
 _GB, _MB = 2 ** 30, 2 ** 20
 
 
-def available_bytes():
-    """The memory available to new allocations now (MemAvailable on Linux; physical memory elsewhere)."""
+def _proc_field(path, field):
+    """A "Field:   123 kB" line of a /proc file, in bytes (None where there is no such file or line)."""
     try:
-        with open("/proc/meminfo") as info:
+        with open(path) as info:
             for line in info:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _address_space_left():
+    """Bytes this process may still map under its address-space limit (ulimit -v), None when unlimited:
+    a machine with free memory still refuses allocations past it."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):
         return None
+    mapped = _proc_field("/proc/self/status", "VmSize")
+    if limit == resource.RLIM_INFINITY or mapped is None:
+        return None
+    return max(0, limit - mapped)
+
+
+def available_bytes():
+    """The memory available to new allocations now: MemAvailable on Linux (physical memory elsewhere), or less
+    when the process's address-space limit leaves less."""
+    available = _proc_field("/proc/meminfo", "MemAvailable")
+    if available is None:
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            available = None
+    left = _address_space_left()
+    return left if available is None else available if left is None else min(available, left)
 
 
 def default_limit():

@@ -457,7 +457,7 @@ class NormalFactor:
     Args:
         gram: K^T K as a scipy sparse matrix; apply, apply_t: K @ v and K^T @ v on tensors (n, r).
         like: a tensor whose dtype and device the solutions take.
-        memory_limit: bytes the factorisations may take (a larger one raises MemoryError(bytes)).
+        memory_limit: bytes the factorisations may take (a larger one raises sparse.FillTooLarge).
     """
 
     def __init__(self, gram, apply, apply_t, rtol, like, memory_limit=None):

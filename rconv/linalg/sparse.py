@@ -37,6 +37,18 @@ _PERTURBATION_EXPONENT = 8
 _KB = 1024
 
 
+class FillTooLarge(MemoryError):
+    """A factorisation refused before it was allocated: `need` bytes, more than its memory limit.
+
+    A MemoryError of its own kind, so that callers can tell a predicted refusal (which a cheaper
+    solver may take over) from an allocation that actually failed.
+    """
+
+    def __init__(self, need):
+        super().__init__(need)
+        self.need = need
+
+
 @lru_cache(maxsize=1)
 def _mkl_pardiso():
     """PARDISO from the MKL runtime library (the `mkl` wheel), or None where it is not installed."""
@@ -84,11 +96,11 @@ class _Pardiso:
                    int(self.iparm[_PERMANENT_KB - 1]) + int(self.iparm[_FACTOR_KB - 1])) * _KB
         if memory_limit is not None and need > memory_limit:
             self.release()
-            raise MemoryError(need)
+            raise FillTooLarge(need)
         error = self._call(_FACTORISE)
         if error == _NO_MEMORY:
             self.release()
-            raise MemoryError(need)
+            raise FillTooLarge(need)
         self.failed = error != 0
 
     def _call(self, phase, b=None):
@@ -156,7 +168,7 @@ class SparseFactor:
 
     positive_definite: factorise as SPD (fails, with `failed` set, when it is not), else as
     symmetric indefinite with Bunch-Kaufman pivoting (never fails for a nonsingular matrix).
-    memory_limit: bytes the factorisation may take; a larger one raises MemoryError(bytes)
+    memory_limit: bytes the factorisation may take; a larger one raises FillTooLarge(bytes)
     before it is allocated (PARDISO predicts it in its analysis; SuperLU cannot).
     """
 

@@ -1,0 +1,150 @@
+"""Krylov least squares (rconv.linalg.krylov) and the conv layers it solves when a factorisation would not fit
+(rconv.attack.preconditioning, systems.choose_solver): agreement with direct solves, reasons when it stops
+short, and the memory guard's refusals."""
+import math
+
+import pytest
+import torch
+
+import rconv.attack.systems as systems
+import rconv_core as rc
+from rconv.attack.equations import GradientSystem, LayerEquations, WeightSystem
+from rconv.attack.preconditioning import conv_preconditioner, plan
+from rconv.linalg.krylov import normal_cg, symmetric_schwarz
+
+# Krylov and direct solutions of the same well-conditioned system agree to this, relative to the solution.
+AGREEMENT = 1e-10
+# A conv layer's (condition number 3e4) agree to this: CG on the normal equations stops near cond(K)^2 eps,
+# where the factorisation's corrected semi-normal equations reach cond(K) eps.
+LAYER_AGREEMENT = 1e-8
+
+
+def tall_system(rows=120, columns=50, seed=0, cond=30.0):
+    """A dense K with a chosen condition number, and a consistent right-hand side."""
+    generator = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(rows, columns, dtype=torch.float64, generator=generator))
+    right, _ = torch.linalg.qr(torch.randn(columns, columns, dtype=torch.float64, generator=generator))
+    sigma = torch.logspace(0, -math.log10(cond), columns, dtype=torch.float64)
+    matrix = left @ torch.diag(sigma) @ right.T
+    truth = torch.randn(columns, 2, dtype=torch.float64, generator=generator)
+    return matrix, truth, matrix @ truth
+
+
+def jacobi(matrix):
+    diagonal = (matrix * matrix).sum(0)[:, None]
+    return lambda r: r / diagonal
+
+
+def test_normal_cg_agrees_with_a_direct_solve():
+    matrix, truth, rhs = tall_system()
+    solved = normal_cg(lambda v: matrix @ v, lambda v: matrix.T @ v, rhs, jacobi(matrix), tolerance=1e-14,
+                       max_iterations=500)
+    direct = torch.linalg.lstsq(matrix, rhs).solution
+    assert solved.converged and solved.reason == ""
+    assert float((solved.x - direct).abs().max() / direct.abs().max()) <= AGREEMENT
+    assert solved.residual <= 1e-12 and solved.optimality <= 1e-14
+
+
+def test_normal_cg_says_why_it_stopped_short():
+    matrix, _, rhs = tall_system(cond=1e6)
+    solved = normal_cg(lambda v: matrix @ v, lambda v: matrix.T @ v, rhs, lambda r: r, tolerance=1e-14,
+                       max_iterations=3)
+    assert not solved.converged
+    assert "did not converge in 3 steps" in solved.reason
+    assert solved.optimality > 1e-14, "the residuals it reports are the ones it stopped at"
+    late = normal_cg(lambda v: matrix @ v, lambda v: matrix.T @ v, rhs, lambda r: r, tolerance=1e-14,
+                     max_iterations=500, time_limit=0.0)
+    assert "time limit" in late.reason
+
+
+def test_an_exact_local_solve_on_every_unknown_makes_cg_converge_at_once():
+    matrix, _, rhs = tall_system()
+    gram = matrix.T @ matrix
+    everything = torch.arange(gram.shape[0])
+    exact = symmetric_schwarz(lambda v: gram @ v, everything, lambda r: torch.linalg.solve(gram, r), lambda r: 0 * r)
+    solved = normal_cg(lambda v: matrix @ v, lambda v: matrix.T @ v, rhs, exact, tolerance=1e-12, max_iterations=50)
+    assert solved.converged and solved.iterations <= 2 * rhs.shape[1]
+
+
+def conv_layer(channels=4, filters=6, side=34, kernel=3, stride=1, padding=0, seed=0):
+    """A conv layer's equations with every pre-activation known (LeakyReLU), for a random input."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(filters, channels, kernel, kernel, dtype=torch.float64, generator=generator) / kernel
+    x = torch.rand(channels, side, side, dtype=torch.float64, generator=generator)
+    output = torch.nn.functional.conv2d(x[None], weight, stride=stride, padding=padding)[0]
+    weights = WeightSystem(weight, (channels, side, side), (stride, stride), (padding, padding))
+    output_grad = torch.randn(output.shape, dtype=torch.float64, generator=generator)
+    weight_grad = torch.nn.grad.conv2d_weight(x[None], weight.shape, output_grad[None], stride=stride, padding=padding)
+    gradients = GradientSystem(output_grad, weight_grad, (side, side), kernel, stride, padding)
+    known = torch.ones(output.numel(), dtype=torch.bool)
+    return LayerEquations(gradients, weights, known, output.reshape(-1)), x
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (1, 1), pytest.param(2, 1, marks=pytest.mark.slow)])
+def test_a_krylov_layer_agrees_with_the_direct_solve(monkeypatch, stride, padding):
+    equations, truth = conv_layer(stride=stride, padding=padding, filters=6 if stride == 1 else 20)
+    direct = systems.solve_layer(equations, "weights", torch.float64, label="layer")
+    monkeypatch.setattr(systems, "DIRECT_MAX_GRAM_ENTRIES", 0)
+    krylov = systems.solve_layer(equations, "weights", torch.float64, label="layer")
+    assert (direct.solver, krylov.solver) == ("direct", "krylov") and krylov.stopped == ""
+    assert float((krylov.x - direct.x).abs().max() / direct.x.abs().max()) <= LAYER_AGREEMENT
+    assert float((krylov.x - truth.reshape(truth.shape[0], -1)).abs().max()) <= LAYER_AGREEMENT
+    assert krylov.spectrum.rank == equations.unknowns and krylov.residual <= 1e-13
+    assert direct.spectrum.cond / 10 <= krylov.spectrum.cond <= 10 * direct.spectrum.cond, "its order of magnitude"
+    rhs = torch.randn(equations.output.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gradient_rhs = torch.zeros(equations.gradients.shape[0], equations.channels, 2, dtype=torch.float64)
+    moved = krylov.resolve(gradient_rhs, rhs)
+    assert torch.allclose(moved, direct.resolve(gradient_rhs, rhs), rtol=0, atol=1e-6 * float(moved.abs().max()))
+
+
+def test_a_krylov_layer_that_runs_out_of_steps_says_so_and_is_not_certified(monkeypatch):
+    equations, _ = conv_layer()
+    monkeypatch.setattr(systems, "DIRECT_MAX_GRAM_ENTRIES", 0)
+    monkeypatch.setattr(systems, "KRYLOV_MAX_STEPS", 1)
+    solved = systems.solve_layer(equations, "weights", torch.float64, label="conv layer 2")
+    assert solved.stopped.startswith("conv layer 2: its Krylov solve CG did not converge in 1 steps")
+    assert solved.stopped in solved.notes
+
+
+def test_the_preconditioner_is_refused_before_it_is_built_when_it_would_not_fit():
+    equations, _ = conv_layer()
+    weights = equations.weights
+    widest = plan(weights.weight.shape, weights.input_shape, weights.stride, weights.padding)
+    narrower = plan(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, widest.bytes - 1)
+    assert narrower.frame_width < widest.frame_width and narrower.bytes < widest.bytes, "a tight limit narrows it"
+    need = plan(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, memory_limit=1).bytes
+    with pytest.raises(rc.RConvError, match=r"conv layer 2: the preconditioner of its Krylov solve .* would need"):
+        conv_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding, equations.known,
+                            lambda v: v, memory_limit=need // 2, label="conv layer 2")
+
+
+def test_a_layer_too_large_for_its_memory_limit_names_itself_and_what_it_needs(monkeypatch):
+    equations, _ = conv_layer()
+    with pytest.raises(rc.RConvError) as raised:
+        systems.solve_layer(equations, "weights", torch.float64, memory_limit=1000, label="conv layer 2 (model[2])")
+    message = str(raised.value)
+    assert message.startswith("conv layer 2 (model[2]): ") and "would need" in message and "memory_limit" in message
+
+
+def test_a_factorisation_pardiso_refuses_goes_to_the_krylov_solve(monkeypatch):
+    from rconv.linalg.sparse import FillTooLarge
+    equations, _ = conv_layer()
+
+    def refuse(*args, **kwargs):
+        raise FillTooLarge(10 ** 12)
+
+    monkeypatch.setattr(WeightSystem, "normal_factor", refuse)
+    solved = systems.solve_layer(equations, "weights", torch.float64, label="layer")
+    assert solved.solver == "krylov" and solved.stopped == ""
+    assert any("would need 931.3 GB" in note for note in solved.notes)
+
+
+def test_a_failed_allocation_becomes_an_rconv_error_naming_the_layer(monkeypatch):
+    equations, _ = conv_layer()
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("Unable to allocate 11.7 GiB")
+
+    monkeypatch.setattr(WeightSystem, "normal_factor", exhausted)
+    with pytest.raises(rc.RConvError, match=r"^conv layer 2: an allocation failed while solving its 4,624 unknowns"):
+        systems.solve_layer(equations, "weights", torch.float64, label="conv layer 2")
