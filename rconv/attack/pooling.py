@@ -382,8 +382,8 @@ def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, 
             iterations += 1
             solved = _solve(layer, _equations(layer, pattern, pooled, pooled_grad), matrix, weight_grad, share)
             if solved.singular:  # no pattern is followed from an X the equations do not fix
-                reason = (f"the pattern's equations do not determine X (singular after {iterations} solves): "
-                          f"too few filters or too many units off")
+                reason = (f"the equations of the pattern tried at solve {iterations} do not determine X "
+                          f"(singular): too few filters, too many units off, or a wrong pattern")
                 break
             following = _pattern_of(layer, solved.x, pooled)
             if torch.equal(following, pattern):
