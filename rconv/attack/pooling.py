@@ -380,7 +380,10 @@ def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, 
         seen = set()
         while True:
             iterations += 1
-            solved = _solve(layer, _equations(layer, pattern, pooled, pooled_grad), matrix, weight_grad, share)
+            equations = _equations(layer, pattern, pooled, pooled_grad)
+            solved = _solve(layer, equations, matrix, weight_grad, share)
+            if solved.singular and share < 1.0:  # phase 1's scaling squares away digits: retry in full
+                solved = _solve(layer, equations, matrix, weight_grad, 1.0)
             if solved.singular:  # no pattern is followed from an X the equations do not fix
                 reason = (f"the equations of the pattern tried at solve {iterations} do not determine X "
                           f"(singular): too few filters, too many units off, or a wrong pattern")
