@@ -47,6 +47,8 @@ RESIDUAL_TOL = 1e-9
 # Above this condition number of the stacked equations, float64 leaves fewer than ~6 digits of X:
 # the pattern's equations do not determine it (rank deficient or nearly so).
 DETERMINED_COND = 1e8
+# Consecutive singular solves (Cholesky failed even unscaled) after which the search gives up.
+SINGULAR_PATIENCE = 3
 # Default limits of the alternation: patterns tried and seconds spent.
 MAX_ITERATIONS = 100
 # Phase 1's weight on the gradient constraints against the pooled weight equations (see the loop):
@@ -372,7 +374,7 @@ def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, 
     else:
         spread = _solve(layer, _spread_equations(layer, pooled, pooled_grad), matrix, weight_grad)
         pattern = _pattern_of(layer, spread.x, pooled)
-    iterations, reason = 0, ""
+    iterations, reason, singular_run = 0, "", 0
     # Phase 1 leans on the pooled weight equations: a wrong unit near zero barely moves them, while
     # one wrong unit's dL/dO spreads over all of its filter's gradient rows and, measured, moves X by
     # ~0.2 (one flip, 3x16x16, 32 filters k5). Phase 2 adds the gradient constraints in full.
@@ -384,9 +386,12 @@ def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, 
             solved = _solve(layer, equations, matrix, weight_grad, share)
             if solved.singular and share < 1.0:  # phase 1's scaling squares away digits: retry in full
                 solved = _solve(layer, equations, matrix, weight_grad, 1.0)
-            if solved.singular:  # no pattern is followed from an X the equations do not fix
-                reason = (f"the equations of the pattern tried at solve {iterations} do not determine X "
-                          f"(singular): too few filters, too many units off, or a wrong pattern")
+            # A wrong pattern's equations can be numerically singular while the true one's are not
+            # (measured: sign-of-P starts); only a run of singular solves ends the search.
+            singular_run = singular_run + 1 if solved.singular else 0
+            if singular_run >= SINGULAR_PATIENCE:
+                reason = (f"the equations of {singular_run} patterns in a row, up to solve {iterations}, do not "
+                          f"determine X (singular): too few filters, too many units off, or a wrong start")
                 break
             following = _pattern_of(layer, solved.x, pooled)
             if torch.equal(following, pattern):
