@@ -234,8 +234,12 @@ def _error_bound(network, grads, options, cache, chain):
     sources = [[network.linear.weight, network.linear.bias]] + [[s.conv.weight] for s in reversed(network.steps)]
     levels = SourceLevels(options.tolerances.dtype, [max(_rounding_level(grads, p) for p in source)
                                                      for source in sources])
-    layers = propagate(network, grads, chain.top.features, [r.linearisation for r in chain.results],
-                       noise_directions(parameters, grads, cache=cache), levels)
+    try:
+        layers = propagate(network, grads, chain.top.features, [r.linearisation for r in chain.results],
+                           noise_directions(parameters, grads, cache=cache), levels)
+    except MemoryError as error:  # a factorisation applied to the noise directions ran out: name what did
+        raise RConvError(f"the error bound: an allocation failed while carrying noise through the layers' solves "
+                         f"({error}); give the reconstruction more memory") from error
     return linearised_bound(layers, _measured(chain), max(levels.levels), options.tolerances.dtype)
 
 

@@ -123,8 +123,11 @@ class _Pardiso:
 
     def solve(self, b):
         b = np.asfortranarray(b, dtype=np.float64)
-        if self._call(_SOLVE, b) != 0:
-            raise RConvError("the sparse solver failed to apply its factorisation")
+        error = self._call(_SOLVE, b)
+        if error == _NO_MEMORY:  # its workspace did not fit: the caller names the layer it was solving
+            raise MemoryError("PARDISO had no memory left to apply its factorisation")
+        if error != 0:
+            raise RConvError(f"the sparse solver failed to apply its factorisation (PARDISO error {error})")
         return np.ascontiguousarray(self.result)
 
     def negative_eigenvalues(self):
