@@ -18,9 +18,7 @@ from ..common.optional import missing
 
 # The pins of requirements-federated.txt, named in the install hint.
 FLOWER_PIN = "flwr==1.42.0"
-_INSTALL_HINT = (f"a Flower client needs the optional flwr package (and opacus for DP-SGD), which is not installed "
-                 f"here: pip install -r requirements-federated.txt in the repository's root (or pip install "
-                 f"\"{FLOWER_PIN}\")")
+_INSTALL = "pip install -r requirements-federated.txt in the repository's root"
 
 
 class LocalTraining(NamedTuple):
@@ -56,7 +54,8 @@ def _numpy_client():
     try:
         from flwr.client import NumPyClient
     except ImportError as error:
-        raise ImportError(_INSTALL_HINT) from error
+        raise ImportError(f"a Flower client needs the optional flwr package (and opacus for DP-SGD), which is not "
+                          f"installed here: {_INSTALL} (or pip install \"{FLOWER_PIN}\")") from error
     return NumPyClient
 
 
@@ -64,7 +63,8 @@ def _opacus_engine():
     try:
         from opacus import PrivacyEngine
     except ImportError as error:
-        raise ImportError(_INSTALL_HINT.replace("flwr package (and opacus for DP-SGD)", "opacus package")) from error
+        raise ImportError(f"a DP-SGD client needs the optional opacus package, which is not installed here: "
+                          f"{_INSTALL}") from error
     return PrivacyEngine
 
 
