@@ -64,13 +64,17 @@ def readable_name(qualified):
     return name
 
 
-def trace_chain(model):
+def trace_chain(model, cache=None):
     """The Operations of `model`'s forward, in execution order, or an RConvError naming the graph node
-    that is not one of them or does not continue the chain."""
+    that is not one of them or does not continue the chain.
+
+    cache: a dict kept per model (reconstruct's); it keeps the symbolic trace, which costs more than a
+    small network's whole attack (8 ms on a LeNet), for as long as the model has the same modules.
+    """
     if not isinstance(model, nn.Module):
         raise RConvError(f"R-CONV reads a torch nn.Module; got {type(model).__name__}")
-    graph = _trace(model)
     modules = dict(model.named_modules())
+    graph = _cached_trace(model, modules, cache)
     operations, previous, convs = [], None, 0
     shapes = set()  # nodes that only query sizes, for reshapes
     for node in graph.nodes:
@@ -102,6 +106,17 @@ def trace_chain(model):
         operations.append(operation)
         previous = node
     return operations
+
+
+def _cached_trace(model, modules, cache):
+    # the trace follows the model's code and its modules; a module replaced or added retraces it
+    key = ("traced graph", id(model), tuple((name, id(module)) for name, module in modules.items()))
+    graph = cache.get(key) if cache is not None else None
+    if graph is None:
+        graph = _trace(model)
+        if cache is not None:
+            cache[key] = graph
+    return graph
 
 
 def _trace(model):

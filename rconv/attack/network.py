@@ -161,11 +161,12 @@ def _bias_free_stand_in(linear, name, head):
     return stand_in
 
 
-def parse_network(model):
+def parse_network(model, cache=None):
     """Check that R-CONV can invert `model` (any nn.Module torch.fx can trace into a chain of layers) and list
-    its conv steps (eval-mode BatchNorm folded in) and the first Linear layer, whose input it recovers."""
+    its conv steps (eval-mode BatchNorm folded in) and the first Linear layer, whose input it recovers.
+    cache: a dict kept per model, for its trace (rconv.attack.graph.trace_chain)."""
     steps, linear, head = [], None, []
-    for operation in trace_chain(model):
+    for operation in trace_chain(model, cache):
         _refuse_dropout(operation)
         if linear is not None:
             # the layers after the first Linear layer are never inverted (graph.py refused the unknown ones)

@@ -163,7 +163,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     methods = {} if methods is None else methods
     _check_methods(first_layer, relu_test, methods)
     _check_batch_size(batch_size)
-    network = parse_network(model)
+    network = parse_network(model, cache)
     # what a weight update's reading said (cases.updates), and what the model's layers change
     update_notes = list(getattr(grads, "notes", [])) + network.notes
     grads = check_gradients(model, network, grads)
