@@ -21,12 +21,12 @@ from typing import NamedTuple
 import torch
 
 from ..linalg.memory import check
-from ..linalg.solvers import TINY, System, eps, rank_rtol, solve
+from ..linalg.solvers import TINY, Spectrum, System, eps, norm_2, rank_rtol, solve
 from ..split.linear import split_linear, track_split
 from .activations import NOISE_MARGIN, Noise, batch_branches
 from .steps import LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of, project_input
 from .nullspace import complete, null_images, null_space
-from .systems import COMPLETION_MAX_DIRECTIONS, counted_equations, estimate_layer, solve_layer
+from .systems import COMPLETION_MAX_DIRECTIONS, DEFLATION_SIZE, counted_equations, estimate_layer, solve_layer
 
 # A joint system of both kinds of constraint over the whole batch is solved dense, up to this
 # many unknowns (a 6,848 x 6,144 matrix for two of the paper's LeNet layer-2 inputs, ~0.3 GB).
@@ -207,6 +207,85 @@ def _joint_completion(equations, rhs, dtype, memory_limit, label):
     return x, completed.spectrum, completed.residual
 
 
+# Corrections of the deflated joint solve: the second fits what the first's linearisation left.
+_DEFLATION_STEPS = 2
+
+
+class _Deflation(NamedTuple):
+    """The batch's shared gradient constraints on each image's weakest weight directions, and their solve."""
+
+    basis: torch.Tensor  # (C*H*W, k): M's k smallest right singular directions
+    images: torch.Tensor  # (all rows of M, k): M basis
+    gradient_images: torch.Tensor  # (rows * C, B*k): [A_1 basis ... A_B basis], channel by channel
+    vectors: torch.Tensor  # eigenvectors of the reduced normal matrix
+    inverse: torch.Tensor  # its inverted eigenvalues, zero where dropped
+    kept: int  # directions the reduced system determines
+
+
+def _gradient_images(equations, basis):
+    """A_n applied to every weak direction, for each image n: (rows * C, B*k), rows laid out as (row, channel)."""
+    channels, pixels, directions = equations[0].channels, equations[0].pixels, basis.shape[1]
+    columns = basis.view(channels, pixels, directions).permute(1, 0, 2).reshape(pixels, channels * directions)
+    blocks = [e.gradients.apply(columns).view(-1, channels, directions).reshape(-1, directions) for e in equations]
+    return torch.cat(blocks, dim=1)
+
+
+def _joint_deflated(equations, rhs, dtype, label):
+    """Each image from the model's cached factorisation of its weight constraints (all rows known), then
+    corrected jointly: the batch's shared gradient constraints settle every image's coordinates along M's
+    smallest singular directions, the only ones where the weights alone may be unreliable (rank deficient at
+    the gradients' precision). A small dense system of B*k unknowns, whatever the layer's size."""
+    batch, channels = len(equations), equations[0].channels
+    weights = equations[0].weights
+    # float64's tolerance: the factorisation solves every direction, the gradient constraints then correct the weak
+    # ones (the single image's deflated hybrid shares it)
+    factor = weights.factor(rank_rtol(torch.float64, weights.shape))
+    subspace = factor.small_subspace(min(weights.shape[1], DEFLATION_SIZE))
+    directions = subspace.basis.shape[1]
+    gradient_images = _gradient_images(equations, subspace.basis)
+    shared = torch.cat([e.gradients.matrix for e in equations], dim=1)  # [A_1 ... A_B], the same for every channel
+    # each kind scaled to unit Frobenius norm over the batch, as the single image's hybrid is
+    weight_scale = 1.0 / max(math.sqrt(batch * float(weights.row_norms.sum())), TINY)
+    gradient_scale = 1.0 / max(math.sqrt(channels) * float(torch.linalg.norm(shared)), TINY)
+    normal = (gradient_scale ** 2) * (gradient_images.T @ gradient_images)
+    weak = (weight_scale * subspace.sigma) ** 2  # images^T images is diagonal: the directions are singular
+    normal += torch.diag(weak.repeat(batch))
+    eigenvalues, vectors = torch.linalg.eigh(normal)
+    sigma = eigenvalues.clamp_min(0).sqrt()
+    # the stacked system's norm is at most the hypotenuse of its blocks' (block-diagonal over images for the
+    # weights, over channels for the gradients)
+    top = math.hypot(weight_scale * factor.sigma_max, gradient_scale * norm_2(shared))
+    top = max(top, float(sigma.max()))
+    unknowns = batch * weights.shape[1]
+    rtol = rank_rtol(dtype, (batch * weights.shape[0] + gradient_images.shape[0], unknowns))
+    keep = sigma > rtol * top
+    inverse = torch.where(keep, 1.0 / eigenvalues.clamp_min(TINY), torch.zeros_like(eigenvalues))
+    # Directions outside the subspace keep at least the weights' k-th smallest singular value.
+    outside = weight_scale * float(subspace.sigma.max()) if directions < weights.shape[1] else math.inf
+    floor = min(float(sigma[keep].min()) if bool(keep.any()) else 0.0, outside)
+    outputs = torch.stack([e.output for e in equations], dim=1)  # (rows of M, B): every row known
+    x = factor.least_squares(outputs)  # (C*H*W, B)
+    for _ in range(_DEFLATION_STEPS):
+        weight_misfit = weight_scale * (outputs - weights.apply(x))
+        gradient_misfit = gradient_scale * (rhs - _batch_gradients(equations, x)).reshape(-1)
+        reduced = weight_scale * (subspace.images.T @ weight_misfit).T.reshape(-1)
+        reduced = reduced + gradient_scale * (gradient_images.T @ gradient_misfit)
+        coefficients = vectors @ (inverse * (vectors.T @ reduced))
+        x = x + subspace.basis @ coefficients.view(batch, directions).T
+    residual = math.hypot(float(torch.linalg.norm(weight_scale * (outputs - weights.apply(x)))),
+                          float(torch.linalg.norm(gradient_scale * (rhs - _batch_gradients(equations, x))))) / \
+        max(math.hypot(float(torch.linalg.norm(weight_scale * outputs)), float(torch.linalg.norm(gradient_scale * rhs))),
+            TINY)
+    spectrum = Spectrum(unknowns - int((~keep).sum()), top / floor if floor > 0 else math.inf)
+    return x.T.reshape(batch, channels, -1), spectrum, residual
+
+
+def _batch_gradients(equations, x):
+    """sum_n A_n x_n[c] for x (C*H*W, B): the batch's weight gradient its inputs give, (rows, C)."""
+    channels, pixels = equations[0].channels, equations[0].pixels
+    return sum(e.gradients.apply(x[:, n].view(channels, pixels).T) for n, e in enumerate(equations))
+
+
 def _methods(equations, unknowns):
     """The methods to try on a batch layer, in order, or ["estimate"] with the reason when none can determine it.
 
@@ -219,6 +298,8 @@ def _methods(equations, unknowns):
     rows, pixels = equations[0].gradients.shape
     batch = len(equations)
     order = ["weights"] if all(int(e.known.sum()) >= e.unknowns for e in equations) else []
+    if all(bool(e.known.all()) for e in equations) and equations[0].weights.shape[0] >= equations[0].unknowns:
+        order.append("hybrid")  # the weights, with the batch's gradients where they are weakest (any size)
     if rows >= batch * pixels:
         order.append("gradients")
     weight_rows = sum(int(e.known.sum()) for e in equations)
@@ -264,6 +345,11 @@ def _solve_joint(method, equations, weight_grad, options, label):
         ok = _trusted(spectrum, residual, batch * height * width, options.tolerances)
         return _Solved(x, [spectrum] * batch, spectrum.rank * channels, spectrum.cond, residual, [ok] * batch,
                        method)
+    if method == "hybrid":
+        x, spectrum, residual = _joint_deflated(equations, weight_grad, dtype, label)
+        ok = _trusted(spectrum, residual, batch * channels * height * width, options.tolerances)
+        return _Solved(x.view(batch, channels, height, width), [spectrum] * batch, spectrum.rank, spectrum.cond,
+                       residual, [ok] * batch, method)
     completed = _joint_completion(equations, weight_grad, dtype, options.memory_limit, label)
     x, spectrum, residual = completed or _joint_hybrid(equations, weight_grad, dtype, options.memory_limit, label)
     ok = _trusted(spectrum, residual, batch * channels * height * width, options.tolerances)
