@@ -103,6 +103,15 @@ def test_a_functional_forward_reads_as_a_chain():
     assert not chain[4].training
 
 
+def test_a_cached_trace_is_reused_until_a_module_is_replaced():
+    model, cache = Functional(), {}
+    first = trace_chain(model, cache)
+    assert [op.kind for op in trace_chain(model, cache)] == [op.kind for op in first] and len(cache) == 1
+    model.conv2 = nn.Conv2d(FIRST, SECOND, 3, padding=1)  # a new module: the cached trace must not stand for it
+    again = trace_chain(model, cache)
+    assert again[2].module is model.conv2 and len(cache) == 2
+
+
 def test_presets_keep_their_names():
     network = parse_network(rc.build_model("lenet", 3, 100))
     assert [step.name for step in network.steps] == ["model[0]", "model[2]", "model[4]", "model[6]"]
