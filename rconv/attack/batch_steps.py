@@ -245,9 +245,10 @@ def _joint_deflated(equations, rhs, dtype, label):
     gradient_images = _gradient_images(equations, subspace.basis)
     shared = torch.cat([e.gradients.matrix for e in equations], dim=1)  # [A_1 ... A_B], the same for every channel
     # each kind scaled to unit Frobenius norm over the batch, as the single image's hybrid is
-    weight_scale = 1.0 / max(math.sqrt(batch * float(weights.row_norms.sum())), TINY)
-    gradient_scale = 1.0 / max(math.sqrt(channels) * float(torch.linalg.norm(shared)), TINY)
-    normal = (gradient_scale ** 2) * (gradient_images.T @ gradient_images)
+    weight_scale = _unit_scale(math.sqrt(batch * float(weights.row_norms.sum())))
+    gradient_scale = _unit_scale(math.sqrt(channels) * float(torch.linalg.norm(shared)))
+    scaled = gradient_scale * gradient_images
+    normal = scaled.T @ scaled
     weak = (weight_scale * subspace.sigma) ** 2  # images^T images is diagonal: the directions are singular
     normal += torch.diag(weak.repeat(batch))
     eigenvalues, vectors = torch.linalg.eigh(normal)
@@ -278,6 +279,12 @@ def _joint_deflated(equations, rhs, dtype, label):
             TINY)
     spectrum = Spectrum(unknowns - int((~keep).sum()), top / floor if floor > 0 else math.inf)
     return x.T.reshape(batch, channels, -1), spectrum, residual
+
+
+def _unit_scale(norm):
+    """The factor that scales a kind of constraint to unit Frobenius norm; 1 for a kind that is all zeros (a
+    batch whose gradients vanish), whose scale would overflow instead of reporting rank 0."""
+    return 1.0 / norm if norm > 0 else 1.0
 
 
 def _batch_gradients(equations, x):
