@@ -18,6 +18,10 @@ The "Size ..." rows are the high-resolution size sweep: the sample photos at 32,
 on the network recoverable at each size (the lenet_hr presets from 64 px on), and the paper's
 LeNet at 96 px, which is not recoverable there and must say so quickly.
 
+The "... / plain net" rows attack networks that are not presets (PLAIN_NETWORKS: plain nn.Sequential,
+PyTorch's initialisation, shapes chosen by counting), as a user's own model would be: a batch of 8
+and the sample photos at 128 px.
+
 The "Success_rates ..." rows (only on request: --only workers; they need dask.distributed) time
 the Success_rates notebook's sweep, reduced (WORKER_SWEEP), run serially, on a Dask LocalCluster
 of 1 worker and on one of 2 workers (one thread each), as the notebook's `scheduler` None, 1 and 2
@@ -57,7 +61,34 @@ class Setting(NamedTuple):
     size: int | None = None  # image side; None: the preset's own
     warm_up: str | None = None  # preset PyTorch is warmed up on; None: the setting's own (seed 1)
     batch: int = 1  # images per client gradient: the images come as mean gradients of this many
+    network: str | None = None  # a key of PLAIN_NETWORKS: a network that is not a preset, instead of `preset`
 
+
+def _plain_batch(channels, classes, side, seed):
+    """Conv 16 / 64 / 32 filters (5x5, strides 2, 2, 1), Tanh, Tanh, ReLU, then Linear: within the counting bound
+    for a batch of 8 at 32 px, and its second layer's weight constraints square."""
+    import torch
+    from torch import nn
+    torch.manual_seed(seed)
+    after = side // 4
+    return nn.Sequential(nn.Conv2d(channels, 16, 5, 2, 2), nn.Tanh(), nn.Conv2d(16, 64, 5, 2, 2), nn.Tanh(),
+                         nn.Conv2d(64, 32, 5, 1, 2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * after * after, classes))
+
+
+def _plain_high_resolution(channels, classes, side, seed):
+    """Conv 16 / 20 filters (3x3, strides 2, 1), Tanh, Sigmoid, then Linear: recoverable at any side by counting."""
+    import torch
+    from torch import nn
+    torch.manual_seed(seed)
+    after = (side + 1) // 2
+    return nn.Sequential(nn.Conv2d(channels, 16, 3, 2, 1), nn.Tanh(), nn.Conv2d(16, 20, 3, 1, 1), nn.Sigmoid(),
+                         nn.Flatten(), nn.Linear(20 * after * after, classes))
+
+
+# Networks that are not presets, by name: (channels, classes, side, seed) -> nn.Module.
+PLAIN_NETWORKS = {"plain_batch": _plain_batch, "plain_high_resolution": _plain_high_resolution}
+# Seed of a plain network's weights (the warm-up network takes another).
+PLAIN_SEED = 50
 
 # The size sweep's images per row: the first is the cold start, the others show a further image's cost.
 SIZE_IMAGES = 4
@@ -80,6 +111,8 @@ SETTINGS = {
     "Size 96 / LeNet (not recoverable)": Setting("samples", "lenet", SIZE_IMAGES, 96, SIZE_WARM_UP),
     # Target: a batch of 8 at 32 px in at most 5 s (two batches: the second is warm).
     "Batch 8 / lenet_batch": Setting("cifar100", "lenet_batch", 2 * BATCH_IMAGES, batch=BATCH_IMAGES),
+    "Batch 8 / plain net": Setting("cifar100", None, 2 * BATCH_IMAGES, batch=BATCH_IMAGES, network="plain_batch"),
+    "Size 128 / plain net": Setting("samples", None, SIZE_IMAGES, 128, network="plain_high_resolution"),
 }
 
 
@@ -127,14 +160,19 @@ def _warm_up(setting, preset, info, pictures, labels, dtype, options):
     """One untimed attack on another network (seed 1), so that the timed runs pay no one-time start-up."""
     import torch
     import rconv_core as rc
-    if setting.warm_up is None:
+    if setting.network is not None:
+        model = PLAIN_NETWORKS[setting.network](info["channels"], info["num_classes"], pictures.shape[-1], 1)
+        image, label = pictures[0], int(labels[0])
+        if setting.batch > 1:  # the warm-up takes the batch path too
+            image, label = pictures[:setting.batch], labels[:setting.batch]
+    elif setting.warm_up is None:
         model = rc.build_model(preset, info["channels"], info["num_classes"], seed=1, input_size=pictures.shape[-1])
         image, label = pictures[0], int(labels[0])
     else:
         side = rc.MODELS[setting.warm_up].get("input_size", 32)
         model = rc.build_model(setting.warm_up, info["channels"], info["num_classes"], seed=1)
         image, label = torch.rand(info["channels"], side, side, generator=torch.Generator().manual_seed(1)), 0
-    rc.reconstruct(model, rc.client_gradients(model, image, label, dtype=rc.as_dtype(dtype)), tuple(image.shape),
+    rc.reconstruct(model, rc.client_gradients(model, image, label, dtype=rc.as_dtype(dtype)), tuple(image.shape[-3:]),
                    **options)
 
 
@@ -144,9 +182,14 @@ def measure(setting, dtype, first_layer, images, repeats, device, data_root):
     import rconv_core as rc
     chosen = SETTINGS[setting]
     dataset = chosen.dataset
-    preset = chosen.preset or rc.TESTING_PRESETS[dataset]
     count = images or chosen.images
-    pictures, labels, model, info = rc.setup(dataset, preset, range(count), data_root=data_root, size=chosen.size)
+    if chosen.network is not None:
+        preset, info = chosen.network, rc.dataset_info(dataset)
+        pictures, labels = rc.load_images(dataset, range(count), root=data_root, size=chosen.size or 32)
+        model = PLAIN_NETWORKS[preset](info["channels"], info["num_classes"], pictures.shape[-1], PLAIN_SEED)
+    else:
+        preset = chosen.preset or rc.TESTING_PRESETS[dataset]
+        pictures, labels, model, info = rc.setup(dataset, preset, range(count), data_root=data_root, size=chosen.size)
     dataset = info["name"]
     size = chosen.batch
     batches = [(pictures[k:k + size], labels[k:k + size]) for k in range(0, count, size)]
