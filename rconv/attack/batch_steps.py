@@ -26,7 +26,8 @@ from ..split.linear import split_linear, track_split
 from .activations import NOISE_MARGIN, Noise, batch_branches
 from .steps import LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of, project_input
 from .nullspace import complete, null_images, null_space
-from .systems import COMPLETION_MAX_DIRECTIONS, DEFLATION_SIZE, counted_equations, estimate_layer, solve_layer
+from .systems import (COMPLETION_MAX_DIRECTIONS, DEFLATION_SIZE, DEFLATION_STEPS, counted_equations, estimate_layer,
+                      solve_layer)
 
 # A joint system of both kinds of constraint over the whole batch is solved dense, up to this
 # many unknowns (a 6,848 x 6,144 matrix for two of the paper's LeNet layer-2 inputs, ~0.3 GB).
@@ -207,21 +208,6 @@ def _joint_completion(equations, rhs, dtype, memory_limit, label):
     return x, completed.spectrum, completed.residual
 
 
-# Corrections of the deflated joint solve: the second fits what the first's linearisation left.
-_DEFLATION_STEPS = 2
-
-
-class _Deflation(NamedTuple):
-    """The batch's shared gradient constraints on each image's weakest weight directions, and their solve."""
-
-    basis: torch.Tensor  # (C*H*W, k): M's k smallest right singular directions
-    images: torch.Tensor  # (all rows of M, k): M basis
-    gradient_images: torch.Tensor  # (rows * C, B*k): [A_1 basis ... A_B basis], channel by channel
-    vectors: torch.Tensor  # eigenvectors of the reduced normal matrix
-    inverse: torch.Tensor  # its inverted eigenvalues, zero where dropped
-    kept: int  # directions the reduced system determines
-
-
 def _gradient_images(equations, basis):
     """A_n applied to every weak direction, for each image n: (rows * C, B*k), rows laid out as (row, channel)."""
     channels, pixels, directions = equations[0].channels, equations[0].pixels, basis.shape[1]
@@ -230,7 +216,7 @@ def _gradient_images(equations, basis):
     return torch.cat(blocks, dim=1)
 
 
-def _joint_deflated(equations, rhs, dtype, label):
+def _joint_deflated(equations, rhs, dtype, memory_limit, label):
     """Each image from the model's cached factorisation of its weight constraints (all rows known), then
     corrected jointly: the batch's shared gradient constraints settle every image's coordinates along M's
     smallest singular directions, the only ones where the weights alone may be unreliable (rank deficient at
@@ -242,6 +228,9 @@ def _joint_deflated(equations, rhs, dtype, label):
     factor = weights.factor(rank_rtol(torch.float64, weights.shape))
     subspace = factor.small_subspace(min(weights.shape[1], DEFLATION_SIZE))
     directions = subspace.basis.shape[1]
+    rows = equations[0].gradients.shape[0] * channels
+    check(2 * rows * batch * directions * _FLOAT64_BYTES, f"{label}: the batch's gradient constraints on its "
+          f"images' weakest weight directions ({rows:,} x {batch * directions:,}, dense)", memory_limit)
     gradient_images = _gradient_images(equations, subspace.basis)
     shared = torch.cat([e.gradients.matrix for e in equations], dim=1)  # [A_1 ... A_B], the same for every channel
     # each kind scaled to unit Frobenius norm over the batch, as the single image's hybrid is
@@ -266,7 +255,7 @@ def _joint_deflated(equations, rhs, dtype, label):
     floor = min(float(sigma[keep].min()) if bool(keep.any()) else 0.0, outside)
     outputs = torch.stack([e.output for e in equations], dim=1)  # (rows of M, B): every row known
     x = factor.least_squares(outputs)  # (C*H*W, B)
-    for _ in range(_DEFLATION_STEPS):
+    for _ in range(DEFLATION_STEPS):
         weight_misfit = weight_scale * (outputs - weights.apply(x))
         gradient_misfit = gradient_scale * (rhs - _batch_gradients(equations, x)).reshape(-1)
         reduced = weight_scale * (subspace.images.T @ weight_misfit).T.reshape(-1)
@@ -299,9 +288,10 @@ def _methods(equations, unknowns):
     Per-image weight constraints go first where every image has enough of them (their
     factorisation is cached per model), then the batch's gradient constraints where they are enough,
     then both jointly: dense up to JOINT_DENSE_MAX_UNKNOWNS, beyond it reduced to each image's weakest
-    weight directions (_joint_deflated, where every image's weight rows are all known). A layer below one that was not determined
-    is still solved (unlike one image's): a batch's layer is untrusted as soon as one image's
-    precision falls short, while its images may still be close, and the verdict already says so.
+    weight directions (_joint_deflated, where every image's weight rows are all known). A layer below
+    one that was not determined is still solved (unlike one image's): a batch's layer is untrusted as
+    soon as one image's precision falls short, while its images may still be close, and the verdict
+    already says so.
     """
     rows, pixels = equations[0].gradients.shape
     batch = len(equations)
@@ -357,12 +347,10 @@ def _solve_joint(method, equations, weight_grad, options, label):
         return _Solved(x, [spectrum] * batch, spectrum.rank * channels, spectrum.cond, residual, [ok] * batch,
                        method)
     if method == "hybrid":
-        x, spectrum, residual = _joint_deflated(equations, weight_grad, dtype, label)
-        ok = _trusted(spectrum, residual, batch * channels * height * width, options.tolerances)
-        return _Solved(x.view(batch, channels, height, width), [spectrum] * batch, spectrum.rank, spectrum.cond,
-                       residual, [ok] * batch, method)
-    completed = _joint_completion(equations, weight_grad, dtype, options.memory_limit, label)
-    x, spectrum, residual = completed or _joint_hybrid(equations, weight_grad, dtype, options.memory_limit, label)
+        x, spectrum, residual = _joint_deflated(equations, weight_grad, dtype, options.memory_limit, label)
+    else:
+        completed = _joint_completion(equations, weight_grad, dtype, options.memory_limit, label)
+        x, spectrum, residual = completed or _joint_hybrid(equations, weight_grad, dtype, options.memory_limit, label)
     ok = _trusted(spectrum, residual, batch * channels * height * width, options.tolerances)
     return _Solved(x.view(batch, channels, height, width), [spectrum] * batch, spectrum.rank, spectrum.cond,
                    residual, [ok] * batch, method)

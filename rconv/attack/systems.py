@@ -42,7 +42,7 @@ _WHOLE_GRADIENT_COLUMNS = 1100
 # of M's smallest singular directions (see _deflated_hybrid).
 DEFLATION_SIZE = 128
 # Correction steps of the deflated hybrid solve.
-_DEFLATION_STEPS = 2
+DEFLATION_STEPS = 2
 _FLOAT64_BYTES = 8
 # A sparse matrix in scipy's COO and CSR forms takes about this many bytes per nonzero at its peak.
 _SPARSE_BYTES_PER_ENTRY = 40
@@ -219,7 +219,7 @@ def _deflated_hybrid(equations, dtype):
 
     def solve_rhs(rhs):
         x = factor.least_squares(rhs[-known_rows:] / weight_scale)
-        for _ in range(_DEFLATION_STEPS):
+        for _ in range(DEFLATION_STEPS):
             coefficients = vectors @ (inverse[:, None] * (vectors.T @ (reduced.T @ (rhs - system.apply(x)))))
             x = x + subspace.basis @ coefficients
         return x
