@@ -63,3 +63,16 @@ def test_benchmark_worker_rows_time_success_rates_serially_and_on_1_and_2_worker
     assert (table.total_seconds > 0).all()
     assert table.device.str.startswith("cpu").all() and table.cold_start_seconds.isna().all()
     assert "as fast as on 1 worker" in done.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_attacks_a_network_that_is_not_a_preset(tmp_path, packs):
+    out = tmp_path / "bench.csv"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--only", "Batch 8 / plain net",
+                           "--images", "8", "--repeats", "1", "--device", "cpu", "--data-root", str(packs),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(out)
+    assert list(table.model) == ["plain_batch"] * 2 and (table.batch == 8).all()
+    # one batch of 8 from float64 comes back exact; from float32 every image is above 60 dB
+    assert list(table.exact)[0] == 8 and list(table.median_psnr)[1] >= 60
