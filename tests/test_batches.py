@@ -222,3 +222,4 @@ def test_a_float32_batch_of_eight_on_a_plain_net_is_above_60_db_with_its_labels(
     assert (matched.table.label == matched.table.recovered_label).all()
     claimed = matched.table[matched.table.image_exact]
     assert (claimed.max_abs_err <= 1e-3).all()
+    assert not any("inf (max abs)" in reason for reason in result.reasons), "an unmeasured bound says why instead"

@@ -105,6 +105,12 @@ def test_bound_reasons_says_why_a_bound_is_too_large():
         "error bound: the image may be off by up to 2e-06 (max abs), above the 1e-06 that exact allows for float64")
 
 
+def test_an_unmeasured_bound_says_so_instead_of_quoting_infinity():
+    [reason] = bound_reasons(unbounded(3, 1e-6), Tolerances.for_dtype(torch.float32))
+    assert reason.startswith("error bound: infinite, as how far the gradients' noise moves the image could not be "
+                             "measured") and "inf (max abs)" not in reason
+
+
 def test_a_float32_attack_s_bound_is_finite_and_holds(lenet_c10, cifar_image, lenet_c10_cache):
     grads = rc.client_gradients(lenet_c10, cifar_image, 3, dtype=torch.float32)
     result = rc.reconstruct(lenet_c10, grads, cifar_image.shape, cache=lenet_c10_cache)

@@ -304,10 +304,18 @@ def _rounding(measured):
     return _ROUNDING_MARGIN * measured.cond * eps(torch.float64) * float(measured.input.abs().max())
 
 
+# Why an image has no finite bound although every other check passed.
+UNMEASURED = ("error bound: infinite, as how far the gradients' noise moves the image could not be measured (the "
+              "attack rerun on slightly noisier gradients lost a layer's solve, or for a batch its split or the "
+              "pairing of its images; or a layer's condition number is infinite), so exact is not claimed")
+
+
 def bound_reasons(bound, tolerances):
     """Why the image is not exact by its bound (none when the bound is within tolerances.image_error)."""
     if bound.image <= tolerances.image_error or math.isnan(bound.noise):
         return []  # within the bound, or no bound measured (other reasons say why)
+    if math.isinf(bound.image):
+        return [UNMEASURED]
     worst = max(range(len(bound.layers)), key=lambda n: bound.layers[n] if math.isfinite(bound.layers[n]) else -1)
     return [f"error bound: the image may be off by up to {bound.image:.2g} (max abs), above the "
             f"{tolerances.image_error:g} that exact allows for {str(tolerances.dtype).replace('torch.', '')} "

@@ -23,6 +23,7 @@ from ..split.linear import gradient_rank
 from .activations import RELU_TESTS
 from .batch_steps import batch_conv_step, batch_linear_step, update_noise
 from .bounds import (
+    UNMEASURED,
     Measured,
     SourceLevels,
     bound_reasons,
@@ -447,6 +448,10 @@ def _reconstruct_batch_members(model, network, grads, sizes, options, cache, bat
     bound_seconds = time.perf_counter() - bound_start
     within = [ok and bound.image <= options.tolerances.image_error for ok, bound in zip(trusted, bounds)]
     beyond = [n for n, (ok, fits) in enumerate(zip(trusted, within)) if ok and not fits]
+    unmeasured = [n for n in beyond if math.isinf(bounds[n].image)]
+    if unmeasured:
+        reasons.append(f"image(s) {unmeasured}: {UNMEASURED}")
+    beyond = [n for n in beyond if n not in unmeasured]
     if beyond:
         worst = max(bounds[n].image for n in beyond)
         reasons.append(f"error bound: image(s) {beyond} may be off by up to {worst:.2g} (max abs), above the "
