@@ -254,16 +254,19 @@ def _joint_deflated(equations, rhs, dtype, memory_limit, label):
     outside = weight_scale * float(subspace.sigma.max()) if directions < weights.shape[1] else math.inf
     floor = min(float(sigma[keep].min()) if bool(keep.any()) else 0.0, outside)
     outputs = torch.stack([e.output for e in equations], dim=1)  # (rows of M, B): every row known
+
+    def misfits(x):  # of both kinds, each scaled
+        return weight_scale * (outputs - weights.apply(x)), gradient_scale * (rhs - _batch_gradients(equations, x))
+
     x = factor.least_squares(outputs)  # (C*H*W, B)
     for _ in range(DEFLATION_STEPS):
-        weight_misfit = weight_scale * (outputs - weights.apply(x))
-        gradient_misfit = gradient_scale * (rhs - _batch_gradients(equations, x)).reshape(-1)
+        weight_misfit, gradient_misfit = misfits(x)
         reduced = weight_scale * (subspace.images.T @ weight_misfit).T.reshape(-1)
-        reduced = reduced + gradient_scale * (gradient_images.T @ gradient_misfit)
+        reduced = reduced + gradient_scale * (gradient_images.T @ gradient_misfit.reshape(-1))
         coefficients = vectors @ (inverse * (vectors.T @ reduced))
         x = x + subspace.basis @ coefficients.view(batch, directions).T
-    residual = math.hypot(float(torch.linalg.norm(weight_scale * (outputs - weights.apply(x)))),
-                          float(torch.linalg.norm(gradient_scale * (rhs - _batch_gradients(equations, x))))) / \
+    weight_misfit, gradient_misfit = misfits(x)
+    residual = math.hypot(float(torch.linalg.norm(weight_misfit)), float(torch.linalg.norm(gradient_misfit))) / \
         max(math.hypot(float(torch.linalg.norm(weight_scale * outputs)), float(torch.linalg.norm(gradient_scale * rhs))),
             TINY)
     spectrum = Spectrum(unknowns - int((~keep).sum()), top / floor if floor > 0 else math.inf)
@@ -450,7 +453,7 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
 
 def _gradient_misfit(equations, x, weight_grad):
     """|sum_n A_n x_n - dL/dW| / |dL/dW|: do the batch's inputs reproduce its shared weight gradient?"""
-    total = sum(e.gradients.apply(xn.reshape(xn.shape[0], -1).T) for e, xn in zip(equations, x))
+    total = _batch_gradients(equations, x.reshape(len(x), -1).T)
     return float(torch.linalg.norm(total - weight_grad) / torch.linalg.norm(weight_grad).clamp_min(TINY))
 
 
