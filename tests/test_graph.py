@@ -1,6 +1,8 @@
 """Real networks: any nn.Module read through torch.fx (rconv.attack.graph), eval-mode BatchNorm folded into its
 conv layer (rconv.attack.folding), a bias-free last Linear layer read off its weight gradient
 (rconv.attack.bias_free), and the attack on each of them, each refusal one RConvError naming the node or layer."""
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -20,6 +22,8 @@ FIRST, SECOND = 12, 8
 FEATURES = SECOND * 8 * 8
 CLASSES = 10
 EXACT = 1e-6  # float64 gradients: the image to this max abs error, as `exact` promises
+# Without the tracer's thread check, every one of these traces broke the other thread's forward within a few.
+TRACES_BESIDE_A_FORWARD = 100
 
 
 def body(bias=True):
@@ -110,6 +114,30 @@ def test_a_cached_trace_is_reused_until_a_module_is_replaced():
     model.conv2 = nn.Conv2d(FIRST, SECOND, 3, padding=1)  # a new module: the cached trace must not stand for it
     again = trace_chain(model, cache)
     assert again[2].module is model.conv2 and len(cache) == 2
+
+
+def test_tracing_leaves_other_threads_models_alone():
+    """torch.fx patches every module's __call__ while it traces; a thread-pool sweep's other task runs meanwhile."""
+    other, image = Functional(), torch.randn(1, 3, 16, 16)
+    expected, running, faults = other(image), threading.Event(), []
+
+    def forward_until_done():
+        while not running.is_set():
+            try:
+                assert torch.equal(other(image), expected)
+            except Exception as error:
+                faults.append(error)
+                return
+
+    thread = threading.Thread(target=forward_until_done)
+    thread.start()
+    try:
+        chains = [trace_chain(Functional()) for _ in range(TRACES_BESIDE_A_FORWARD)]
+    finally:
+        running.set()
+        thread.join()
+    assert faults == [] and all(len(chain) == len(chains[0]) for chain in chains)
+    assert nn.Module.__call__ is nn.Module._wrapped_call_impl, "the tracer's patch was undone"
 
 
 def test_presets_keep_their_names():

@@ -10,6 +10,7 @@ chain's order and modes can be inverted is for rconv.attack.network to judge.
 from __future__ import annotations
 
 import operator
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -119,9 +120,34 @@ def _cached_trace(model, modules, cache):
     return graph
 
 
+# torch.fx patches nn.Module's __call__ and __getattr__ for the whole process while it traces. One trace at a
+# time: two patches undone out of order would leave one behind for good.
+_TRACING = threading.Lock()
+
+
+class _ThreadTracer(torch.fx.Tracer):
+    """torch.fx's Tracer, recording only the calls of the thread it traces in: another thread's model (a
+    thread-pool sweep's other task) runs as if nothing were traced, instead of failing inside the tracer."""
+
+    def trace(self, root, concrete_args=None):
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
 def _trace(model):
     try:
-        return torch.fx.symbolic_trace(model).graph
+        with _TRACING:
+            return _ThreadTracer().trace(model)
     except Exception as error:  # tracing runs the model's own Python, which may raise anything
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RConvError(f"torch.fx cannot trace {type(model).__name__} ({first}); R-CONV reads models whose "
