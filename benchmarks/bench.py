@@ -19,8 +19,8 @@ on the network recoverable at each size (the lenet_hr presets from 64 px on), an
 LeNet at 96 px, which is not recoverable there and must say so quickly.
 
 The "... / plain net" rows attack networks that are not presets (PLAIN_NETWORKS: plain nn.Sequential,
-PyTorch's initialisation, shapes chosen by counting), as a user's own model would be: a batch of 8
-and the sample photos at 128 px.
+PyTorch's initialisation, shapes chosen by counting), as a user's own model would be: a batch of 8,
+and the sample photos at 128 px (3x3 kernels) and at 128 and 224 px (5x5 kernels, a cold and a warm photo).
 
 The "Success_rates ..." rows (only on request: --only workers; they need dask.distributed) time
 the Success_rates notebook's sweep, reduced (WORKER_SWEEP), run serially, on a Dask LocalCluster
@@ -85,8 +85,20 @@ def _plain_high_resolution(channels, classes, side, seed):
                          nn.Flatten(), nn.Linear(20 * after * after, classes))
 
 
+def _plain_5x5(channels, classes, side, seed):
+    """Conv 16 / 20 filters (5x5, strides 2, 1), LeakyReLU twice, then Linear: its stride-1 second layer takes
+    the Krylov solve from 128 px on."""
+    import torch
+    from torch import nn
+    torch.manual_seed(seed)
+    after = (side + 1) // 2
+    return nn.Sequential(nn.Conv2d(channels, 16, 5, 2, 2), nn.LeakyReLU(0.2), nn.Conv2d(16, 20, 5, 1, 2),
+                         nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(20 * after * after, classes))
+
+
 # Networks that are not presets, by name: (channels, classes, side, seed) -> nn.Module.
-PLAIN_NETWORKS = {"plain_batch": _plain_batch, "plain_high_resolution": _plain_high_resolution}
+PLAIN_NETWORKS = {"plain_batch": _plain_batch, "plain_high_resolution": _plain_high_resolution,
+                  "plain_5x5": _plain_5x5}
 # Seed of a plain network's weights (the warm-up network takes another).
 PLAIN_SEED = 50
 
@@ -113,6 +125,9 @@ SETTINGS = {
     "Batch 8 / lenet_batch": Setting("cifar100", "lenet_batch", 2 * BATCH_IMAGES, batch=BATCH_IMAGES),
     "Batch 8 / plain net": Setting("cifar100", None, 2 * BATCH_IMAGES, batch=BATCH_IMAGES, network="plain_batch"),
     "Size 128 / plain net": Setting("samples", None, SIZE_IMAGES, 128, network="plain_high_resolution"),
+    # Targets: exact, at most 20 s (128 px) and 60 s (224 px) cold, 6 GB. Two photos: a cold and a warm one.
+    "Size 128 / plain 5x5 net": Setting("samples", None, 2, 128, network="plain_5x5"),
+    "Size 224 / plain 5x5 net": Setting("samples", None, 2, 224, network="plain_5x5"),
 }
 
 

@@ -201,8 +201,10 @@ def noise_directions(parameters, grads, probes=LINEARISED_PROBES, cache=None):
             cache[key] = draws
     of = {}
     for parameter, grad, (even, random) in zip(parameters, wanted, draws):
-        sized = _unit_columns(grad[..., None] * random)
-        of[id(parameter)] = float(torch.linalg.norm(grad)) * _unit_columns(even + sized)
+        # in place: a 224-px net's Linear gradient has 25M entries per direction; the same numbers as
+        # unit(grad * random) + even, unit, times |grad|, with one copy instead of four
+        direction = _unit_columns_(grad[..., None] * random).add_(even)
+        of[id(parameter)] = _unit_columns_(direction).mul_(float(torch.linalg.norm(grad)))
     return NoiseDirections(of)
 
 
@@ -215,14 +217,16 @@ def _draws(grads, probes):
     for grad in grads:
         shape, size = (*grad.shape, probes), grad.numel() * probes
         pair = numbers[:, start:start + size].to(grad.device)
-        draws.append((_unit_columns(pair[0].view(shape)), pair[1].view(shape)))
+        # normalised in place: both halves stay views of the numbers, drawn once (800 MB on a 224-px net)
+        draws.append((_unit_columns_(pair[0].view(shape)), pair[1].view(shape)))
         start += size
     return draws
 
 
-def _unit_columns(tensor):
+def _unit_columns_(tensor):
+    """Each column (last axis) of `tensor` divided by its norm, in place."""
     norms = tensor.reshape(-1, tensor.shape[-1]).norm(dim=0).clamp_min(_TINY)
-    return tensor / norms
+    return tensor.div_(norms)
 
 
 class SourceLevels:

@@ -22,10 +22,11 @@ from ..linalg.krylov import symmetric_schwarz
 from ..linalg.memory import check
 from .constraints import weight_entries
 
-# The frame solved exactly is at most this many kernel widths wide: on a 64-px, 3x3 layer, 1.3 widths
-# (4 px) left CG 273 steps, 3.3 widths (10 px) 19 steps. A frame that would not fit in memory is narrowed,
-# down to one kernel width; on a 112-px 5x5 layer, 1.6 widths (8 px) did not converge in 231 steps.
-FRAME_KERNELS = 3.5
+# The frame solved exactly is this many kernel widths wide: each CG step solves it once, so a wider frame
+# saves steps but costs more per step and in its factorisation. Whole solves (a 128-px net's second layer,
+# 16 channels at 64 px, 5x5, float32 gradients, with the error bound's resolves), by frame width: 1 px 45 s,
+# 2 px 33 s, 3 px 29 s, 5 px (one kernel) 21 s, 8 px 32 s; one kernel width also converged at 112 px.
+FRAME_KERNELS = 1.0
 # Eigenvalues of the symbol below this fraction of its largest are lifted to it: the symbol of a valid
 # convolution may vanish at a frequency the border's rows still determine.
 _SYMBOL_FLOOR = 1e-10
@@ -48,11 +49,6 @@ class Plan(NamedTuple):
         return _SPARSE_BYTES_PER_ENTRY * (self.frame_entries + self.frame_gram_entries) + self.symbol_bytes
 
 
-def _widths(kernel):
-    """The frame widths to try, in pixels, widest first."""
-    return range(math.ceil(FRAME_KERNELS * max(kernel)), max(kernel) - 1, -1)
-
-
 def _frame(input_shape, wide):
     """(H*W,) bool: the pixels within `wide` pixels of the border."""
     _, height, width = input_shape
@@ -70,13 +66,9 @@ def _outputs_reading(frame, input_shape, kernel, stride, padding):
     return (reach > 0).reshape(-1)
 
 
-def plan(weight_shape, input_shape, stride, padding, memory_limit=None):
-    """The Plan of a layer's preconditioner: the widest frame that fits in memory_limit, else the narrowest."""
-    for wide in _widths(weight_shape[2:]):
-        layout = _plan(weight_shape, input_shape, stride, padding, wide)
-        if layout.bytes <= (memory_limit or math.inf):
-            break
-    return layout
+def plan(weight_shape, input_shape, stride, padding):
+    """The Plan of a layer's preconditioner: a frame FRAME_KERNELS kernel widths wide."""
+    return _plan(weight_shape, input_shape, stride, padding, math.ceil(FRAME_KERNELS * max(weight_shape[2:])))
 
 
 def _plan(weight_shape, input_shape, stride, padding, wide):
@@ -146,15 +138,35 @@ def _diagonal_solver(weight, input_shape, stride, padding, known):
     return lambda r: inverse * r
 
 
+class _Parts(NamedTuple):
+    """What a preconditioner is made of, that depends only on the weights and the rows known."""
+
+    columns: torch.Tensor  # the frame's unknowns
+    local: object  # r -> the frame's block of M^T M solved exactly
+    approximate: object  # r -> the symbol's (or the diagonal's) approximate solve
+
+
 def conv_preconditioner(weight, input_shape, stride, padding, known, gram_apply, *, memory_limit=None,
-                        label="conv layer"):
+                        label="conv layer", cache=None):
     """The preconditioner of M^T M on tensors (C*H*W, r), for linalg.krylov.normal_cg.
 
     weight (F, C, kh, kw); known: bool (F*P*Q,) rows of M in the system; gram_apply: M^T M over
     them. Raises RConvError (memory.check) before building what would not fit in memory_limit.
+    cache: a dict kept with the weights; when every row is known, the frame's factorisation and the symbol
+    are kept there for the model's next images (seconds each at 128 px and more).
     """
     stride, padding = pair(stride), pair(padding)
-    layout = plan(weight.shape, input_shape, stride, padding, memory_limit)
+    reusable = cache is not None and bool(known.all())
+    parts = cache.get("preconditioner") if reusable else None
+    if parts is None:
+        parts = _build(weight, input_shape, stride, padding, known, memory_limit, label)
+        if reusable:
+            cache["preconditioner"] = parts
+    return symmetric_schwarz(gram_apply, parts.columns, parts.local, parts.approximate)
+
+
+def _build(weight, input_shape, stride, padding, known, memory_limit, label):
+    layout = plan(weight.shape, input_shape, stride, padding)
     check(layout.bytes, f"{label}: the preconditioner of its Krylov solve (a {layout.frame_unknowns:,}-unknown "
                         f"frame factorised, and the symbol)", memory_limit)
     frame = _frame(input_shape, layout.frame_width)
@@ -165,4 +177,4 @@ def conv_preconditioner(weight, input_shape, stride, padding, known, gram_apply,
         approximate = _symbol_solver(weight, input_shape)
     else:
         approximate = _diagonal_solver(weight, input_shape, stride, padding, known)
-    return symmetric_schwarz(gram_apply, columns, local, approximate)
+    return _Parts(columns, local, approximate)

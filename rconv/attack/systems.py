@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ..common.errors import RConvError
+from ..common.geometry import pair
 from ..linalg.krylov import gram_solver, normal_cg
 from ..linalg.memory import check, size
 from ..linalg.sparse import FillTooLarge
@@ -54,6 +55,12 @@ COMPLETION_MAX_DIRECTIONS = 4096
 # instead of a sparse factorisation: lenet_hr224's first layer (at most 37M) factorises in seconds, while
 # a 16-channel 5x5 layer at 112 px (260M) filled in to an 11.7 GB factor.
 DIRECT_MAX_GRAM_ENTRIES = 100_000_000
+# A stride-1 layer (where the Fourier symbol preconditions CG well) whose Gram matrix has more nonzeros than
+# this is solved by Krylov iterations even when its factorisation would fit. Measured on a 128-px net's second
+# layer (16 channels, 64 px), cold: 5x5 kernels (85M entries) direct 57 s, 6.9 GB, Krylov 21 s, 2.9 GB;
+# 3x3 (26M) direct 14.5 s, 3.7 GB, Krylov 10 s, 2.0 GB, but the direct factor is kept for the model's
+# next images (0.4 s each) where every Krylov solve starts afresh.
+KRYLOV_STRIDE_ONE_GRAM_ENTRIES = 50_000_000
 # The normal equations' relative residual a Krylov solve must reach: what float64 CG can reach, so
 # that the solution is as good as the direct factorisation's whatever the gradients' precision.
 KRYLOV_TOLERANCE = 1e-14
@@ -301,28 +308,29 @@ class SolverPlan(NamedTuple):
 
     solver: str
     memory: int  # bytes
+    reason: str = ""  # why not "direct", in words
 
 
 def plan_solver(weight_shape, input_shape, stride, padding, memory_limit=None):
     """The SolverPlan of a conv layer's weight constraints, from shapes alone."""
     gram = gram_entries_bound(input_shape, weight_shape[2:])
     direct = _SPARSE_BYTES_PER_ENTRY * gram
-    if direct <= (memory_limit or math.inf) and gram <= DIRECT_MAX_GRAM_ENTRIES:
+    if direct > (memory_limit or math.inf) or gram > DIRECT_MAX_GRAM_ENTRIES:
+        reason = f"its normal equations' Gram matrix would need {size(direct)} before fill-in"
+    elif max(pair(stride)) == 1 and gram > KRYLOV_STRIDE_ONE_GRAM_ENTRIES:
+        reason = f"stride 1 and {gram:.2g} Gram entries: preconditioned CG is faster than a factorisation"
+    else:
         return SolverPlan("direct", direct)
     vectors = _KRYLOV_VECTORS * math.prod(input_shape) * _FLOAT64_BYTES
-    return SolverPlan("krylov", vectors + plan(weight_shape, input_shape, stride, padding, memory_limit).bytes)
-
-
-def _direct_need(equations):
-    """Bytes the sparse Gram matrix of the weight constraints takes while it is built (its factor comes on top)."""
-    return _SPARSE_BYTES_PER_ENTRY * equations.weights.gram_entries()
+    return SolverPlan("krylov", vectors + plan(weight_shape, input_shape, stride, padding).bytes,
+                      reason)
 
 
 def choose_solver(equations, memory_limit):
-    """ "direct" when the weight constraints' sparse normal equations may be built and factorised here, else
-    "krylov" (plan_solver)."""
+    """The SolverPlan of a layer's weight constraints: "direct" when their sparse normal equations may be built
+    and factorised here and that is the faster, else "krylov" (plan_solver)."""
     weights = equations.weights
-    return plan_solver(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, memory_limit).solver
+    return plan_solver(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, memory_limit)
 
 
 def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
@@ -335,9 +343,9 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     if with_gradients:
         check(3 * equations.gradients.dense_bytes(), f"{label}: the gradient-constraint matrix "
               f"({equations.gradients.shape[0]:,} x {equations.gradients.shape[1]:,}, dense)", memory_limit)
-    if choose_solver(equations, memory_limit) == "krylov":
-        why = f"{label}: its normal equations' Gram matrix would need {size(_direct_need(equations))} before fill-in"
-        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (why,))
+    chosen = choose_solver(equations, memory_limit)
+    if chosen.solver == "krylov":
+        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (f"{label}: {chosen.reason}",))
     weights, known = equations.weights, equations.known
     check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
           f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
@@ -377,7 +385,7 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
         return system.apply_t(system.apply(v))
 
     preconditioner = conv_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding, known,
-                                         gram_apply, memory_limit=memory_limit, label=label)
+                                         gram_apply, memory_limit=memory_limit, label=label, cache=weights.factors)
 
     def solve_rhs(rhs, tolerance=KRYLOV_TOLERANCE):
         return normal_cg(system.apply, system.apply_t, rhs, lambda r: preconditioner(r) / weight_scale ** 2,

@@ -78,10 +78,12 @@ def _linear_tangents(weight_grad, bias_grad, features, weight_noise, bias_noise)
     moved = (torch.einsum("or,on->nr", bias_noise, weight_grad) + torch.einsum("o,onr->nr", bias_grad, weight_noise)
              - 2.0 * (bias_grad @ bias_noise)[None, :] * features[:, None]) / energy
     scale = float(torch.linalg.norm(weight_grad)) ** 2 + TINY
-    misfit = (weight_noise - bias_noise[:, None, :] * features[None, :, None]
-              - bias_grad[:, None, None] * moved[None, :, :])
+    # (dL/dW noise - dL/db noise x^T - dL/db x'^T)^2, computed in place: on a 224-px net each term is 400 MB
+    misfit = bias_noise[:, None, :] * features[None, :, None]
+    torch.sub(weight_noise, misfit, out=misfit)
+    misfit.sub_(bias_grad[:, None, None] * moved[None, :, :])
     measured = weight_grad - torch.outer(bias_grad, features)
-    return moved, (misfit ** 2).sum((0, 1)) / scale, float((measured ** 2).sum()) / scale
+    return moved, misfit.square_().sum((0, 1)) / scale, float((measured ** 2).sum()) / scale
 
 
 def _derivative_tangent(step, activated, moved):
