@@ -98,6 +98,20 @@ def test_a_krylov_layer_agrees_with_the_direct_solve(monkeypatch, stride, paddin
     assert torch.allclose(moved, direct.resolve(gradient_rhs, rhs), rtol=0, atol=1e-6 * float(moved.abs().max()))
 
 
+@pytest.mark.parametrize("kernel, padding, side, wide", [(3, 1, (20, 17), 3), (5, 2, (19, 22), 5), (5, 0, (16, 16), 7)])
+def test_the_stride_one_frame_gram_is_the_sparse_products(kernel, padding, side, wide):
+    weight = torch.randn(6, 4, kernel, kernel, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    shape = (4, *side)
+    frame = preconditioning._frame(shape, wide)
+    columns = (torch.arange(4)[:, None] * frame.numel() + torch.nonzero(frame)[:, 0][None, :]).reshape(-1)
+    outputs = math.prod(side[i] + 2 * padding - kernel + 1 for i in range(2))
+    known = torch.ones(6 * outputs, dtype=torch.bool)
+    product = preconditioning._product_frame_gram(weight, shape, (1, 1), (padding, padding), known, frame, columns)
+    structured = preconditioning._stride_one_frame_gram(weight, shape, (padding, padding), frame)
+    assert structured.shape == product.shape == (len(columns), len(columns))
+    assert abs(structured - product).max() <= 1e-13 * abs(product).max() and structured.nnz == product.nnz
+
+
 def test_the_preconditioner_is_kept_for_the_next_image_of_the_same_weights(monkeypatch):
     first, _ = conv_layer()
     second_x = torch.rand(first.weights.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
