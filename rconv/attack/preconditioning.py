@@ -125,7 +125,7 @@ def _stride_one_frame_gram(weight, input_shape, padding, frame):
     T_d[c, c'](u) [the output that reads p at offset u exists], T_d(u) = sum_o W[o, c, u] W[o, c', u + d].
     """
     import scipy.sparse
-    filters, channels, kh, kw = weight.shape
+    _, channels, kh, kw = weight.shape
     _, height, width = input_shape
     ph, pw = pair(padding)
     out_h, out_w = conv_output_size((height, width), (kh, kw), (1, 1), (ph, pw))
