@@ -181,12 +181,30 @@ def test_a_factorisation_pardiso_refuses_goes_to_the_krylov_solve(monkeypatch):
     assert any("would need 931.3 GB" in note for note in solved.notes)
 
 
-def test_a_failed_allocation_becomes_an_rconv_error_naming_the_layer(monkeypatch):
+# What NumPy and torch's CPU allocator raise when an allocation fails (torch's is a RuntimeError).
+FAILED_ALLOCATIONS = [MemoryError("Unable to allocate 11.7 GiB"),
+                      RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                   "memory: you tried to allocate 4194304 bytes. Error code 12")]
+
+
+@pytest.mark.parametrize("failure", FAILED_ALLOCATIONS, ids=["numpy", "torch"])
+def test_a_failed_allocation_becomes_an_rconv_error_naming_the_layer(monkeypatch, failure):
     equations, _ = conv_layer()
 
     def exhausted(*args, **kwargs):
-        raise MemoryError("Unable to allocate 11.7 GiB")
+        raise failure
 
     monkeypatch.setattr(WeightSystem, "normal_factor", exhausted)
     with pytest.raises(rc.RConvError, match=r"^conv layer 2: an allocation failed while solving its 4,624 unknowns"):
+        systems.solve_layer(equations, "weights", torch.float64, label="conv layer 2")
+
+
+def test_a_runtime_error_that_is_not_an_allocation_is_not_hidden(monkeypatch):
+    equations, _ = conv_layer()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(WeightSystem, "normal_factor", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
         systems.solve_layer(equations, "weights", torch.float64, label="conv layer 2")

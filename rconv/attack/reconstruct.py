@@ -18,7 +18,7 @@ import torch
 from ..common.checks import as_whole, whole_number
 from ..common.errors import RConvError
 from ..common.progress import progress_bar
-from ..linalg.memory import default_limit
+from ..linalg.memory import default_limit, ran_out
 from ..split.linear import gradient_rank
 from .activations import RELU_TESTS
 from .batch_steps import batch_conv_step, batch_linear_step, update_noise
@@ -238,7 +238,9 @@ def _error_bound(network, grads, options, cache, chain):
     try:
         layers = propagate(network, grads, chain.top.features, [r.linearisation for r in chain.results],
                            noise_directions(parameters, grads, cache=cache), levels)
-    except MemoryError as error:  # a factorisation applied to the noise directions ran out: name what did
+    except (MemoryError, RuntimeError) as error:  # a factorisation applied to the noise directions ran out
+        if not ran_out(error):
+            raise
         raise RConvError(f"the error bound: an allocation failed while carrying noise through the layers' solves "
                          f"({error}); give the reconstruction more memory") from error
     return linearised_bound(layers, _measured(chain), max(levels.levels), options.tolerances.dtype)

@@ -16,7 +16,7 @@ import torch
 from ..common.errors import RConvError
 from ..common.geometry import pair
 from ..linalg.krylov import gram_solver, normal_cg
-from ..linalg.memory import check, size
+from ..linalg.memory import check, ran_out, size
 from ..linalg.sparse import FillTooLarge
 from ..linalg.solvers import (
     TINY,
@@ -491,7 +491,9 @@ def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv laye
     """
     try:
         return _solve_layer(equations, method, dtype, memory_limit, label, fallback)
-    except MemoryError as error:  # the checks before each allocation should have refused it: the last guard
+    except (MemoryError, RuntimeError) as error:  # the checks before each allocation should have refused it
+        if not ran_out(error):
+            raise
         raise RConvError(f"{label}: an allocation failed while solving its {equations.unknowns:,} unknowns "
                          f"({error}); give it more memory or a smaller memory_limit to stop before it") from error
 
