@@ -63,7 +63,17 @@ def size(nbytes):
 
 
 def check(nbytes, what, limit):
-    """Raise RConvError naming `what` if `nbytes` exceed `limit` (bytes; None: no limit)."""
+    """Raise RConvError naming `what` if `nbytes` exceed `limit` (bytes; None: no limit), or the usable share of
+    the address space left now under `ulimit -v`, which the allocations before this one have used up in part."""
+    left = _address_space_left()
+    if left is not None:
+        limit = min(limit if limit is not None else left, int(_USABLE_SHARE * left))
     if limit is not None and nbytes > limit:
         raise RConvError(f"{what} would need {size(nbytes)}, more than the {size(limit)} this reconstruction may "
                          f"use (memory_limit); R-CONV stops before allocating it")
+
+
+def ran_out(error):
+    """Whether `error` is a failed allocation: a MemoryError (Python's, NumPy's, PARDISO's), or the RuntimeError
+    torch's CPU allocator raises instead."""
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
