@@ -150,10 +150,6 @@ class WeightSystem:
     def dense(self):
         return self.entries.dense()
 
-    def gram_entries(self):
-        """An upper bound on the nonzeros of M^T M (gram_entries_bound)."""
-        return gram_entries_bound(self.input_shape, self.weight.shape[2:])
-
     def sparse(self, known=None):
         """M (or its rows in `known`) as a scipy CSR matrix."""
         import scipy.sparse

@@ -346,7 +346,8 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
               f"({equations.gradients.shape[0]:,} x {equations.gradients.shape[1]:,}, dense)", memory_limit)
     chosen = choose_solver(equations, memory_limit)
     if chosen.solver == "krylov":
-        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (f"{label}: {chosen.reason}",))
+        why = f"{label}: {chosen.reason}"
+        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (why,))
     weights, known = equations.weights, equations.known
     check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
           f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
