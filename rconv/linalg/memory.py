@@ -65,12 +65,13 @@ def size(nbytes):
 def check(nbytes, what, limit):
     """Raise RConvError naming `what` if `nbytes` exceed `limit` (bytes; None: no limit), or the usable share of
     the address space left now under `ulimit -v`, which the allocations before this one have used up in part."""
-    left = _address_space_left()
-    if left is not None:
-        limit = min(limit if limit is not None else left, int(_USABLE_SHARE * left))
     if limit is not None and nbytes > limit:
         raise RConvError(f"{what} would need {size(nbytes)}, more than the {size(limit)} this reconstruction may "
                          f"use (memory_limit); R-CONV stops before allocating it")
+    left = _address_space_left()
+    if left is not None and nbytes > _USABLE_SHARE * left:
+        raise RConvError(f"{what} would need {size(nbytes)}, more than the {size(int(_USABLE_SHARE * left))} of "
+                         f"address space this process may still map (ulimit -v); R-CONV stops before allocating it")
 
 
 def ran_out(error):
