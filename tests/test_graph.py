@@ -162,18 +162,23 @@ def test_a_concatenation_is_refused():
         trace_chain(Cat())
 
 
-def test_pooling_is_refused_for_now():
+def test_pools_are_read_as_modules_or_calls():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3))
-    with pytest.raises(rc.RConvError, match=r"model\[2\] \(MaxPool2d, after conv layer 1\) cannot be inverted by "
-                                            r"R-CONV; pooling is not supported yet"):
-        rc.reconstruct(model, [torch.zeros_like(p) for p in model.parameters()], (3, 8, 8))
+    assert [operation.kind for operation in trace_chain(model)][:3] == ["conv", "activation", "pool"]
 
     class Functional(Residual):
         def forward(self, x):
-            return self.fc(F.max_pool2d(F.relu(self.conv1(x)), 1).flatten(1))
+            return self.fc(F.avg_pool2d(F.relu(self.conv1(x)), kernel_size=1).flatten(1))
 
-    with pytest.raises(rc.RConvError, match=r"graph node max_pool2d .*pooling is not supported yet"):
-        trace_chain(Functional())
+    pool = trace_chain(Functional())[2]
+    assert pool.kind == "pool" and isinstance(pool.module, nn.AvgPool2d) and pool.module.kernel_size == 1
+
+    class Adaptive(Residual):
+        def forward(self, x):
+            return self.fc(F.adaptive_max_pool2d(F.relu(self.conv1(x)), 2).flatten(1))
+
+    with pytest.raises(rc.RConvError, match=r"graph node adaptive_max_pool2d .*cannot be inverted by R-CONV"):
+        trace_chain(Adaptive())
 
 
 def test_an_unused_branch_breaks_the_chain():

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import rconv_core as rc
+from rconv.attack import network as rc_network
 from conftest import uniform_init
 
 
@@ -14,13 +15,27 @@ def small(*middle):
     return uniform_init(model)
 
 
-@pytest.mark.parametrize("layer,name", [(nn.MaxPool2d(1), "MaxPool2d"), (nn.AvgPool2d(1), "AvgPool2d")])
-def test_layers_it_cannot_invert(layer, name):
-    model = small(nn.ReLU(), layer)
-    grads = [torch.zeros_like(p) for p in model.parameters()]
-    with pytest.raises(rc.RConvError, match=rf"model\[2\] \({name}, after conv layer 1\) cannot be inverted by "
-                                         rf"R-CONV; pooling is not supported yet"):
+@pytest.mark.parametrize("layers,problem", [
+    ((nn.ReLU(), nn.MaxPool2d(2, stride=1)), r"model\[2\] \(MaxPool2d, after conv layer 1\): only square pools with "
+                                             r"stride equal to the window"),
+    ((nn.AvgPool2d(2), nn.ReLU()), r"model\[2\] \(ReLU, after conv layer 1\) follows an average pool"),
+    ((nn.ReLU(), nn.AdaptiveAvgPool2d((3, 3))), r"conv layer 1 \(model\[0\]\): its pool AdaptiveAvgPool2d\(3, 3\) "
+                                                r"on a \(8, 8\) map is no square AvgPool"),
+    ((nn.ReLU(), nn.MaxPool2d(2), nn.MaxPool2d(2)), r"model\[3\] \(MaxPool2d, after conv layer 1\) must follow a "
+                                                    r"conv layer's activation"),
+])
+def test_pools_it_cannot_invert(layers, problem):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), *layers, nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    with pytest.raises(rc.RConvError, match=problem):
         rc.reconstruct(model, grads, (1, 8, 8))
+
+
+def test_a_max_pool_before_the_activation_commutes_with_it():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+    step = rc_network.parse_network(model).steps[0]
+    assert step.activation == "tanh" and isinstance(step.pool, nn.MaxPool2d)
 
 
 @pytest.mark.parametrize("layer,problem", [(nn.Dropout(0.1), "Dropout in training mode")])

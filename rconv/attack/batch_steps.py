@@ -429,7 +429,7 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
     x = solved.x
     # The batch's gradient constraints check what per-image solves never used.
     shared = _gradient_misfit(equations, x, weight_grad)
-    noises = [noise_of(spectrum, xn, options.tolerances.dtype) for spectrum, xn in zip(solved.spectra, x)]
+    noises = [noise_of(spectrum.cond, xn, options.tolerances.dtype) for spectrum, xn in zip(solved.spectra, x)]
     projected = [project_input(xn, previous_activation, options) for xn in x]
     x = torch.stack([p[0] for p in projected])
     weight_rows = sum(int(e.known.sum()) for e in equations)

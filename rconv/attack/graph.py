@@ -20,11 +20,12 @@ import torch.nn.functional as F
 
 from ..common.errors import RConvError
 
-KINDS = ("conv", "linear", "activation", "reshape", "dropout", "batchnorm", "identity")
+KINDS = ("conv", "linear", "activation", "reshape", "dropout", "batchnorm", "identity", "pool")
 _MODULE_KINDS = {nn.Conv2d: "conv", nn.Linear: "linear", nn.ReLU: "activation", nn.LeakyReLU: "activation",
                  nn.Sigmoid: "activation", nn.Tanh: "activation", nn.Flatten: "reshape", nn.Dropout: "dropout",
                  nn.Dropout1d: "dropout", nn.Dropout2d: "dropout", nn.Dropout3d: "dropout",
-                 nn.BatchNorm2d: "batchnorm", nn.BatchNorm1d: "batchnorm", nn.Identity: "identity"}
+                 nn.BatchNorm2d: "batchnorm", nn.BatchNorm1d: "batchnorm", nn.Identity: "identity",
+                 nn.MaxPool2d: "pool", nn.AvgPool2d: "pool", nn.AdaptiveAvgPool2d: "pool"}
 _MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 _FUNCTION_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
                          F.leaky_relu: "leaky_relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
@@ -36,12 +37,15 @@ _METHOD_RESHAPES = ("view", "reshape", "flatten", "contiguous")
 _METHOD_SHAPES = ("size", "dim")  # queries whose answers only size a reshape
 _LEAKY_DEFAULT_SLOPE = 0.01  # F.leaky_relu's default negative_slope
 _DROPOUT_DEFAULT_TRAINING = True  # F.dropout's default: a call that does not say trains
-_POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d)
+# F.max_pool2d / F.avg_pool2d as the modules that do the same: (module, its arguments in call order)
+_FUNCTION_POOLS = {F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+                   F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode")),
+                   F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",))}
 _COMBINING = {operator.add: "residual connections are not supported", torch.add: "residual connections are not "
               "supported", operator.iadd: "residual connections are not supported",
               torch.cat: "concatenated branches are not supported", torch.stack: "stacked branches are not supported"}
-_SUPPORTED = ("Conv2d, Linear, ReLU, LeakyReLU, Sigmoid, Tanh, Flatten (or view/reshape), Dropout, BatchNorm and "
-              "Identity")
+_SUPPORTED = ("Conv2d, Linear, ReLU, LeakyReLU, Sigmoid, Tanh, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten (or "
+              "view/reshape), Dropout, BatchNorm and Identity")
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Operation:
     name: str  # the module's place in the model ("model[0]", "model.features[2]"), or the graph node's name
     kind: str  # one of KINDS
     where: str  # how an error names it: "model[2] (ReLU, after conv layer 1)", "graph node relu (torch.relu)"
-    module: nn.Module | None = None  # the layer, for call_module nodes
+    module: nn.Module | None = None  # the layer, for call_module nodes (and the module an F.*_pool2d call equals)
     activation: str = ""  # "relu", "leaky_relu", "sigmoid" or "tanh" for an activation
     slope: float = 0.0  # LeakyReLU's negative slope
     training: bool = False  # Dropout that drops units, BatchNorm that normalises by the batch's statistics
@@ -208,8 +212,7 @@ def _module_operation(target, module, where):
     name = readable_name(target)
     kind = next((k for cls, k in _MODULE_KINDS.items() if type(module) is cls), None)
     if kind is None:
-        pooling = "; pooling is not supported yet" if isinstance(module, _POOLING) else ""
-        raise RConvError(f"{where} cannot be inverted by R-CONV{pooling}; supported layers are {_SUPPORTED}")
+        raise RConvError(f"{where} cannot be inverted by R-CONV; supported layers are {_SUPPORTED}")
     if kind == "activation":
         return Operation(name, kind, where, module, _MODULE_ACTIVATIONS[type(module)],
                          float(getattr(module, "negative_slope", 0.0)))
@@ -232,7 +235,22 @@ def _function_operation(node, where):
     if target is F.dropout:
         drops = bool(_argument(node, 2, "training", _DROPOUT_DEFAULT_TRAINING)) and _argument(node, 1, "p", 0.5) > 0
         return Operation(node.name, "dropout", where, training=drops)
+    if target in _FUNCTION_POOLS:
+        return Operation(node.name, "pool", where, _pool_module(node, where))
     if target in _COMBINING:
         raise RConvError(f"{where}: {_COMBINING[target]}; R-CONV reads a single chain of layers")
-    pooling = "; pooling is not supported yet" if "pool" in getattr(target, "__name__", "") else ""
-    raise RConvError(f"{where} cannot be inverted by R-CONV{pooling}; supported operations are {_SUPPORTED}")
+    raise RConvError(f"{where} cannot be inverted by R-CONV; supported operations are {_SUPPORTED}")
+
+
+def _pool_module(node, where):
+    """The pooling module an F.max_pool2d / F.avg_pool2d / F.adaptive_avg_pool2d call equals (its sizes must be
+    numbers written in the code, not computed from the data)."""
+    module, names = _FUNCTION_POOLS[node.target]
+    given = {name: _argument(node, position + 1, name, None) for position, name in enumerate(names)}
+    given = {name: value for name, value in given.items() if value is not None}
+    if any(isinstance(value, torch.fx.Node) for value in given.values()):
+        raise RConvError(f"{where}: its window is computed in the forward; R-CONV reads pools whose sizes are fixed")
+    try:
+        return module(**given)
+    except (TypeError, ValueError) as error:
+        raise RConvError(f"{where}: arguments R-CONV cannot read ({error})") from error

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..cases.updates import Update
 from ..common.errors import RConvError
-from ..common.geometry import conv_output_size
+from ..common.geometry import conv_output_size, pool_spec
 from .bias_free import logit_gradient
 from .folding import Folded, fold_batchnorm, fold_gradients
 from .graph import trace_chain
@@ -32,6 +32,7 @@ class ConvStep:
     padding: tuple = (0, 0)
     folded: Folded | None = None  # the BatchNorm folded into conv, and the model's own layers
     norm: TrainNorm | None = None  # a train-mode BatchNorm between conv and activation (rconv.attack.train_norm)
+    pool: nn.Module | None = None  # the MaxPool2d / AvgPool2d / AdaptiveAvgPool2d after the activation
 
     @property
     def label(self):
@@ -100,10 +101,30 @@ def _attach_activation(steps, operation):
     where = operation.where
     if not steps or steps[-1].activation != "identity":
         raise RConvError(f"{where} must directly follow a Conv2d layer")
+    if steps[-1].pool is not None and not isinstance(steps[-1].pool, nn.MaxPool2d):
+        raise RConvError(f"{where} follows an average pool of {steps[-1].label}'s output; R-CONV inverts a pool "
+                         f"after the activation (a max pool before it is the same, and is read so)")
     if operation.activation == "leaky_relu" and operation.slope <= 0:
         raise RConvError(f"{where}: negative_slope must be positive to be invertible; got {operation.slope}")
     steps[-1].activation = operation.activation
     steps[-1].slope = operation.slope if operation.activation == "leaky_relu" else 0.0
+
+
+def _attach_pool(steps, operation):
+    """Keep a pool on the conv step it follows (after its activation; a max pool before the activation commutes
+    with it, as every supported activation increases)."""
+    if not steps or steps[-1].pool is not None:
+        raise RConvError(f"{operation.where} must follow a conv layer's activation (conv -> activation -> pool)")
+    if not isinstance(operation.module, nn.AdaptiveAvgPool2d):  # an adaptive pool's window waits for the input
+        try:
+            pool_spec(operation.module)
+        except RConvError as error:
+            raise RConvError(f"{operation.where}: {error}") from error
+    if steps[-1].norm is not None:
+        raise RConvError(f"{operation.where}: a pool after a train-mode BatchNorm layer ({steps[-1].label}) is not "
+                         f"inverted; R-CONV inverts that BatchNorm only when the Linear layer or a conv layer "
+                         f"reads its activation directly")
+    steps[-1].pool = operation.module
 
 
 def _refuse_dropout(operation):
@@ -177,6 +198,8 @@ def parse_network(model, cache=None):
             _attach_norm(steps, operation)
         elif operation.kind == "activation":
             _attach_activation(steps, operation)
+        elif operation.kind == "pool":
+            _attach_pool(steps, operation)
         elif operation.kind == "linear":
             linear = operation
     if linear is None:
@@ -286,6 +309,18 @@ def check_gradients(model, network, grads):
                      rounding + [d.rounding for d in derived], update.local_steps if update is not None else 1)
 
 
+def _pooled_size(step, out):
+    """The (H, W) of a step's pooled output, given its conv output's."""
+    try:
+        _, window = pool_spec(step.pool, out)
+    except RConvError as error:
+        raise RConvError(f"{step.label}: its pool {error}") from error
+    pooled = (out[0] // window, out[1] // window)
+    if min(pooled) < 1:
+        raise RConvError(f"{step.label}: its {window}x{window} pool leaves no output of its {out[0]}x{out[1]} map")
+    return pooled
+
+
 class _Derived(NamedTuple):
     """A gradient the attack's stand-in layers need, computed from the model's gradients."""
 
@@ -330,6 +365,8 @@ def check_input_shape(network, input_shape):
         out = conv_output_size((height, width), step.conv.kernel_size, step.conv.stride, step.padding)
         if min(out) < 1:
             raise RConvError(f"{step.label} leaves no output for an input of {height}x{width}")
+        if step.pool is not None:
+            out = _pooled_size(step, out)
         sizes.append((step.conv.out_channels, *out))
     features = math.prod(sizes[-1])
     if features != network.linear.in_features:

@@ -33,14 +33,13 @@ from torch import nn
 
 from ..cases.models import activation_name
 from ..common.errors import RConvError
-from ..common.geometry import pair
+from ..common.geometry import pair, pool_spec
 from .constraints import grad_constraints, weight_entries
 
-POOL_KINDS = ("avg", "max")
 # AvgPool needs the activation's derivative as a function of the unknown pattern only: piecewise linear.
-_AVG_ACTIVATIONS = ("relu", "leaky_relu")
+AVG_ACTIVATIONS = ("identity", "relu", "leaky_relu")
 # MaxPool needs the activation strictly increasing where it passes gradient (ReLU: where P > 0).
-_MAX_ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid")
+MAX_ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid")
 # A relative residual of the stacked, row-scaled equations below this is rounding in float64
 # (about 1e4 unit roundoffs: the solve's condition number times eps, with room).
 RESIDUAL_TOL = 1e-9
@@ -63,9 +62,11 @@ class PooledInversion(NamedTuple):
 
     x: torch.Tensor  # (C, H, W): the conv layer's input (the last solve's, even when not exact)
     pattern: torch.Tensor  # avg: act'(O) per unit (F, Ho, Wo); max: argmax in window (F, Hp, Wp), -1 where off
+    output_grad: torch.Tensor  # (F, Ho, Wo): dL/dO that pattern gives
     iterations: int  # patterns solved for
     residual: float  # relative residual of the stacked gradient and pooled weight equations
     condition: float  # condition number of those equations (inf: they leave directions free)
+    rank: int  # their numerical rank: singular values above the largest / DETERMINED_COND
     exact: bool  # the certificate holds: fixed point, determined, residual at rounding level
     reason: str  # why not exact ("" when exact)
     seconds: float
@@ -87,36 +88,6 @@ class _Layer(NamedTuple):
     pooled_size: tuple  # (Hp, Wp)
 
 
-def pool_spec(pool, conv_output=None):
-    """(kind, window) of a pool given as ("avg" | "max", s) or as nn.AvgPool2d, nn.MaxPool2d or
-    nn.AdaptiveAvgPool2d (the last only where its output size divides `conv_output`, (Ho, Wo))."""
-    if isinstance(pool, (tuple, list)) and len(pool) == 2 and pool[0] in POOL_KINDS:
-        kind, size = pool[0], pool[1]
-    elif isinstance(pool, (nn.AvgPool2d, nn.MaxPool2d)):
-        kind = "avg" if isinstance(pool, nn.AvgPool2d) else "max"
-        size, stride = pair(pool.kernel_size), pair(pool.stride if pool.stride is not None else pool.kernel_size)
-        plain = pair(pool.padding) == (0, 0) and not pool.ceil_mode
-        if isinstance(pool, nn.MaxPool2d):
-            plain = plain and pair(pool.dilation) == (1, 1)
-        if size != stride or size[0] != size[1] or not plain:
-            raise RConvError(f"only square pools with stride equal to the window and no padding are inverted; "
-                             f"got {pool}")
-        size = size[0]
-    elif isinstance(pool, nn.AdaptiveAvgPool2d):
-        if conv_output is None:
-            raise RConvError("an AdaptiveAvgPool2d needs the conv output's size to become an AvgPool")
-        target = pair(pool.output_size)
-        if any(o % t for o, t in zip(conv_output, target)) or conv_output[0] // target[0] != conv_output[1] // target[1]:
-            raise RConvError(f"AdaptiveAvgPool2d{target} on a {tuple(conv_output)} map is no square AvgPool")
-        kind, size = "avg", conv_output[0] // target[0]
-    else:
-        raise RConvError(f"pool must be ('avg' | 'max', size), nn.AvgPool2d, nn.MaxPool2d or "
-                         f"nn.AdaptiveAvgPool2d; got {pool!r}")
-    if isinstance(size, bool) or int(size) != size or size < 1:
-        raise RConvError(f"pool size must be a positive whole number; got {size!r}")
-    return kind, int(size)
-
-
 def _layer(conv, activation, pooled):
     if not isinstance(conv, nn.Conv2d):
         raise RConvError(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
@@ -132,6 +103,8 @@ def _layer(conv, activation, pooled):
 
 def _inverse(layer, pooled):
     """O where act(O) = P (MaxPool's argmax units), and act'(O) there."""
+    if layer.activation == "identity":
+        return pooled.clone(), torch.ones_like(pooled)
     if layer.activation == "relu":
         return pooled.clone(), (pooled > 0).to(pooled.dtype)
     if layer.activation == "leaky_relu":
@@ -142,6 +115,11 @@ def _inverse(layer, pooled):
         return inner, 1 - pooled * pooled
     inner = torch.log(pooled) - torch.log1p(-pooled)
     return inner, pooled * (1 - pooled)
+
+
+def _off_derivative(layer):
+    """act'(O) for O < 0 of a piecewise-linear activation."""
+    return {"relu": 0.0, "leaky_relu": layer.slope}.get(layer.activation, 1.0)
 
 
 def _window_units(layer):
@@ -276,6 +254,8 @@ def _forward(layer, x):
 
 
 def _activate(layer, inner):
+    if layer.activation == "identity":
+        return inner
     if layer.activation == "relu":
         return torch.relu(inner)
     if layer.activation == "leaky_relu":
@@ -292,7 +272,7 @@ def _pattern_of(layer, x, pooled):
     """The pattern X implies: act'(O) per unit (AvgPool), or each window's argmax (MaxPool)."""
     inner = _forward(layer, x)
     if layer.kind == "avg":
-        low = 0.0 if layer.activation == "relu" else layer.slope
+        low = _off_derivative(layer)
         derivative = torch.where(inner > 0, torch.ones_like(inner), torch.full_like(inner, low))
         # units the pool drops pass no gradient and enter no equation: a fixed value keeps them out
         # of the fixed-point test
@@ -315,20 +295,24 @@ def _replay(layer, x, weight_grad, bias_grad, pooled, pooled_grad):
 
     def relative(a, b):
         return float((a - b).norm() / max(float(b.norm()), 1e-300))
-    return max(relative(replayed.detach(), pooled), relative(replayed_weight, weight_grad),
-               relative(replayed_bias, bias_grad))
+    misfits = [relative(replayed.detach(), pooled), relative(replayed_weight, weight_grad)]
+    if bias_grad is not None:
+        misfits.append(relative(replayed_bias, bias_grad))
+    return max(misfits)
 
 
 def _condition(normal):
-    """Condition number of the stacked equations, from their normal matrix's eigenvalues."""
+    """Condition number and numerical rank of the stacked equations, from their normal matrix's eigenvalues."""
     eigenvalues = scipy.linalg.eigvalsh(normal, check_finite=False)
+    rank = int((eigenvalues > eigenvalues[-1] / DETERMINED_COND ** 2).sum())
     if eigenvalues[0] <= 0:
-        return float("inf")
-    return float(np.sqrt(eigenvalues[-1] / eigenvalues[0]))
+        return float("inf"), rank
+    return float(np.sqrt(eigenvalues[-1] / eigenvalues[0])), rank
 
 
 def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, pooled_grad, input_size, *,
-                        slope=0.01, max_iterations=MAX_ITERATIONS, time_limit=TIME_LIMIT, start=None):
+                        slope=0.01, max_iterations=MAX_ITERATIONS, time_limit=TIME_LIMIT, start=None,
+                        residual_tol=RESIDUAL_TOL):
     """Recover the input X of conv -> activation -> pool from the conv's gradients, P and dL/dP.
 
     Args:
@@ -336,10 +320,12 @@ def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, 
         activation: "relu", "leaky_relu" (with `slope`), or for MaxPool also "tanh", "sigmoid".
         pool: ("avg" | "max", s), or nn.AvgPool2d / nn.MaxPool2d (window = stride = s) or
             nn.AdaptiveAvgPool2d whose output divides the conv's.
-        weight_grad, bias_grad: dL/dW (F, C, kh, kw) and dL/db (F,).
+        weight_grad, bias_grad: dL/dW (F, C, kh, kw) and dL/db (F,), None for a conv without bias.
         pooled, pooled_grad: P and dL/dP, (F, Hp, Wp).
         input_size: (C, H, W) of X (the pool's and stride's floors leave it ambiguous otherwise).
         start: a pattern to begin from instead of the default (sign of P, or MaxPool's spread solve).
+        residual_tol: the relative misfit of P and the gradients that X must replay to be exact (the
+            default is float64's; gradients computed in float32 need float32's).
     Returns a PooledInversion; `exact` only under the certificate in the module's docstring.
     Everything is computed in float64 on the CPU.
     """
@@ -350,25 +336,27 @@ def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, 
         raise RConvError(f"input_size has {channels} channels but the conv takes {weight.shape[1]}")
     out_size = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip((h, w), kernel, stride, padding))
     kind, size = pool_spec(pool, out_size)
-    if name not in (_AVG_ACTIVATIONS if kind == "avg" else _MAX_ACTIVATIONS):
+    if name not in (AVG_ACTIVATIONS if kind == "avg" else MAX_ACTIVATIONS):
         raise RConvError(f"{kind} pooling after {name} is not inverted here: choose one of "
-                         f"{', '.join(_AVG_ACTIVATIONS if kind == 'avg' else _MAX_ACTIVATIONS)}")
+                         f"{', '.join(AVG_ACTIVATIONS if kind == 'avg' else MAX_ACTIVATIONS)}")
     pooled_size = (out_size[0] // size, out_size[1] // size)
     if tuple(pooled.shape[1:]) != pooled_size or tuple(pooled_grad.shape) != tuple(pooled.shape):
         raise RConvError(f"a {channels}x{h}x{w} input pooled by {size} gives {pooled_size}; P is "
                          f"{tuple(pooled.shape)}, dL/dP {tuple(pooled_grad.shape)}")
-    if tuple(weight_grad.shape) != tuple(weight.shape) or tuple(bias_grad.shape) != (weight.shape[0],):
+    bias_shape = tuple(bias_grad.shape) if bias_grad is not None else (weight.shape[0],)
+    if tuple(weight_grad.shape) != tuple(weight.shape) or bias_shape != (weight.shape[0],):
         raise RConvError("weight_grad and bias_grad must have the conv's weight and bias shapes")
     as64 = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
     layer = _Layer(as64(weight), as64(bias), stride, padding, name, float(slope), kind, size,
                    (channels, h, w), out_size, pooled_size)
-    weight_grad, bias_grad, pooled, pooled_grad = (as64(t) for t in (weight_grad, bias_grad, pooled, pooled_grad))
+    weight_grad, pooled, pooled_grad = (as64(t) for t in (weight_grad, pooled, pooled_grad))
+    bias_grad = as64(bias_grad) if bias_grad is not None else None
     matrix = _weight_matrix(layer)
 
     if start is not None:
         pattern = start
     elif kind == "avg":
-        low = 0.0 if name == "relu" else layer.slope
+        low = _off_derivative(layer)
         pattern = _upsample(layer, torch.where(pooled > 0, torch.ones_like(pooled), torch.full_like(pooled, low)))
         pattern = torch.where(_upsample(layer, torch.ones_like(pooled)) > 0, pattern, torch.ones_like(pattern))
     else:
@@ -407,12 +395,12 @@ def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, 
         if reason:
             break
     residual = _replay(layer, solved.x, weight_grad, bias_grad, pooled, pooled_grad)
-    condition = _condition(solved.normal)
+    condition, rank = _condition(solved.normal)
     if not reason and condition > DETERMINED_COND:
         reason = (f"the pattern's equations do not determine X (condition number {condition:.2e} > "
                   f"{DETERMINED_COND:.0e}): too few filters or too many units off")
-    elif not reason and residual > RESIDUAL_TOL:
+    elif not reason and residual > residual_tol:
         reason = (f"a fixed point whose X does not reproduce P and the gradients (relative misfit "
-                  f"{residual:.2e} > {RESIDUAL_TOL:.0e})")
-    return PooledInversion(solved.x, pattern, iterations, residual, condition, not reason, reason,
-                           time.perf_counter() - began)
+                  f"{residual:.2e} > {residual_tol:.0e})")
+    return PooledInversion(solved.x, pattern, equations.output_grad, iterations, residual, condition, rank,
+                           not reason, reason, time.perf_counter() - began)

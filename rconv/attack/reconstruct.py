@@ -185,7 +185,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
     bound_start = time.perf_counter()
     if reasons:
         bound = unbounded(len(reports))
-    elif any(step.norm is not None for step in network.steps):
+    elif any(step.norm is not None or step.pool is not None for step in network.steps):
         bound = _probe_single(network, grads, sizes, options, cache, chain)
     else:
         bound = _error_bound(network, grads, options, cache, chain)
@@ -247,7 +247,7 @@ def _error_bound(network, grads, options, cache, chain):
 
 
 def _probe_single(network, grads, sizes, options, cache, chain):
-    """The ErrorBound of one image through a train-mode BatchNorm layer, whose solve has no Linearisation: the
+    """The ErrorBound of one image through a train-mode BatchNorm or pooled layer, whose solve has no Linearisation: the
     attack rerun on noisier gradients with the activations read as before, as a batch's bound is (probe_bound)."""
     residuals = [result.report.residual for result in chain.results]
     level = noise_level([chain.top.misfit] + [result.report.residual for result in chain.results
@@ -304,8 +304,13 @@ def _check_batch_linear(network):
 
 
 def _check_batch_norms(network):
-    """Refuse a batch through train-mode BatchNorm: its statistics are the batch's, shared by all its images."""
+    """Refuse a batch through train-mode BatchNorm: its statistics are the batch's, shared by all its images; and
+    through a pool, whose pattern search is for one image."""
     for step in network.steps:
+        if step.pool is not None:
+            raise RConvError(f"{step.label}: its activation is pooled, and R-CONV searches a pooled layer's pattern "
+                             f"of units for one image only; these gradients look like a batch's (or pass "
+                             f"batch_size=1 and check_batch=False to try anyway)")
         if step.norm is not None:
             raise RConvError(f"{step.label}: its train-mode BatchNorm normalises by the batch's statistics, which "
                              f"couple the images: R-CONV inverts it for one image only, and these gradients look "

@@ -17,10 +17,12 @@ import torch
 
 from ..cases.client import dtype_name
 from ..common.errors import RConvError
+from ..common.geometry import conv_output_size
 from ..linalg.solvers import TINY, eps
 from .activations import VALUE_RANGES, Noise, branches, preactivation
 from .constraints import min_filters
 from .equations import GradientSystem, LayerEquations, weight_system
+from .pooling import AVG_ACTIVATIONS, MAX_ACTIVATIONS, PooledInversion, invert_pooled_layer
 from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
 from .tangents import Linearisation
 from .tolerances import Tolerances
@@ -30,6 +32,14 @@ FIRST_LAYER_METHODS = ("weights", "gradients", "hybrid")
 # The method a LayerReport names for a conv layer solved with its train-mode BatchNorm (unknowns: its input,
 # each filter's mean and deviation).
 TRAIN_NORM_METHOD = "gradients+weights+batchnorm"
+# ... and for a conv layer followed by a pool: its gradient and pooled weight constraints under a searched
+# pattern of units (rconv.attack.pooling).
+POOLED_METHOD = "gradients+weights+pattern"
+# Seconds a pooled layer's pattern search may take: a 32-px attack's whole budget is a minute.
+POOLED_TIME_LIMIT = 20.0
+# Solves a pooled layer gets when its pattern is already known (the probe's rerun) or its data are wrong
+# (a layer above it was not determined): one per phase of the search.
+_POOLED_QUICK_SOLVES = 2
 # The Linear layer's ratio dL/dW / dL/db is well conditioned: its output carries the gradients'
 # rounding amplified at most this much.
 LINEAR_NOISE_GAIN = 10.0
@@ -58,7 +68,7 @@ class LayerReport:
     clipped: float = 0.0  # project=True: the largest change clipping made to the input, relative to its largest value
     error_bound: float = math.inf  # bound on the max abs error of its recovered input (inf: none)
     solver: str = "direct"  # "direct" (a factorisation) or "krylov" (preconditioned CG, matrix-free)
-    stopped: str = ""  # why its Krylov solve stopped short of its tolerance (empty: converged, or direct)
+    stopped: str = ""  # why its Krylov solve or pattern search stopped short of certainty (empty: it did not)
 
     @property
     def full_rank(self):
@@ -134,6 +144,7 @@ class ActivationRead(NamedTuple):
 
     derivative: torch.Tensor  # (F, P, Q)
     known: torch.Tensor  # (F, P, Q) bool
+    pattern: torch.Tensor | None = None  # a pooled layer's pattern (rconv.attack.pooling), searched for once
 
 
 class _ConvResult(NamedTuple):
@@ -246,9 +257,10 @@ def bias_misfit(output_grad, bias_grad):
     return float(torch.linalg.norm(total - bias_grad) / torch.linalg.norm(bias_grad).clamp_min(TINY))
 
 
-def noise_of(spectrum, x, dtype):
-    """The Noise a solve leaves in its recovered (unclipped) input x, for the ReLU test of the layer below."""
-    return Noise(gain=_SOLVE_NOISE_MARGIN * min(spectrum.cond, 1.0 / eps(dtype)),
+def noise_of(cond, x, dtype):
+    """The Noise a solve of condition number `cond` leaves in its recovered (unclipped) input x, for the ReLU
+    test of the layer below."""
+    return Noise(gain=_SOLVE_NOISE_MARGIN * min(cond, 1.0 / eps(dtype)),
                  negative=max(0.0, -float(x.min())) if x.numel() else 0.0)
 
 
@@ -322,6 +334,8 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     """
     if step.norm is not None:
         return _train_norm_step(step, signal, grads, input_shape, options, previous_activation, frozen)
+    if step.pool is not None:
+        return _pooled_step(step, signal, grads, input_shape, options, previous_activation, frozen)
     start = time.perf_counter()
     channels, height, width = input_shape
     equations, output_grad, bias_grad, read = layer_equations(step, signal, grads, input_shape, options, cache,
@@ -330,7 +344,7 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     x = solved.x.reshape(channels, height, width)
     linearisation = Linearisation(equations, signal.activated, signal.activated_grad, read.derivative, x,
                                   solved.resolve, cheap=method == "gradients")
-    noise = noise_of(solved.spectrum, x, options.tolerances.dtype)
+    noise = noise_of(solved.spectrum.cond, x, options.tolerances.dtype)
     x, clipped = project_input(x, previous_activation, options)
     bias_residual = bias_misfit(output_grad, bias_grad)
     gradient_rows = equations.gradients.shape[0] * channels
@@ -355,7 +369,7 @@ def _train_norm_step(step, signal, grads, input_shape, options, previous_activat
     start = time.perf_counter()
     solved = solve_train_norm(step, signal, grads, input_shape, options, frozen)
     x = solved.x
-    noise = noise_of(solved.spectrum, x, options.tolerances.dtype)
+    noise = noise_of(solved.spectrum.cond, x, options.tolerances.dtype)
     x, clipped = project_input(x, previous_activation, options)
     report = LayerReport(
         layer=step.number, method=TRAIN_NORM_METHOD, equations=solved.equations, unknowns=solved.unknowns,
@@ -368,6 +382,57 @@ def _train_norm_step(step, signal, grads, input_shape, options, previous_activat
     read = ActivationRead(solved.derivative, torch.ones_like(solved.derivative, dtype=torch.bool))
     return _ConvResult(x, report, Signal(x, input_grad, noise, determined, scale_from_eps=True), solved.notes, read,
                        None)
+
+
+def _pooled_search(step, signal, grads, input_shape, options, frozen):
+    """invert_pooled_layer on a step's data: a full search, or a quick one where the pattern is known already or
+    the data are wrong; None where the activation and pool admit no linear pattern (the reason with it)."""
+    kind = "max" if isinstance(step.pool, torch.nn.MaxPool2d) else "avg"
+    if step.activation not in (MAX_ACTIVATIONS if kind == "max" else AVG_ACTIVATIONS):
+        return None, (f"{step.activation} before an average pool gives no linear equations for any pattern of "
+                      f"units, so its input is only estimated")
+    quick = frozen is not None or not signal.determined
+    conv = step.conv
+    search = invert_pooled_layer(
+        conv, step.activation, step.pool, grads.of(conv.weight), grads.maybe(conv.bias), signal.activated,
+        signal.activated_grad, input_shape, slope=step.slope or 0.01, start=frozen.pattern if frozen else None,
+        max_iterations=_POOLED_QUICK_SOLVES if quick else 10 ** 6, time_limit=POOLED_TIME_LIMIT,
+        residual_tol=options.tolerances.residual)
+    if not signal.determined:
+        return search, "the layer above it was not determined"
+    return search, search.reason
+
+
+def _pooled_step(step, signal, grads, input_shape, options, previous_activation, frozen):
+    """conv_step for a conv layer whose activation is pooled: its input and pattern searched for together
+    (rconv.attack.pooling); no Linearisation, so the chain's error bound is the probe's."""
+    start = time.perf_counter()
+    wide = dict(device=options.device, dtype=torch.float64)
+    channels, height, width = input_shape
+    search, reason = _pooled_search(step, signal, grads, input_shape, options, frozen)
+    if search is None:  # no search: the layer's input is left at zero, an estimate the layers below start from
+        out = conv_output_size((height, width), step.conv.kernel_size, step.conv.stride, step.padding)
+        search = PooledInversion(x=torch.zeros(input_shape, **wide), pattern=None,
+                                 output_grad=torch.zeros(step.conv.out_channels, *out, **wide), iterations=0,
+                                 residual=math.inf, condition=math.inf, rank=0, exact=False, reason=reason, seconds=0.0)
+    x, output_grad = search.x.to(**wide), search.output_grad.to(**wide)
+    noise = noise_of(search.condition, x, options.tolerances.dtype)
+    x, clipped = project_input(x, previous_activation, options)
+    bias_grad = grads.maybe(step.conv.bias)
+    unknowns = channels * height * width
+    report = LayerReport(
+        layer=step.number, method=POOLED_METHOD, equations=grads.of(step.conv.weight).numel() + signal.activated.numel(),
+        unknowns=unknowns, rank=search.rank, cond=search.condition, residual=search.residual,
+        bias_residual=bias_misfit(output_grad, bias_grad.to(**wide) if bias_grad is not None else None),
+        known_outputs=float((output_grad != 0).double().mean()), seconds=time.perf_counter() - start,
+        clipped=clipped, stopped=reason)
+    weight = step.conv.weight.detach().to(**wide)
+    input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
+                                            stride=step.conv.stride, padding=step.padding)[0]
+    read = ActivationRead(output_grad, output_grad != 0, search.pattern)
+    determined = signal.determined and report.full_rank
+    notes = (f"{step.label}: its pool's pattern search: {search.iterations} solves, {search.seconds:.1f} s",)
+    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), notes, read, None)
 
 
 def _layer_reasons(report, tolerances):
