@@ -9,6 +9,7 @@ is known, its weight constraints). This module is the suite's public API; the pa
 
 from rconv.common.errors import RConvError
 from rconv.common.paths import resolve_path
+from rconv.cases.networks import NETWORKS
 from rconv.cases.models import (ACTIVATIONS, LEAKY_SLOPE, MODELS, PRESET_DATASETS, TESTING_PRESETS, ConvNet,
                                 activation_name, build_model)
 from rconv.cases.data import DATASETS, SAMPLE_PHOTOS, dataset_info, load_images
@@ -28,17 +29,19 @@ from rconv.analysis.reports import (BROKEN_PSNR, GOOD_PSNR, constraint_report, i
 from rconv.analysis.summaries import (batch_summary, breaking_points, federated_summary, filter_summary, size_summary, success_rates,
                                       summarize)
 from rconv.analysis.plotting import (plot_batches, plot_defences, plot_federated, plot_filters, plot_grid, plot_methods,
-                                     plot_precision, plot_psnr, plot_reconstruction, plot_sizes, plot_success)
+                                     plot_precision, plot_psnr, plot_real_networks, plot_reconstruction, plot_sizes,
+                                     plot_success)
 from rconv.studies.executors import SweepFailed, distributed_missing, executor_for
 from rconv.studies.experiments import attack_grid, attack_images, filter_sweep, size_sweep
 from rconv.studies.baselines import BASELINES, breaching_missing, compare_baselines, run_baseline
 from rconv.studies.batches import batch_sweep
 from rconv.studies.federated import dp_sgd, federated_round, fedsgd_fedavg
+from rconv.studies.real_networks import attack_networks
 from rconv.cli import main
 
 __all__ = [
     "RConvError",  # errors
-    "ConvNet", "MODELS", "build_model", "ACTIVATIONS", "activation_name", "LEAKY_SLOPE",  # models
+    "ConvNet", "MODELS", "NETWORKS", "build_model", "ACTIVATIONS", "activation_name", "LEAKY_SLOPE",  # models
     "PRESET_DATASETS", "TESTING_PRESETS",
     "load_images", "dataset_info", "DATASETS", "SAMPLE_PHOTOS", "setup", "Case",  # data and cases
     "resolve_path",  # where relative paths point
@@ -56,9 +59,10 @@ __all__ = [
     "filter_summary", "size_sweep", "size_summary", "BROKEN_PSNR",  # experiment loops
     "batch_sweep", "batch_summary",  # the mini-batch study
     "federated_round", "fedsgd_fedavg", "dp_sgd", "federated_summary", "GOOD_PSNR",  # the federated study
+    "attack_networks",  # networks people train
     "executor_for", "SweepFailed", "distributed_missing",  # experiment loops on a Dask cluster
     "plot_reconstruction", "plot_grid", "plot_methods", "plot_psnr", "plot_precision", "plot_defences",
-    "plot_filters", "plot_success", "plot_sizes", "plot_batches", "plot_federated",  # plotting
+    "plot_filters", "plot_success", "plot_sizes", "plot_batches", "plot_federated", "plot_real_networks",  # plotting
     "main",  # command line
 ]
 

@@ -12,7 +12,7 @@ SUBPACKAGES = ["common", "linalg", "cases", "split", "attack", "analysis", "stud
 MODULE_LAYERS = {
     "common": [{"errors", "paths", "progress", "environment", "optional"}, {"checks", "geometry"}],
     "linalg": [{"sparse", "memory", "krylov"}, {"solvers"}],
-    "cases": [{"models", "data", "client", "updates", "privacy", "flower"}, {"setup"}],
+    "cases": [{"networks"}, {"models", "data", "client", "updates", "privacy", "flower"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],
     "attack": [{"constraints", "graph", "folding", "bias_free"}, {"network"},
                {"tolerances", "activations", "equations", "bounds", "tangents", "preconditioning", "nullspace",
@@ -20,7 +20,7 @@ MODULE_LAYERS = {
                {"systems"}, {"train_norm"},
                {"steps"}, {"batch_steps"}, {"reconstruct"}],
     "analysis": [{"reports"}, {"summaries"}, {"plotting"}],
-    "studies": [{"executors", "findings"}, {"experiments", "baselines"}, {"batches", "federated"}],
+    "studies": [{"executors", "findings"}, {"experiments", "baselines"}, {"batches", "federated", "real_networks"}],
     "cli": [{""}],
 }
 MODULES = sorted(".".join(p.relative_to(REPO / "rconv").with_suffix("").parts)

@@ -494,3 +494,35 @@ def plot_federated(table, *, path=None):
         axis.legend(fontsize=7)
     figure.suptitle("A federated round as the server sees it", fontsize=10)
     return _save(figure, path)
+
+
+# An exact image's PSNR is infinite (or beyond 150 dB): its bar is drawn to this height.
+_PSNR_CEILING = 150.0
+
+
+def plot_real_networks(table, *, path=None):
+    """Median image PSNR per network people train: R-CONV and Inverting Gradients from each precision's
+    gradients, exact images drawn at the ceiling, refused networks marked."""
+    plt = _pyplot()
+    table = _table(table)
+    if table.empty or not {"network", "dtype", "outcome", "psnr", "ig_psnr"} <= set(table.columns):
+        raise RConvError("plot_real_networks needs attack_networks' attacks table with at least one row")
+    networks, dtypes = list(dict.fromkeys(table.network)), list(dict.fromkeys(table.dtype))
+    series = [(method, dtype) for method in ("psnr", "ig_psnr") for dtype in dtypes]
+    width = 0.8 / len(series)
+    figure, axis = plt.subplots(figsize=(1.6 * len(networks) + 3, 3.6))
+    for k, (column, dtype) in enumerate(series):
+        medians = [table[(table.network == n) & (table.dtype == dtype)][column].median() for n in networks]
+        heights = [min(m, _PSNR_CEILING) if m == m else 0.0 for m in medians]
+        label = f"{'R-CONV' if column == 'psnr' else 'Inverting Gradients'}, {dtype} gradients"
+        axis.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(networks))], heights, width,
+                 color=_DTYPE_COLOURS.get(dtype), hatch="" if column == "psnr" else "//", alpha=0.9, label=label)
+    for i, network in enumerate(networks):
+        if (table[table.network == network].outcome == "refused").all():
+            axis.text(i, 5, "refused", ha="center", fontsize=8, rotation=90)
+    axis.axhline(_PSNR_CEILING, color="grey", linewidth=0.6, linestyle=":")
+    axis.set_xticks(range(len(networks)), networks, fontsize=8)
+    axis.set_ylabel(f"median PSNR (dB; exact drawn at {_PSNR_CEILING:g})")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.set_title("Networks people train, attacked as they are", fontsize=9)
+    return _save(figure, path)

@@ -37,6 +37,8 @@ TRAIN_NORM_METHOD = "gradients+weights+batchnorm"
 POOLED_METHOD = "gradients+weights+pattern"
 # Seconds a pooled layer's pattern search may take: a 32-px attack's whole budget is a minute.
 POOLED_TIME_LIMIT = 20.0
+# The pattern search solves dense normal equations (8 bytes x unknowns^2, 0.5 GB here) many times over.
+POOLED_MAX_UNKNOWNS = 8192
 # Solves a pooled layer gets when its pattern is already known (the probe's rerun) or its data are wrong
 # (a layer above it was not determined): one per phase of the search.
 _POOLED_QUICK_SOLVES = 2
@@ -391,6 +393,10 @@ def _pooled_search(step, signal, grads, input_shape, options, frozen):
     if step.activation not in (MAX_ACTIVATIONS if kind == "max" else AVG_ACTIVATIONS):
         return None, (f"{step.activation} before an average pool gives no linear equations for any pattern of "
                       f"units, so its input is only estimated")
+    unknowns = math.prod(input_shape)
+    if unknowns > POOLED_MAX_UNKNOWNS:
+        return None, (f"its {unknowns:,} unknowns are beyond the pattern search's dense solves ({POOLED_MAX_UNKNOWNS:,}), "
+                      f"so its input is only estimated")
     quick = frozen is not None or not signal.determined
     conv = step.conv
     search = invert_pooled_layer(

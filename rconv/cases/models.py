@@ -8,6 +8,7 @@ import torch.nn as nn
 from ..common.checks import whole_number
 from ..common.errors import RConvError
 from ..common.geometry import conv_output_size
+from .networks import NETWORKS
 
 LEAKY_SLOPE = 0.2  # the paper's LeakyReLU slope
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "identity")
@@ -50,7 +51,7 @@ INITS = ("paper", "default")
 PRESET_DATASETS = {"lenet": "cifar100", "lenet_c10": "cifar10", "lenet_o": "cifar100", "o_cnn6": "cifar10",
                    "lenet_4_relu": "cifar100", "lenet_all_relu": "cifar100", "dlg_net": "cifar10",
                    "lenet_hr64": "samples", "lenet_hr128": "samples", "lenet_hr224": "samples",
-                   "lenet_batch": "cifar100"}
+                   "lenet_batch": "cifar100", **{name: preset.dataset for name, preset in NETWORKS.items()}}
 # The preset the paper's Testing notebooks attack on each dataset.
 TESTING_PRESETS = {"mnist": "lenet", "cifar10": "lenet_c10", "cifar100": "lenet"}
 
@@ -135,16 +136,26 @@ def _check_sizes(channels, strides, kernels, paddings, in_channels, num_classes,
 
 
 def preset_name(name):
-    """The key of a preset in MODELS (case-insensitive), or an error listing the presets."""
+    """The key of a preset in MODELS or NETWORKS (case-insensitive), or an error listing the presets."""
     key = str(name).lower()
-    if key not in MODELS:
-        raise RConvError(f"unknown model {name!r}; available presets: {', '.join(MODELS)}")
+    if key not in MODELS and key not in NETWORKS:
+        raise RConvError(f"unknown model {name!r}; available presets: {', '.join([*MODELS, *NETWORKS])}")
     return key
+
+
+def convnet_settings(name):
+    """A ConvNet preset's settings (MODELS), for the studies that vary its layers; an error for the others."""
+    key = preset_name(name)
+    if key not in MODELS:
+        raise RConvError(f"{name!r} is a network as people train it (NETWORKS), not a ConvNet preset whose layers "
+                         f"this study can vary; choose one of {', '.join(MODELS)}")
+    return MODELS[key]
 
 
 def preset_input_size(name):
     """The image side a preset is built for (32 unless it says otherwise)."""
-    return MODELS[preset_name(name)].get("input_size", 32)
+    key = preset_name(name)
+    return NETWORKS[key].input_size if key in NETWORKS else MODELS[key].get("input_size", 32)
 
 
 def build_model(name, in_channels=3, num_classes=10, *, seed=50, **overrides):
@@ -158,6 +169,8 @@ def build_model(name, in_channels=3, num_classes=10, *, seed=50, **overrides):
         raise RConvError("build_model always returns float32 weights; convert the model afterwards "
                          "(model.double()) or pass dtype to client_gradients")
     whole_number(seed, "seed", least=_SEEDS[0], most=_SEEDS[1], hint=" (torch's seeds)")
+    if preset_name(name) in NETWORKS:
+        return _build_network(NETWORKS[preset_name(name)], name, in_channels, num_classes, seed, overrides)
     settings = {**MODELS[preset_name(name)], **overrides}
     init = settings.pop("init", "paper")
     if init not in INITS:
@@ -175,3 +188,15 @@ def build_model(name, in_channels=3, num_classes=10, *, seed=50, **overrides):
                 for parameter in model.parameters():
                     parameter.uniform_(-0.5, 0.5)
     return model.float()
+
+
+def _build_network(preset, name, in_channels, num_classes, seed, overrides):
+    """A NETWORKS preset with PyTorch's default initialisation for `seed`, in float32."""
+    if overrides.pop("input_size", preset.input_size) != preset.input_size:
+        raise RConvError(f"{name!r} is built for {preset.input_size}-px images")
+    if overrides:
+        raise RConvError(f"{name!r} is built as people train it; it takes no ConvNet settings ({', '.join(overrides)})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = preset.build(in_channels, num_classes)
+    return model.float().train(not preset.eval_mode)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 from ..analysis.reports import constraint_report, match_batch
 from ..attack.reconstruct import reconstruct
 from ..cases.client import as_dtype, client_gradients, dtype_name
-from ..cases.models import MODELS, preset_name
+from ..cases.models import convnet_settings
 from ..cases.setup import setup
 from ..common.checks import whole_number, whole_numbers
 from .baselines import run_baseline
@@ -46,7 +46,7 @@ def _batch_task(task, cache):
                  **dict(task.overrides))
     batch = len(task.indices)
     bound = constraint_report(case.model, tuple(case.images.shape[1:]), batch_size=batch).attrs["max_batch"]
-    setting = dict(dataset=case.info["name"], model=task.model, init=dict(task.overrides).get("init", MODELS[preset_name(task.model)].get("init", "paper")), seed=task.seed,
+    setting = dict(dataset=case.info["name"], model=task.model, init=dict(task.overrides).get("init", convnet_settings(task.model).get("init", "paper")), seed=task.seed,
                    dtype=task.dtype,
                    batch_size=batch, first_index=task.indices[0], max_batch=bound, within_bound=batch <= bound)
     grads = client_gradients(case.model, case.images, case.labels, dtype=as_dtype(task.dtype))

@@ -18,7 +18,7 @@ from ..attack.network import check_input_shape, parse_network
 from ..attack.reconstruct import FIRST_LAYER_METHODS, reconstruct
 from ..cases.client import DEFENCES, as_dtype, client_gradients, defend, dtype_name
 from ..cases.data import check_indices, dataset_info
-from ..cases.models import MODELS, build_model, preset_input_size, preset_name
+from ..cases.models import build_model, convnet_settings, preset_input_size, preset_name
 from ..cases.setup import setup
 from ..common.checks import whole_number, whole_numbers
 from ..common.errors import RConvError
@@ -205,7 +205,7 @@ def filter_sweep(dataset, model_name, position, counts, indices, *, seeds=(50,),
     count of weight constraints, as R-GAP's rank analysis, asks for: C*H*W / (P*Q)).
     executor: as attack_grid's (None: here; a Dask Client or concurrent.futures.Executor: there).
     """
-    base = MODELS[preset_name(model_name)]
+    base = convnet_settings(model_name)
     if not 1 <= position <= len(base["channels"]):
         raise RConvError(f"position must be 1..{len(base['channels'])} for {model_name}; got {position}")
     indices = check_indices(indices)
