@@ -310,6 +310,19 @@ def _condition(normal):
     return float(np.sqrt(eigenvalues[-1] / eigenvalues[0])), rank
 
 
+def pattern_of(conv, activation, pool, x, *, slope=0.01):
+    """The pattern an input x (C, H, W) implies for conv -> activation -> pool, as invert_pooled_layer's
+    `start` takes it (a guess of the true input gives a guess of its pattern)."""
+    x = x.detach().to("cpu", torch.float64)
+    name, weight, bias, stride, padding, kernel = _layer(conv, activation, torch.zeros(conv.out_channels, 1, 1))
+    as64 = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    out_size = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip(x.shape[1:], kernel, stride, padding))
+    kind, size = pool_spec(pool, out_size)
+    layer = _Layer(as64(weight), as64(bias), stride, padding, name, float(slope), kind, size, tuple(x.shape),
+                   out_size, (out_size[0] // size, out_size[1] // size))
+    return _pattern_of(layer, x, _pool(layer, _activate(layer, _forward(layer, x))))
+
+
 def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, pooled_grad, input_size, *,
                         slope=0.01, max_iterations=MAX_ITERATIONS, time_limit=TIME_LIMIT, start=None,
                         residual_tol=RESIDUAL_TOL):

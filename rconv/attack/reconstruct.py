@@ -22,6 +22,7 @@ from ..linalg.memory import default_limit, ran_out
 from ..split.linear import gradient_rank
 from .activations import RELU_TESTS
 from .batch_steps import batch_conv_step, batch_linear_step, update_noise
+from .estimate import SEEDING_MISFIT, can_estimate, estimate_image, step_inputs
 from .bounds import (
     UNMEASURED,
     Measured,
@@ -37,6 +38,7 @@ from .bounds import (
     unbounded,
 )
 from .network import check_gradients, check_input_shape, parse_network
+from .pooling import pattern_of
 from .steps import (
     FIRST_LAYER_METHODS,
     LayerReport,
@@ -179,6 +181,9 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
         result.notes[:0] = update_notes
         return result
     chain = _single_image(network, grads, sizes, options, cache, check_batch)
+    estimated = None
+    if verdict([result.report for result in chain.results], options.tolerances):
+        chain, estimated = _estimate_below(network, grads, sizes, options, cache, chain)
     reports = [result.report for result in chain.results]
     reasons = verdict(reports, options.tolerances) + _local_steps_reasons(grads)
     # Only an image that passes every other check is worth bounding.
@@ -194,8 +199,14 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
         report.error_bound = layer_bound
     reasons += bound_reasons(bound, options.tolerances)
     notes = update_notes + chain.top.notes + [note for result in reversed(chain.results) for note in result.notes]
+    image = chain.image
+    if estimated is not None and reasons:
+        image = estimated.image
+        notes.append(f"below the last determined layer the image is an estimate: the image in image_range whose "
+                     f"forward pass and gradients fit that layer's exact data (misfit {estimated.misfit:.2g} after "
+                     f"{estimated.iterations} L-BFGS steps, {estimated.seconds:.1f} s)")
     label = _label(network, grads)
-    return Reconstruction(image=chain.image.detach().cpu()[None], layers=reports, exact=not reasons,
+    return Reconstruction(image=image.detach().cpu()[None], layers=reports, exact=not reasons,
                           reasons=reasons, seconds=time.perf_counter() - start,
                           features=chain.top.features.cpu(), linear_misfit=chain.top.misfit, notes=notes,
                           inputs=[result.input.cpu() for result in chain.results],
@@ -211,20 +222,47 @@ class _Chain(NamedTuple):
     image: torch.Tensor  # (C, H, W)
 
 
-def _single_image(network, grads, sizes, options, cache, check_batch, like=None):
+def _single_image(network, grads, sizes, options, cache, check_batch, like=None, patterns=None):
     """The Linear layer's input, then every conv layer's from the last to the first.
 
     like: a _Chain whose activations are read the same way (the probe: its change must come from the
     noise, not from a near-zero unit read differently).
+    patterns: conv layer number -> the pattern its pool's search starts from (rconv.attack.pooling).
     """
     top = linear_step(network, grads, sizes[-1], options, check_batch)
     signal, results = top.signal, []
     for step in reversed(network.steps):
         previous = network.steps[step.number - 2].activation if step.number > 1 else None
         frozen = like.results[step.number - 1].activation_read if like is not None else None
-        results.insert(0, conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous, frozen))
+        results.insert(0, conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous, frozen,
+                                    (patterns or {}).get(step.number)))
         signal = results[0].signal
     return _Chain(top, results, signal.activated)
+
+
+def _estimate_below(network, grads, sizes, options, cache, chain):
+    """Where a layer was not determined: the image estimated from the data of the deepest determined layer
+    (rconv.attack.estimate), and the chain rerun with each pooled layer's search started from the pattern that
+    estimate implies. Returns the rerun chain if it determines every layer, else the first; and the estimate
+    (None where the layers below cannot be replayed)."""
+    below = next((k for k in range(len(chain.results), 0, -1) if not chain.results[k - 1].report.full_rank), None)
+    # Below unpooled layers the solves' own minimum-norm estimates stay as they were, so that the presets' results
+    # and times do not change; a pooled layer's failed search leaves no estimate worth keeping.
+    if below is None or not can_estimate(network.steps[:below]) or all(
+            step.pool is None for step in network.steps[:below]):
+        return chain, None
+    signal = chain.results[below].signal if below < len(chain.results) else chain.top.signal
+    estimated = estimate_image(network.steps[:below], grads, signal.activated, signal.activated_grad,
+                               chain.image.clamp(*options.image_range), options.image_range)
+    inputs = step_inputs(network.steps[:below], estimated.image)
+    patterns = {step.number: pattern_of(step.conv, step.activation, step.pool, x, slope=step.slope or 0.01)
+                for step, x in zip(network.steps[:below], inputs) if step.pool is not None}
+    if not patterns or estimated.misfit > SEEDING_MISFIT:
+        return chain, estimated
+    rerun = _single_image(network, grads, sizes, options, cache, check_batch=False, patterns=patterns)
+    if verdict([result.report for result in rerun.results], options.tolerances):
+        return chain, estimated
+    return rerun, None
 
 
 def _error_bound(network, grads, options, cache, chain):

@@ -329,15 +329,16 @@ def _solve(step, equations, options, determined_above):
     return best
 
 
-def conv_step(step, signal, grads, input_shape, options, cache, previous_activation, frozen=None):
+def conv_step(step, signal, grads, input_shape, options, cache, previous_activation, frozen=None, pattern=None):
     """Recover one conv layer's input from its equations; report it; pass the gradient below.
 
     frozen: the ActivationRead of an earlier run to read the activation by (the error bound's probe).
+    pattern: where a pooled layer's pattern search starts (rconv.attack.pooling), None for its default.
     """
     if step.norm is not None:
         return _train_norm_step(step, signal, grads, input_shape, options, previous_activation, frozen)
     if step.pool is not None:
-        return _pooled_step(step, signal, grads, input_shape, options, previous_activation, frozen)
+        return _pooled_step(step, signal, grads, input_shape, options, previous_activation, frozen, pattern)
     start = time.perf_counter()
     channels, height, width = input_shape
     equations, output_grad, bias_grad, read = layer_equations(step, signal, grads, input_shape, options, cache,
@@ -386,7 +387,7 @@ def _train_norm_step(step, signal, grads, input_shape, options, previous_activat
                        None)
 
 
-def _pooled_search(step, signal, grads, input_shape, options, frozen):
+def _pooled_search(step, signal, grads, input_shape, options, frozen, start=None):
     """invert_pooled_layer on a step's data: a full search, or a quick one where the pattern is known already or
     the data are wrong; None where the activation and pool admit no linear pattern (the reason with it)."""
     kind = "max" if isinstance(step.pool, torch.nn.MaxPool2d) else "avg"
@@ -401,7 +402,7 @@ def _pooled_search(step, signal, grads, input_shape, options, frozen):
     conv = step.conv
     search = invert_pooled_layer(
         conv, step.activation, step.pool, grads.of(conv.weight), grads.maybe(conv.bias), signal.activated,
-        signal.activated_grad, input_shape, slope=step.slope or 0.01, start=frozen.pattern if frozen else None,
+        signal.activated_grad, input_shape, slope=step.slope or 0.01, start=frozen.pattern if frozen else start,
         max_iterations=_POOLED_QUICK_SOLVES if quick else 10 ** 6, time_limit=POOLED_TIME_LIMIT,
         residual_tol=options.tolerances.residual)
     if not signal.determined:
@@ -409,13 +410,14 @@ def _pooled_search(step, signal, grads, input_shape, options, frozen):
     return search, search.reason
 
 
-def _pooled_step(step, signal, grads, input_shape, options, previous_activation, frozen):
+def _pooled_step(step, signal, grads, input_shape, options, previous_activation, frozen, pattern=None):
     """conv_step for a conv layer whose activation is pooled: its input and pattern searched for together
-    (rconv.attack.pooling); no Linearisation, so the chain's error bound is the probe's."""
+    (rconv.attack.pooling), from `pattern` if given; no Linearisation, so the chain's error bound is the
+    probe's."""
     start = time.perf_counter()
     wide = dict(device=options.device, dtype=torch.float64)
     channels, height, width = input_shape
-    search, reason = _pooled_search(step, signal, grads, input_shape, options, frozen)
+    search, reason = _pooled_search(step, signal, grads, input_shape, options, frozen, pattern)
     if search is None:  # no search: the layer's input is left at zero, an estimate the layers below start from
         out = conv_output_size((height, width), step.conv.kernel_size, step.conv.stride, step.padding)
         search = PooledInversion(x=torch.zeros(input_shape, **wide), pattern=None,

@@ -101,9 +101,27 @@ def federated(summary, folder):
     return "; ".join(parts)
 
 
+def real_networks(summary, folder):
+    """Per network people train: how deep the attack is exact from float64, and its PSNR beside Inverting
+    Gradients'."""
+    layers = pd.read_csv(folder / "layers.csv")
+    parts = []
+    for network, part in summary.groupby("network", sort=False):
+        first = part.iloc[0]
+        if first.outcome == "refused":
+            parts.append(f"{network} refused")
+            continue
+        exact = layers[(layers.network == network) & (layers.dtype == first.dtype)]
+        depth = exact.layer[exact.exact.cumprod().astype(bool)].tolist()
+        reached = f"exact down to the {depth[-1]}" if depth else "nothing exact"
+        parts.append(f"{network} {reached} ({first.dtype}), image {first.median_psnr:.0f} dB vs Inverting "
+                     f"Gradients {first.median_ig_psnr:.0f} dB")
+    return "; ".join(parts)
+
+
 FINDINGS = {"Precision": precision, "Defences": defences, "Filters": filters, "Success_rates": success_rates,
             "Baselines": baselines, "High_resolution": high_resolution, "Batches": batches,
-            "Federated": federated}
+            "Federated": federated, "Real_networks": real_networks}
 
 
 def finding(name, folder):

@@ -1,0 +1,136 @@
+"""The image below the last determined layer, estimated from what is known.
+
+Where a conv layer's input cannot be determined (a pooled layer whose pattern was not found, too few
+equations), the layer above it still hands over an exact output T and its gradient dL/dT. The
+image x then satisfies two sets of equations that an optimisation can fit: the forward pass of the
+layers below, F(x) = T, and their gradients, which for the true x are the gradients of <F(x), dL/dT>
+with respect to their weights. `estimate_image` minimises both misfits over x in the image's range
+(L-BFGS, time-limited): an optimisation attack, but one that knows the deeper layer's data exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# Seconds the estimate may take: a 32-px attack's budget is a minute, the pattern searches take part of it.
+ESTIMATE_TIME_LIMIT = 15.0
+# L-BFGS iterations per call between checks of the time limit.
+_ITERATIONS_PER_CALL = 20
+# L-BFGS calls that lower the misfit by less than this share of it end the estimate.
+_STALLED = 1e-9
+# The estimate starts this far inside the image's range, where the box's parametrisation has slope.
+_INSIDE = 1e-3
+# An estimate whose misfit is below this is close enough for the patterns it implies to start the pooled layers'
+# searches again (measured: a start with a few per cent of its units wrong converges); above it the
+# rerun would only repeat the searches' cost.
+SEEDING_MISFIT = 1e-3
+
+
+class ImageEstimate(NamedTuple):
+    """The estimated image, and how well it explains the known data."""
+
+    image: torch.Tensor  # (C, H, W) float64, within the image's range
+    misfit: float  # the relative misfit of the forward pass and of the gradients it leaves (0 for the truth)
+    iterations: int  # L-BFGS iterations taken
+    seconds: float
+
+
+def _activate(step, inner):
+    if step.activation == "relu":
+        return torch.relu(inner)
+    if step.activation == "leaky_relu":
+        return F.leaky_relu(inner, step.slope)
+    if step.activation in ("tanh", "sigmoid"):
+        return getattr(torch, step.activation)(inner)
+    return inner
+
+
+def _forward(steps, weights, x):
+    """The layers `steps` (first to last) applied to an image batch x, with the weights given."""
+    for step, (weight, bias) in zip(steps, weights):
+        x = _activate(step, F.conv2d(x, weight, bias, step.conv.stride, step.padding))
+        if step.pool is not None:
+            x = step.pool(x)
+    return x
+
+
+def step_inputs(steps, image):
+    """The input of each of `steps` (first to last) when `image` (C, H, W) goes through them, float64."""
+    weights = [(step.conv.weight.detach().to(image), step.conv.bias.detach().to(image)
+                if step.conv.bias is not None else None) for step in steps]
+    inputs, x = [], image[None]
+    with torch.no_grad():
+        for k, step in enumerate(steps):
+            inputs.append(x[0])
+            x = _forward([step], weights[k:k + 1], x)
+    return inputs
+
+
+def can_estimate(steps):
+    """Whether the layers below can be replayed by the estimate (a train-mode BatchNorm cannot: its
+    statistics would be the estimate's own)."""
+    return all(step.norm is None for step in steps)
+
+
+def estimate_image(steps, grads, target, target_grad, start, image_range, *, time_limit=ESTIMATE_TIME_LIMIT):
+    """The image x in image_range whose forward pass through `steps` (the conv steps below the last determined
+    layer, first to last) gives `target` and whose gradient of <F(x), target_grad> gives the steps' gradients.
+
+    start: the attack's own estimate of the image (clipped into range); the mid-range image is taken instead
+    when it explains the data better.
+    """
+    began = time.perf_counter()
+    wide = dict(dtype=torch.float64, device=target.device)
+    weights = [(step.conv.weight.detach().to(**wide).requires_grad_(True),
+                step.conv.bias.detach().to(**wide).requires_grad_(True) if step.conv.bias is not None else None)
+               for step in steps]
+    wanted = [(grads.of(step.conv.weight).to(**wide), grads.maybe(step.conv.bias)) for step in steps]
+    wanted = [(w, b.to(**wide) if b is not None else None) for w, b in wanted]
+    target, target_grad = target.to(**wide)[None], target_grad.to(**wide)[None]
+    low, high = image_range
+
+    def misfit(z):
+        x = low + (high - low) * torch.sigmoid(z)
+        out = _forward(steps, weights, x)
+        total = (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-300)
+        parameters = [p for pair in weights for p in pair if p is not None]
+        found = iter(torch.autograd.grad(out, parameters, target_grad, create_graph=True))
+        for (weight_grad, bias_grad), (_, bias) in zip(wanted, weights):
+            total = total + (next(found) - weight_grad).pow(2).sum() / weight_grad.pow(2).sum().clamp_min(1e-300)
+            if bias is not None:
+                got = next(found)
+                if bias_grad is not None:
+                    total = total + (got - bias_grad).pow(2).sum() / bias_grad.pow(2).sum().clamp_min(1e-300)
+        return total
+
+    def as_logit(image):
+        share = ((image.to(**wide) - low) / (high - low)).clamp(_INSIDE, 1 - _INSIDE)
+        return torch.logit(share)[None].contiguous()
+
+    starts = [as_logit(start), torch.zeros_like(as_logit(start))]
+    with torch.enable_grad():
+        scores = [float(misfit(z).detach()) for z in starts]
+        z = starts[scores.index(min(scores))].clone().requires_grad_(True)
+        optimiser = torch.optim.LBFGS([z], max_iter=_ITERATIONS_PER_CALL, history_size=_ITERATIONS_PER_CALL,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimiser.zero_grad()
+            loss = misfit(z)
+            loss.backward()
+            return loss
+
+        iterations, previous = 0, float("inf")
+        while time.perf_counter() - began < time_limit:
+            loss = float(optimiser.step(closure))
+            taken = optimiser.state[z].get("n_iter", 0)
+            if taken == iterations or loss >= previous * (1 - _STALLED):
+                break  # converged, or no longer moving
+            iterations, previous = taken, loss
+        final = float(misfit(z).detach())
+    image = (low + (high - low) * torch.sigmoid(z.detach()))[0]
+    return ImageEstimate(image, final, iterations, time.perf_counter() - began)
