@@ -111,26 +111,45 @@ def estimate_image(steps, grads, target, target_grad, start, image_range, *, tim
         share = ((image.to(**wide) - low) / (high - low)).clamp(_INSIDE, 1 - _INSIDE)
         return torch.logit(share)[None].contiguous()
 
-    starts = [as_logit(start), torch.zeros_like(as_logit(start))]
+    first = as_logit(start)
     with torch.enable_grad():
-        scores = [float(misfit(z).detach()) for z in starts]
-        z = starts[scores.index(min(scores))].clone().requires_grad_(True)
-        optimiser = torch.optim.LBFGS([z], max_iter=_ITERATIONS_PER_CALL, history_size=_ITERATIONS_PER_CALL,
-                                      line_search_fn="strong_wolfe")
+        scores = [float(misfit(z).detach()) for z in (first, torch.zeros_like(first))]
+        best = _descend(misfit, first if scores[0] <= scores[1] else torch.zeros_like(first), began, time_limit)
+        # L-BFGS stalls in a ReLU net's kinks within a second; random restarts use the time left.
+        generator = torch.Generator(device=first.device).manual_seed(0)
+        while best.misfit > SEEDING_MISFIT and time.perf_counter() - began < time_limit:
+            restart = as_logit(low + (high - low) * torch.rand(first.shape[1:], generator=generator,
+                                                               device=first.device, dtype=first.dtype))
+            found = _descend(misfit, restart, began, time_limit)
+            best = found if found.misfit < best.misfit else best._replace(iterations=best.iterations +
+                                                                           found.iterations)
+    image = (low + (high - low) * torch.sigmoid(best.z))[0]
+    return ImageEstimate(image, best.misfit, best.iterations, time.perf_counter() - began)
 
-        def closure():
-            optimiser.zero_grad()
-            loss = misfit(z)
-            loss.backward()
-            return loss
 
-        iterations, previous = 0, float("inf")
-        while time.perf_counter() - began < time_limit:
-            loss = float(optimiser.step(closure))
-            taken = optimiser.state[z].get("n_iter", 0)
-            if taken == iterations or loss >= previous * (1 - _STALLED):
-                break  # converged, or no longer moving
-            iterations, previous = taken, loss
-        final = float(misfit(z).detach())
-    image = (low + (high - low) * torch.sigmoid(z.detach()))[0]
-    return ImageEstimate(image, final, iterations, time.perf_counter() - began)
+class _Descent(NamedTuple):
+    z: torch.Tensor  # the image's logits in its range
+    misfit: float
+    iterations: int
+
+
+def _descend(misfit, start, began, time_limit):
+    """L-BFGS on misfit from the logits `start` until it converges, stalls or the time runs out."""
+    z = start.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([z], max_iter=_ITERATIONS_PER_CALL, history_size=_ITERATIONS_PER_CALL,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = misfit(z)
+        loss.backward()
+        return loss
+
+    iterations, previous = 0, float("inf")
+    while time.perf_counter() - began < time_limit:
+        loss = float(optimiser.step(closure).detach())
+        taken = optimiser.state[z].get("n_iter", 0)
+        if taken == iterations or loss >= previous * (1 - _STALLED):
+            break  # converged, or no longer moving
+        iterations, previous = taken, loss
+    return _Descent(z.detach(), float(misfit(z).detach()), iterations)
