@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .pooling import activate
+
 # Seconds the estimate may take: a 32-px attack's budget is a minute, the pattern searches take part of it.
 ESTIMATE_TIME_LIMIT = 15.0
 # L-BFGS iterations per call between checks of the time limit.
@@ -39,20 +41,10 @@ class ImageEstimate(NamedTuple):
     seconds: float
 
 
-def _activate(step, inner):
-    if step.activation == "relu":
-        return torch.relu(inner)
-    if step.activation == "leaky_relu":
-        return F.leaky_relu(inner, step.slope)
-    if step.activation in ("tanh", "sigmoid"):
-        return getattr(torch, step.activation)(inner)
-    return inner
-
-
 def _forward(steps, weights, x):
     """The layers `steps` (first to last) applied to an image batch x, with the weights given."""
     for step, (weight, bias) in zip(steps, weights):
-        x = _activate(step, F.conv2d(x, weight, bias, step.conv.stride, step.padding))
+        x = activate(step, F.conv2d(x, weight, bias, step.conv.stride, step.padding))
         if step.pool is not None:
             x = step.pool(x)
     return x

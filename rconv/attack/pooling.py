@@ -253,7 +253,8 @@ def _forward(layer, x):
     return F.conv2d(x[None], layer.weight, layer.bias, layer.stride, layer.padding)[0]
 
 
-def _activate(layer, inner):
+def activate(layer, inner):
+    """act(inner) for anything with the activation's name and slope (a pooled layer, a ConvStep)."""
     if layer.activation == "identity":
         return inner
     if layer.activation == "relu":
@@ -290,7 +291,7 @@ def _replay(layer, x, weight_grad, bias_grad, pooled, pooled_grad):
     weight = layer.weight.clone().requires_grad_(True)
     bias = layer.bias.clone().requires_grad_(True)
     inner = F.conv2d(x[None], weight, bias, layer.stride, layer.padding)[0]
-    replayed = _pool(layer, _activate(layer, inner))
+    replayed = _pool(layer, activate(layer, inner))
     replayed_weight, replayed_bias = torch.autograd.grad(replayed, (weight, bias), pooled_grad)
 
     def relative(a, b):
@@ -320,7 +321,7 @@ def pattern_of(conv, activation, pool, x, *, slope=0.01):
     kind, size = pool_spec(pool, out_size)
     layer = _Layer(as64(weight), as64(bias), stride, padding, name, float(slope), kind, size, tuple(x.shape),
                    out_size, (out_size[0] // size, out_size[1] // size))
-    return _pattern_of(layer, x, _pool(layer, _activate(layer, _forward(layer, x))))
+    return _pattern_of(layer, x, _pool(layer, activate(layer, _forward(layer, x))))
 
 
 def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, pooled_grad, input_size, *,
