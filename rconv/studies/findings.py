@@ -111,10 +111,11 @@ def real_networks(summary, folder):
         if first.outcome == "refused":
             parts.append(f"{network} refused")
             continue
-        exact = layers[(layers.network == network) & (layers.dtype == first.dtype)]
-        depth = exact.layer[exact.exact.cumprod().astype(bool)].tolist()
+        dtype = first["dtype"]  # a row's .dtype would be the Series' own
+        rows = layers[(layers.network == network) & (layers.dtype == dtype)]
+        depth = rows.layer[rows.exact.astype(bool).cumprod().astype(bool)].tolist()
         reached = f"exact down to the {depth[-1]}" if depth else "nothing exact"
-        parts.append(f"{network} {reached} ({first.dtype}), image {first.median_psnr:.0f} dB vs Inverting "
+        parts.append(f"{network} {reached} ({dtype}), image {first.median_psnr:.0f} dB vs Inverting "
                      f"Gradients {first.median_ig_psnr:.0f} dB")
     return "; ".join(parts)
 
