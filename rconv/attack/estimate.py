@@ -26,8 +26,8 @@ _ITERATIONS_PER_CALL = 20
 _STALLED = 1e-9
 # The estimate starts this far inside the image's range, where the box's parametrisation has slope.
 _INSIDE = 1e-3
-# An estimate whose misfit is below this is close enough for the patterns it implies to start the pooled layers'
-# searches again (measured: a start with a few per cent of its units wrong converges); above it the
+# An estimate whose misfit is below this restarts the pooled layers' searches from the patterns it implies (a start
+# with ~3.5 % of its units wrong was measured to converge; which misfit gives such a start was not); above it the
 # rerun would only repeat the searches' cost.
 SEEDING_MISFIT = 1e-3
 

@@ -22,7 +22,6 @@ from ..linalg.memory import default_limit, ran_out
 from ..split.linear import gradient_rank
 from .activations import RELU_TESTS
 from .batch_steps import batch_conv_step, batch_linear_step, update_noise
-from .estimate import SEEDING_MISFIT, can_estimate, estimate_image, step_inputs
 from .bounds import (
     UNMEASURED,
     Measured,
@@ -37,6 +36,7 @@ from .bounds import (
     probe_level,
     unbounded,
 )
+from .estimate import SEEDING_MISFIT, can_estimate, estimate_image, step_inputs
 from .network import check_gradients, check_input_shape, parse_network
 from .pooling import pattern_of
 from .steps import (
@@ -176,7 +176,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
                                             device=device, memory_limit=memory_limit))
     if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
         _check_batch_linear(network)
-        _check_batch_norms(network)
+        _check_batch_layers(network)
         result = _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
         result.notes[:0] = update_notes
         return result
@@ -254,11 +254,11 @@ def _estimate_below(network, grads, sizes, options, cache, chain):
     signal = chain.results[below].signal if below < len(chain.results) else chain.top.signal
     estimated = estimate_image(network.steps[:below], grads, signal.activated, signal.activated_grad,
                                chain.image.clamp(*options.image_range), options.image_range)
-    inputs = step_inputs(network.steps[:below], estimated.image)
-    patterns = {step.number: pattern_of(step.conv, step.activation, step.pool, x, slope=step.slope or 0.01)
-                for step, x in zip(network.steps[:below], inputs) if step.pool is not None}
-    if not patterns or estimated.misfit > SEEDING_MISFIT:
+    if estimated.misfit > SEEDING_MISFIT:
         return chain, estimated
+    inputs = step_inputs(network.steps[:below], estimated.image)
+    patterns = {step.number: pattern_of(step.conv, step.activation, step.pool, x, slope=step.slope)
+                for step, x in zip(network.steps[:below], inputs) if step.pool is not None}
     rerun = _single_image(network, grads, sizes, options, cache, check_batch=False, patterns=patterns)
     if verdict([result.report for result in rerun.results], options.tolerances):
         return chain, estimated
@@ -285,8 +285,9 @@ def _error_bound(network, grads, options, cache, chain):
 
 
 def _probe_single(network, grads, sizes, options, cache, chain):
-    """The ErrorBound of one image through a train-mode BatchNorm or pooled layer, whose solve has no Linearisation: the
-    attack rerun on noisier gradients with the activations read as before, as a batch's bound is (probe_bound)."""
+    """The ErrorBound of one image through a train-mode BatchNorm or pooled layer, whose solve has no
+    Linearisation: the attack rerun on noisier gradients with the activations read as before, as a batch's bound
+    is (probe_bound)."""
     residuals = [result.report.residual for result in chain.results]
     level = noise_level([chain.top.misfit] + [result.report.residual for result in chain.results
                                               if result.report.method == "gradients"], options.tolerances.dtype)
@@ -341,7 +342,7 @@ def _check_batch_linear(network):
                          f"look like a batch's (or pass batch_size=1 and check_batch=False to try anyway)")
 
 
-def _check_batch_norms(network):
+def _check_batch_layers(network):
     """Refuse a batch through train-mode BatchNorm: its statistics are the batch's, shared by all its images; and
     through a pool, whose pattern search is for one image."""
     for step in network.steps:

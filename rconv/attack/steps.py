@@ -22,7 +22,7 @@ from ..linalg.solvers import TINY, eps
 from .activations import VALUE_RANGES, Noise, branches, preactivation
 from .constraints import min_filters
 from .equations import GradientSystem, LayerEquations, weight_system
-from .pooling import AVG_ACTIVATIONS, MAX_ACTIVATIONS, PooledInversion, invert_pooled_layer
+from .pooling import AVG_ACTIVATIONS, MAX_ACTIVATIONS, MAX_ITERATIONS, PooledInversion, invert_pooled_layer
 from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
 from .tangents import Linearisation
 from .tolerances import Tolerances
@@ -396,14 +396,14 @@ def _pooled_search(step, signal, grads, input_shape, options, frozen, start=None
                       f"units, so its input is only estimated")
     unknowns = math.prod(input_shape)
     if unknowns > POOLED_MAX_UNKNOWNS:
-        return None, (f"its {unknowns:,} unknowns are beyond the pattern search's dense solves ({POOLED_MAX_UNKNOWNS:,}), "
-                      f"so its input is only estimated")
+        return None, (f"its {unknowns:,} unknowns are beyond the pattern search's dense solves "
+                      f"({POOLED_MAX_UNKNOWNS:,}), so its input is only estimated")
     quick = frozen is not None or not signal.determined
     conv = step.conv
     search = invert_pooled_layer(
         conv, step.activation, step.pool, grads.of(conv.weight), grads.maybe(conv.bias), signal.activated,
-        signal.activated_grad, input_shape, slope=step.slope or 0.01, start=frozen.pattern if frozen else start,
-        max_iterations=_POOLED_QUICK_SOLVES if quick else 10 ** 6, time_limit=POOLED_TIME_LIMIT,
+        signal.activated_grad, input_shape, slope=step.slope, start=frozen.pattern if frozen else start,
+        max_iterations=_POOLED_QUICK_SOLVES if quick else MAX_ITERATIONS, time_limit=POOLED_TIME_LIMIT,
         residual_tol=options.tolerances.residual)
     if not signal.determined:
         return search, "the layer above it was not determined"
@@ -429,7 +429,8 @@ def _pooled_step(step, signal, grads, input_shape, options, previous_activation,
     bias_grad = grads.maybe(step.conv.bias)
     unknowns = channels * height * width
     report = LayerReport(
-        layer=step.number, method=POOLED_METHOD, equations=grads.of(step.conv.weight).numel() + signal.activated.numel(),
+        layer=step.number, method=POOLED_METHOD,
+        equations=grads.of(step.conv.weight).numel() + signal.activated.numel(),
         unknowns=unknowns, rank=search.rank, cond=search.condition, residual=search.residual,
         bias_residual=bias_misfit(output_grad, bias_grad.to(**wide) if bias_grad is not None else None),
         known_outputs=float((output_grad != 0).double().mean()), seconds=time.perf_counter() - start,

@@ -46,8 +46,8 @@ def _batch_task(task, cache):
                  **dict(task.overrides))
     batch = len(task.indices)
     bound = constraint_report(case.model, tuple(case.images.shape[1:]), batch_size=batch).attrs["max_batch"]
-    setting = dict(dataset=case.info["name"], model=task.model, init=dict(task.overrides).get("init", convnet_settings(task.model).get("init", "paper")), seed=task.seed,
-                   dtype=task.dtype,
+    init = dict(task.overrides).get("init", convnet_settings(task.model).get("init", "paper"))
+    setting = dict(dataset=case.info["name"], model=task.model, init=init, seed=task.seed, dtype=task.dtype,
                    batch_size=batch, first_index=task.indices[0], max_batch=bound, within_bound=batch <= bound)
     grads = client_gradients(case.model, case.images, case.labels, dtype=as_dtype(task.dtype))
     weights = cache((case.info["name"], task.model, task.seed, repr(task.overrides)))
