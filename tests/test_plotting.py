@@ -1,6 +1,7 @@
 """rconv.analysis.plotting: every figure explains its colours and line styles in a legend, and its numbers match
 the table it is drawn from."""
 import inspect
+import math
 
 import matplotlib
 import pandas as pd
@@ -183,10 +184,24 @@ def test_the_figure_shows_each_scenario_with_a_legend(tmp_path):
         rc.plot_federated(rows(lr=[0.1]))
 
 
+def test_plot_real_networks_legend_and_refusal(tmp_path):
+    table = pd.DataFrame(dict(network=["a", "a", "b"], dtype=["float64", "float32", "float64"],
+                              outcome=["exact", "not exact", "refused"], psnr=[math.inf, 40.0, math.nan],
+                              ig_psnr=[12.0, 13.0, math.nan]))
+    figure = rc.plot_real_networks(table, path=tmp_path / "psnr.png")
+    assert (tmp_path / "psnr.png").stat().st_size > 0
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels == ["R-CONV, float64 gradients", "R-CONV, float32 gradients",
+                      "Inverting Gradients, float64 gradients", "Inverting Gradients, float32 gradients"]
+    assert "refused" in [text.get_text() for text in figure.axes[0].texts]
+    with pytest.raises(rc.RConvError, match="attack_networks' attacks table"):
+        rc.plot_real_networks(table.drop(columns="ig_psnr"))
+
+
 def test_every_figure_function_is_checked_for_its_legend():
     """A new plot_ function must get a legend test above, or be an image-only figure."""
     tested = {"plot_psnr", "plot_precision", "plot_defences", "plot_filters", "plot_success", "plot_sizes",
-              "plot_batches", "plot_federated"}
+              "plot_batches", "plot_federated", "plot_real_networks"}
     figures = {name for name in rc.__all__ if name.startswith("plot_")}
     assert figures == tested | IMAGE_FIGURES
     source = inspect.getsource(inspect.getmodule(test_every_figure_function_is_checked_for_its_legend))
