@@ -3,6 +3,7 @@ the image beside Inverting Gradients' on the same gradients, and what refuses.""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -52,10 +53,9 @@ def attack_networks(networks, indices, *, dtypes=("float64", "float32"), ig_iter
     """
     baseline = ig_iterations > 0 and not breaching_missing()
     attacks, layers = [], []
-    tasks = [(name, dtype) for name in networks for dtype in dtypes]
-    for name, dtype in progress_bar(tasks, desc="networks", unit="attack", enabled=progress):
+    for name in progress_bar(networks, desc="networks", unit="network", enabled=progress):
         case = setup(None, name, indices, seed, data_root=data_root)
-        for index, image, label in zip(indices, case.images, case.labels):
+        for dtype, (index, image, label) in itertools.product(dtypes, zip(indices, case.images, case.labels)):
             key = dict(network=name, dataset=case.info["name"], dtype=dtype_name(as_dtype(dtype)), index=index)
             grads = client_gradients(case.model, image, int(label), dtype=as_dtype(dtype))
             start = time.perf_counter()
