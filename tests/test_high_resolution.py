@@ -15,7 +15,8 @@ from conftest import max_error
 EXACT_ERROR, FLOAT32_PSNR = 1e-6, 60.0
 # The paper's LeNet at 64 px, by counting: layer 2's 12 x 32 x 32 inputs against its 12 * 16 * 5 * 5 gradient
 # constraints per channel (400 per channel at most, 4,800 in all) plus its 16 * 16 * 16 weight constraints.
-PAPER_LENET_64_VERDICT = "not: layer 2 has 12,288 unknowns and at most 8,896 equations"
+PAPER_LENET_64_VERDICT = (
+    "not: exact at best down to conv layer 3's input; conv layer 2 has 12,288 unknowns and at most 8,896 equations")
 
 
 def case_of(model, indices=(0, 1), **overrides):

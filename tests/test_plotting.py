@@ -82,7 +82,7 @@ def sizes_table():
                 table.append(dict(model=model, size=size, dtype=dtype, index=index, start=start,
                                   seconds=seconds if start == "cold" else seconds / 10, peak_mb=1000.0 + size,
                                   exact=recoverable, recoverable=recoverable,
-                                  verdict="recoverable" if recoverable else "not: layer 2 has ..."))
+                                  verdict="recoverable" if recoverable else "not: exact at best down to conv layer 3's input; ..."))
     return pd.DataFrame(table)
 
 

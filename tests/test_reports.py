@@ -30,6 +30,32 @@ def test_constraint_report_counts():
     assert uncovered.iloc[0].uncovered_pixels == 63 and not uncovered.iloc[0].gradients_suffice
 
 
+def _pooled_net(activation, pool, filters=(6, 16)):
+    """A network outside the presets: two conv layers, each with an activation and a pool, and an MLP head."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, filters[0], 5), activation(), pool(2), torch.nn.Conv2d(filters[0], filters[1], 5),
+        activation(), pool(2), torch.nn.Flatten(), torch.nn.Linear(filters[1] * 25, 32), torch.nn.ReLU(),
+        torch.nn.Linear(32, 10))
+
+
+def test_constraint_report_counts_pools_and_says_how_deep_the_attack_can_be_exact():
+    tutorial = rc.constraint_report(_pooled_net(torch.nn.ReLU, torch.nn.MaxPool2d), (3, 32, 32))
+    assert list(tutorial.pool) == ["max 2x2", "max 2x2"] and list(tutorial.weight_constraints) == [6 * 14 * 14, 400]
+    assert list(tutorial.determined_by) == ["none: too few equations", "gradients, given the pool's pattern"]
+    assert not tutorial.attrs["recoverable"]
+    assert tutorial.attrs["verdict"] == ("not: exact at best down to conv layer 2's input; conv layer 1 has 3,072 "
+                                         "unknowns and at most 1,626 equations")
+    smooth = rc.constraint_report(_pooled_net(torch.nn.Tanh, torch.nn.AvgPool2d), (3, 32, 32))
+    assert smooth.attrs["verdict"] == ("not: exact at best down to the Linear layer's input; conv layer 2: tanh "
+                                       "before an average pool gives no linear equations")
+    wide = rc.constraint_report(_pooled_net(torch.nn.LeakyReLU, torch.nn.AvgPool2d, (64, 64)), (3, 32, 32))
+    assert wide.attrs["recoverable"] and wide.attrs["verdict"] == "recoverable, given the pools' patterns"
+    assert list(wide.needs_pattern) == [True, True]
+    assert list(wide.weight_solver) == ["pattern search", "none: beyond the pattern search"]  # 12,544 unknowns
+    linear = rc.constraint_report(_pooled_net(torch.nn.Identity, torch.nn.AvgPool2d, (64, 64)), (3, 32, 32))
+    assert linear.attrs["verdict"] == "recoverable" and not linear.needs_pattern.any()
+
+
 def test_image_metrics_refuses_images_of_different_shapes():
     with pytest.raises(rc.RConvError, match="shape"):
         rc.image_metrics(torch.zeros(3, 8, 8), torch.zeros(1, 8, 8))

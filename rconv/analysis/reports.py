@@ -12,11 +12,13 @@ import torch.nn.functional as F
 
 from ..attack.constraints import min_filters
 from ..attack.network import check_input_shape, parse_network
+from ..attack.pooling import AVG_ACTIVATIONS
+from ..attack.steps import POOLED_MAX_UNKNOWNS
 from ..attack.systems import DENSE_MAX_UNKNOWNS, plan_solver
 from ..cases.client import as_dtype
 from ..common.checks import whole_number
 from ..common.errors import RConvError
-from ..common.geometry import footprints
+from ..common.geometry import conv_output_size, footprints, pool_spec
 
 # PSNR below this no longer shows the image: where the suite says a defence stops the attack.
 BROKEN_PSNR = 20.0
@@ -123,44 +125,63 @@ def solve_steps(result, model=None, image=None):
 
 def _determined_by(row):
     """Which constraints can determine a layer's input by counting, in words."""
+    if not row["linear"]:
+        return f"none: {row['activation']} before an average pool gives no linear equations"
     if row["gradients_suffice"]:
-        return "gradients"
-    if row["uncovered_pixels"]:
+        found = "gradients"
+    elif row["uncovered_pixels"]:
         return "none: pixels no kernel position reaches"
-    if row["weight_constraints"] >= row["unknowns"]:
-        return "weights where active (ReLU)" if row["activation"] == "relu" else "weights"
-    if row["max_equations"] >= row["unknowns"]:
-        return "both jointly"
-    return "none: too few equations"
+    elif row["weight_constraints"] >= row["unknowns"]:
+        found = "weights where active (ReLU)" if row["activation"] == "relu" else "weights"
+    elif row["max_equations"] >= row["unknowns"]:
+        found = "both jointly"
+    else:
+        return "none: too few equations"
+    return f"{found}, given the pool's pattern" if row["needs_pattern"] else found
+
+
+def _why_not(row):
+    """Why counting leaves one layer's input undetermined, in words."""
+    where = f"conv layer {row['layer']}"
+    if row["determined_by"].endswith("too few equations"):
+        return f"{where} has {row['unknowns']:,} unknowns and at most {row['max_equations']:,} equations"
+    if row["determined_by"].endswith("reaches"):
+        return f"{where} has {row['uncovered_pixels']:,} input values no kernel position reaches"
+    return f"{where}: {row['determined_by'][len('none: '):]}"
 
 
 def _verdict(rows):
-    """The counting verdict for the whole network, naming the first layer that cannot be determined."""
-    for row in rows:
-        if row["determined_by"].startswith("none"):
-            return (f"not: layer {row['layer']} has {row['unknowns']:,} unknowns and at most "
-                    f"{row['max_equations']:,} equations" if "few" in row["determined_by"] else
-                    f"not: layer {row['layer']} has {row['uncovered_pixels']:,} input values no kernel "
-                    f"position reaches")
-    return "recoverable"
+    """The counting verdict for the whole network: how deep the attack can be exact, naming the deepest layer
+    that cannot be determined (the chain runs from the Linear layer down, so every layer below it is lost too)."""
+    blocked = [row for row in rows if row["determined_by"].startswith("none")]
+    if not blocked:
+        return "recoverable, given the pools' patterns" if any(row["needs_pattern"] for row in rows) else "recoverable"
+    deepest = blocked[-1]
+    reach = "the Linear layer's input" if deepest is rows[-1] else f"conv layer {deepest['layer'] + 1}'s input"
+    return f"not: exact at best down to {reach}; {_why_not(deepest)}"
 
 
 def constraint_report(model, input_shape, *, batch_size=1):
     """What each conv layer offers R-CONV before any gradient exists: unknowns against constraints.
 
     One row per conv layer. gradient_constraints counts dL/dW entries (F*k*k per input
-    channel, all channels); weight_constraints counts pre-activation outputs (F*P*Q);
-    max_equations counts the independent equations both can offer together (gradient
-    constraints give at most H*W per channel). min_filters is the counting bound of
-    min_filters(); gradients_suffice / weights_suffice say whether one kind alone could
-    determine the input, and determined_by which constraints can ("gradients", "weights",
-    "both jointly", or "none: ..."). These are necessary conditions: ReLU reveals the
-    pre-activation only where active (weights_need_active is the share of outputs that must
-    be), and the numerical rank decides in the end. weight_solver says how the weight constraints would be
-    solved ("dense", "direct": a sparse factorisation, or "krylov": preconditioned CG, where the sparse
-    normal equations would be too large), weight_solver_memory the bytes predicted for it. The table's attrs hold the network's
-    verdict: attrs["recoverable"] (bool) and attrs["verdict"] ("recoverable", or "not: layer 2
-    has 12,288 unknowns and at most 8,896 equations").
+    channel, all channels); weight_constraints counts pre-activation outputs (F*P*Q), or the pooled
+    values where a pool follows (pool: "max 2x2", "avg 2x2"); max_equations counts the independent
+    equations both can offer together (gradient constraints give at most H*W per channel). min_filters
+    is the counting bound of min_filters(); gradients_suffice / weights_suffice say whether one kind
+    alone could determine the input, and determined_by which constraints can ("gradients", "weights",
+    "both jointly", each with ", given the pool's pattern" where needs_pattern: a max pool's argmaxes or
+    the units on before an average pool must be found first; or "none: ..."). These are necessary
+    conditions: ReLU reveals the pre-activation only where active (weights_need_active is the share of
+    outputs that must be), and the numerical rank decides in the end. weight_solver says how the weight
+    constraints would be solved ("dense", "direct": a sparse factorisation, "krylov": preconditioned CG,
+    where the sparse normal equations would be too large, or "pattern search" for a pooled layer),
+    weight_solver_memory the bytes predicted for it. The table's attrs hold the network's verdict:
+    attrs["recoverable"] (bool) and attrs["verdict"]: "recoverable" (with ", given the pools' patterns" where
+    a layer needs one), or how deep the attack can be exact
+    at best and which layer stops it ("not: exact at best down to conv layer 2's input; conv layer 1 has
+    3,072 unknowns and at most 1,626 equations"); the attack runs from the Linear layer down, so the
+    deepest undetermined layer decides.
 
     batch_size: count for the mean gradients of B images: B times the unknowns and the weight
     constraints (each image has its own), the gradient constraints shared (at most B*H*W per
@@ -184,27 +205,57 @@ def constraint_report(model, input_shape, *, batch_size=1):
         gradient_constraints = filters * kh * kw * channels
         weight_constraints = batch_size * filters * out_h * out_w
         per_image = filters * out_h * out_w
+        pool = _pool_of(step, (height, width))
         row = dict(
             layer=step.number, input=f"{channels}x{height}x{width}", filters=filters, kernel=f"{kh}x{kw}",
             stride=step.conv.stride[0], padding=step.padding[0], activation=step.activation,
+            pool=pool.name, needs_pattern=pool.needs_pattern, linear=pool.linear,
             unknowns=unknowns, gradient_constraints=gradient_constraints,
             weight_constraints=weight_constraints,
             max_equations=channels * min(filters * kh * kw, batch_size * height * width) + weight_constraints,
             uncovered_pixels=uncovered * channels, min_filters=needed,
             gradients_suffice=filters >= needed * batch_size,
-            weights_suffice=weight_constraints >= unknowns and uncovered == 0 and step.activation != "relu",
+            weights_suffice=(weight_constraints >= unknowns and uncovered == 0 and step.activation != "relu"
+                             and pool.linear),
             weights_need_active=min(1.0, unknowns / weight_constraints),
             batch_size=batch_size, max_batch=_layer_max_batch(channels, height * width, filters * kh * kw, per_image,
                                                               uncovered))
         row["determined_by"] = _determined_by(row)
-        row["weight_solver"], row["weight_solver_memory"] = _weight_solver(step, sizes[step.number - 1], batch_size)
+        row["weight_solver"], row["weight_solver_memory"] = (
+            _weight_solver(step, sizes[step.number - 1], batch_size) if pool.name is None else _pool_solver(unknowns))
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs["verdict"] = _verdict(rows)
-    table.attrs["recoverable"] = table.attrs["verdict"] == "recoverable"
+    table.attrs["recoverable"] = table.attrs["verdict"].startswith("recoverable")
     classes = network.linear.out_features
     table.attrs["max_batch"] = int(min(table.max_batch.min(), classes - 1))
     return table
+
+
+class _PoolCount(NamedTuple):
+    """What a conv layer's pool changes in its count."""
+
+    name: str | None  # "max 2x2", "avg 2x2", or None without a pool
+    needs_pattern: bool  # its equations hold only once the pattern (argmaxes, units on) is found
+    linear: bool  # False: no pattern makes its pooled values linear in the input (Tanh, Sigmoid before AvgPool)
+
+
+def _pool_of(step, input_size):
+    """The pool after a conv step, as counting sees it: pooled values are the weight constraints (already counted
+    at the pooled size), and the output gradient is known only through the pattern."""
+    if step.pool is None:
+        return _PoolCount(None, False, True)
+    out = conv_output_size(input_size, step.conv.kernel_size, step.conv.stride, step.padding)
+    kind, window = pool_spec(step.pool, out)
+    piecewise_linear = step.activation in AVG_ACTIVATIONS
+    if kind == "avg":
+        return _PoolCount(f"avg {window}x{window}", step.activation != "identity", piecewise_linear)
+    return _PoolCount(f"max {window}x{window}", True, True)
+
+
+def _pool_solver(unknowns):
+    """How a pooled layer is solved: dense solves inside its pattern search, up to the search's size."""
+    return ("pattern search" if unknowns <= POOLED_MAX_UNKNOWNS else "none: beyond the pattern search"), None
 
 
 def _weight_solver(step, input_shape, batch_size):
