@@ -36,7 +36,7 @@ EXPERIMENT_COLUMNS = {"Precision": {"dtype", "first_layer", "relu_test", "psnr",
                       "Federated": {"dataset", "model", "scenario", "lr", "local_steps", "noise_multiplier",
                                     "max_grad_norm", "epsilon", "method", "client", "index", "label",
                                     "recovered_label", "image_exact", "psnr", "max_abs_err", "reason"},
-                      "Real_networks": {"network", "dataset", "dtype", "index", "outcome", "reason", "psnr",
+                      "Real_networks": {"network", "dataset", "counting", "dtype", "index", "outcome", "reason", "psnr",
                                         "ig_psnr", "seconds", "ig_seconds"}}
 # Every notebook runs without the optional breaching package (Baselines then runs R-CONV alone); Federated's
 # clients are Flower's and Opacus's, so it needs the federated extra.

@@ -35,10 +35,10 @@ def test_an_average_pool_without_activation_is_inverted_exactly(dtype):
 class _Tutorial(nn.Module):
     """PyTorch's CIFAR10 tutorial net, scaled to 16 px: conv-ReLU-MaxPool twice, then an MLP head."""
 
-    def __init__(self):
+    def __init__(self, filters=16):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 16, 3)
-        self.fc1, self.fc2 = nn.Linear(16 * 2 * 2, 20), nn.Linear(20, 10)
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3), nn.Conv2d(6, filters, 3)
+        self.fc1, self.fc2 = nn.Linear(filters * 2 * 2, 20), nn.Linear(20, 10)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -56,6 +56,15 @@ def test_a_pool_whose_pattern_is_not_found_is_reported_not_exact():
     assert any(reason.startswith("conv layer 1 (gradients+weights+pattern): not certified") for reason in
                result.reasons)
     assert [report.method for report in result.layers] == ["gradients+weights+pattern"] * 2
+
+
+def test_below_a_pooled_layer_that_is_not_determined_no_pattern_is_searched():
+    torch.manual_seed(0)
+    model, image = _Tutorial(filters=2), torch.rand(3, 14, 14)  # conv layer 2: 216 unknowns, 124 equations
+    result = rc.reconstruct(model, _gradients(model, image, 1, torch.float64), image.shape)
+    assert not result.exact and result.layers[0].stopped == "the layer above it was not determined"
+    assert "conv layer 1 (model.conv1): its pool's pattern not searched: the layer above it was not determined" in \
+        result.notes
 
 
 def test_a_batch_through_a_pool_is_refused():

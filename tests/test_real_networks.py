@@ -23,11 +23,12 @@ def test_attack_networks_measures_every_layer_and_names_a_refusal():
     attacks, layers = rc.attack_networks(["cnn6", "small_resnet"], [0], dtypes=["float64"], ig_iterations=0,
                                          progress=False)
     cnn6 = attacks[attacks.network == "cnn6"].iloc[0]
-    assert cnn6.outcome == "exact" and cnn6.psnr > 200 and math.isnan(cnn6.ig_psnr)
+    assert cnn6.counting == "recoverable" and cnn6.outcome == "exact" and cnn6.psnr > 200 and math.isnan(cnn6.ig_psnr)
     rows = layers[layers.network == "cnn6"]
     assert rows.layer.tolist() == ["features"] + [f"conv {k} input" for k in range(6, 0, -1)]
     assert rows.exact.all() and rows.determined.all() and (rows.max_abs_err <= 1e-6).all()
     resnet = attacks[attacks.network == "small_resnet"].iloc[0]
+    assert resnet.counting.startswith("refused: graph node add")
     assert resnet.outcome == "refused" and "graph node add" in resnet.reason and "residual" in resnet.reason
     figure = rc.plot_real_networks(attacks)
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]

@@ -388,17 +388,22 @@ def _train_norm_step(step, signal, grads, input_shape, options, previous_activat
 
 
 def _pooled_search(step, signal, grads, input_shape, options, frozen, start=None):
-    """invert_pooled_layer on a step's data: a full search, or a quick one where the pattern is known already or
-    the data are wrong; None where the activation and pool admit no linear pattern (the reason with it)."""
+    """invert_pooled_layer on a step's data: a full search, or a quick one where the pattern is known already;
+    None (the reason with it) where the activation and pool admit no linear pattern, the layer is too large, or
+    the layer above was not determined."""
     kind = "max" if isinstance(step.pool, torch.nn.MaxPool2d) else "avg"
     if step.activation not in (MAX_ACTIVATIONS if kind == "max" else AVG_ACTIVATIONS):
         return None, (f"{step.activation} before an average pool gives no linear equations for any pattern of "
                       f"units, so its input is only estimated")
+    if frozen is None and not signal.determined:
+        # a search on the wrong data of an undetermined layer above costs up to half a minute and finds nothing: the
+        # image below is estimated from the deepest determined layer instead (rconv.attack.estimate)
+        return None, "the layer above it was not determined"
     unknowns = math.prod(input_shape)
     if unknowns > POOLED_MAX_UNKNOWNS:
         return None, (f"its {unknowns:,} unknowns are beyond the pattern search's dense solves "
                       f"({POOLED_MAX_UNKNOWNS:,}), so its input is only estimated")
-    quick = frozen is not None or not signal.determined
+    quick = frozen is not None
     conv = step.conv
     search = invert_pooled_layer(
         conv, step.activation, step.pool, grads.of(conv.weight), grads.maybe(conv.bias), signal.activated,
@@ -440,7 +445,8 @@ def _pooled_step(step, signal, grads, input_shape, options, previous_activation,
                                             stride=step.conv.stride, padding=step.padding)[0]
     read = ActivationRead(output_grad, output_grad != 0, search.pattern)
     determined = signal.determined and report.full_rank
-    notes = (f"{step.label}: its pool's pattern search: {search.iterations} solves, {search.seconds:.1f} s",)
+    notes = (f"{step.label}: its pool's pattern search: {search.iterations} solves, {search.seconds:.1f} s"
+             if search.iterations else f"{step.label}: its pool's pattern not searched: {reason}",)
     return _ConvResult(x, report, Signal(x, input_grad, noise, determined), notes, read, None)
 
 

@@ -9,7 +9,7 @@ import time
 
 import pandas as pd
 
-from ..analysis.reports import image_metrics, layer_inputs
+from ..analysis.reports import constraint_report, image_metrics, layer_inputs
 from ..attack.reconstruct import reconstruct
 from ..cases.client import as_dtype, client_gradients, dtype_name
 from ..cases.setup import setup
@@ -41,12 +41,21 @@ def _layer_rows(key, result, model, image, dtype):
     return rows
 
 
+def _counting(model, input_shape):
+    """constraint_report's verdict for a network, or why it cannot count it."""
+    try:
+        return constraint_report(model, input_shape).attrs["verdict"]
+    except RConvError as error:
+        return f"refused: {error}"
+
+
 def attack_networks(networks, indices, *, dtypes=("float64", "float32"), ig_iterations=500, seed=50,
                     data_root=None, progress=True):
     """Attack each network of rconv.cases.networks on its dataset's images, from each precision's gradients.
 
-    Returns (attacks, layers): attacks has one row per network, dtype and image (outcome "exact", "not exact"
-    or "refused" with the reason, the image's psnr, Inverting Gradients' psnr on the same gradients when
+    Returns (attacks, layers): attacks has one row per network, dtype and image (counting: constraint_report's
+    verdict for the network, before any gradient; outcome "exact", "not exact" or "refused" with the reason,
+    the image's psnr, Inverting Gradients' psnr on the same gradients when
     breaching is installed, seconds); layers one row per recovered layer input (its error against the truth,
     whether it is exact by the brief's bars, and whether the attack called it determined).
     ig_iterations: Inverting Gradients' Adam steps, as the Baselines notebook's CPU budget (0: not run).
@@ -55,8 +64,10 @@ def attack_networks(networks, indices, *, dtypes=("float64", "float32"), ig_iter
     attacks, layers = [], []
     for name in progress_bar(networks, desc="networks", unit="network", enabled=progress):
         case = setup(None, name, indices, seed, data_root=data_root)
+        counting = _counting(case.model, tuple(case.images.shape[1:]))
         for dtype, (index, image, label) in itertools.product(dtypes, zip(indices, case.images, case.labels)):
-            key = dict(network=name, dataset=case.info["name"], dtype=dtype_name(as_dtype(dtype)), index=index)
+            key = dict(network=name, dataset=case.info["name"], counting=counting,
+                       dtype=dtype_name(as_dtype(dtype)), index=index)
             grads = client_gradients(case.model, image, int(label), dtype=as_dtype(dtype))
             start = time.perf_counter()
             try:
