@@ -177,11 +177,10 @@ def constraint_report(model, input_shape, *, batch_size=1):
     constraints would be solved ("dense", "direct": a sparse factorisation, "krylov": preconditioned CG,
     where the sparse normal equations would be too large, or "pattern search" for a pooled layer),
     weight_solver_memory the bytes predicted for it. The table's attrs hold the network's verdict:
-    attrs["recoverable"] (bool) and attrs["verdict"]: "recoverable" (with ", given the pools' patterns" where
-    a layer needs one), or how deep the attack can be exact
-    at best and which layer stops it ("not: exact at best down to conv layer 2's input; conv layer 1 has
-    3,072 unknowns and at most 1,626 equations"); the attack runs from the Linear layer down, so the
-    deepest undetermined layer decides.
+    attrs["recoverable"] (bool) and attrs["verdict"]: "recoverable" (with ", given the pools' patterns"
+    where a layer needs one), or how deep the attack can be exact at best and which layer stops it ("not:
+    exact at best down to conv layer 2's input; conv layer 1 has 3,072 unknowns and at most 1,626
+    equations"); the attack runs from the Linear layer down, so the deepest undetermined layer decides.
 
     batch_size: count for the mean gradients of B images: B times the unknowns and the weight
     constraints (each image has its own), the gradient constraints shared (at most B*H*W per
