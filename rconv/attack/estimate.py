@@ -33,8 +33,12 @@ _RESTARTS = 8
 # (tutorial CNN, VGG-style net), 8 beat per-pixel noise and a 4x4 grid; the mean of the descents gained 1-4 dB over
 # the one of least misfit, and put both nets above Inverting Gradients on the same gradients.
 _RESTART_GRID = 8
-# The estimate starts this far inside the image's range, where the box's parametrisation has slope.
+# The estimate starts this far inside its box, where the box's parametrisation has slope.
 _INSIDE = 1e-3
+# The box the descents run in reaches this share of the image's range past each end, and the estimate is clipped
+# back: a sigmoid box never reaches its edge, where photos have some pixels and MNIST most (LeNet-5 on 3 MNIST
+# images: 17-37 dB with the box at the range, 38-43 dB with this margin, 34-41 dB with 0.5).
+_BOX_MARGIN = 0.05
 # An estimate whose misfit is below this restarts the pooled layers' searches from the patterns it implies (a start
 # with ~3.5 % of its units wrong was measured to converge; which misfit gives such a start was not); above it the
 # rerun would only repeat the searches' cost.
@@ -93,7 +97,9 @@ def estimate_image(steps, grads, target, target_grad, start, image_range, *, tim
     wanted = [(grads.of(step.conv.weight).to(**wide), grads.maybe(step.conv.bias)) for step in steps]
     wanted = [(w, b.to(**wide) if b is not None else None) for w, b in wanted]
     target, target_grad = target.to(**wide)[None], target_grad.to(**wide)[None]
-    low, high = image_range
+    # the descent's box reaches past the image's range, so that pixels on its edge stay reachable
+    margin = _BOX_MARGIN * (image_range[1] - image_range[0])
+    low, high = image_range[0] - margin, image_range[1] + margin
 
     def misfit(z):
         x = low + (high - low) * torch.sigmoid(z)
@@ -133,7 +139,7 @@ def estimate_image(steps, grads, target, target_grad, start, image_range, *, tim
         else:
             image = torch.stack([_image_of(descent, low, high) for descent in descents]).mean(0)
             fit = float(misfit(as_logit(image)).detach())
-    return ImageEstimate(image, fit, taken, time.perf_counter() - began)
+    return ImageEstimate(image.clamp(*image_range), fit, taken, time.perf_counter() - began)
 
 
 def _image_of(descent, low, high):
