@@ -171,7 +171,8 @@ def constraint_report(model, input_shape, *, batch_size=1):
     is the counting bound of min_filters(); gradients_suffice / weights_suffice say whether one kind
     alone could determine the input, and determined_by which constraints can ("gradients", "weights",
     "both jointly", each with ", given the pool's pattern" where needs_pattern: a max pool's argmaxes or
-    the units on before an average pool must be found first; or "none: ..."). These are necessary
+    the units on before an average pool must be found first; or "none: ...", as where linear is False: Tanh
+    or Sigmoid before an average pool, whose pooled values no pattern makes linear). These are necessary
     conditions: ReLU reveals the pre-activation only where active (weights_need_active is the share of
     outputs that must be), and the numerical rank decides in the end. weight_solver says how the weight
     constraints would be solved ("dense", "direct": a sparse factorisation, "krylov": preconditioned CG,

@@ -49,7 +49,9 @@ class ImageEstimate(NamedTuple):
     """The estimated image, and how well it explains the known data."""
 
     image: torch.Tensor  # (C, H, W) float64, within the image's range
-    misfit: float  # the image's relative misfit of the forward pass and of the gradients it leaves (0 for the truth)
+    # the relative misfit of the forward pass and of the gradients it leaves (0 for the truth), before the image is
+    # clipped from the descents' wider box into the image's range
+    misfit: float
     iterations: int  # L-BFGS iterations taken, over every descent
     seconds: float
 
