@@ -263,7 +263,9 @@ def _weight_solver(step, input_shape, batch_size):
     predicted for it in bytes (for "direct", before the factor's fill-in, which PARDISO measures later)."""
     if batch_size * math.prod(input_shape) <= DENSE_MAX_UNKNOWNS:
         return "dense", None
-    chosen = plan_solver(tuple(step.conv.weight.shape), input_shape, step.conv.stride, step.padding)
+    # ReLU reveals only the units that are on: a Krylov solve of partial rows needs no preconditioner's factor
+    chosen = plan_solver(tuple(step.conv.weight.shape), input_shape, step.conv.stride, step.padding,
+                         partial=step.activation == "relu")
     return chosen.solver, chosen.memory
 
 

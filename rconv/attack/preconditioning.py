@@ -172,14 +172,43 @@ def _symbol_solver(weight, input_shape):
     return solve
 
 
-def _diagonal_solver(weight, input_shape, stride, padding, known):
-    """1 / diag(M^T M): each unknown's squared column norm over the known rows."""
+def _weight_diagonal(weight, input_shape, stride, padding, known):
+    """diag(M^T M) (C*H*W, 1): each unknown's squared column norm over the known rows."""
     output_shape = (weight.shape[0], *conv_output_size(input_shape[1:], weight.shape[2:], stride, padding))
     mask = known.to(weight.dtype).view(1, *output_shape)
-    diagonal = torch.nn.grad.conv2d_input((1, *input_shape), weight * weight, mask, stride=stride,
-                                          padding=padding).reshape(-1, 1)
+    return torch.nn.grad.conv2d_input((1, *input_shape), weight * weight, mask, stride=stride,
+                                      padding=padding).reshape(-1, 1)
+
+
+def _inverse_diagonal(diagonal):
     inverse = torch.where(diagonal > 0, 1.0 / diagonal.clamp_min(torch.finfo(diagonal.dtype).tiny), 1.0)
     return lambda r: inverse * r
+
+
+def _diagonal_solver(weight, input_shape, stride, padding, known):
+    """1 / diag(M^T M)."""
+    return _inverse_diagonal(_weight_diagonal(weight, input_shape, stride, padding, known))
+
+
+def joint_preconditioner(weight, input_shape, stride, padding, known, output_grad, weight_scale, grad_scale):
+    """1 / diag of the joint normal equations (weight constraints where known, and gradient constraints, each
+    scaled), on tensors (C*H*W, r): for a layer whose weight constraints are partial (ReLU units off).
+
+    Why not the symbol: with half of M's rows missing, M^T M is no convolution, and the gradient constraints,
+    which the symbol leaves out, are what make the system well conditioned. Measured on a 128-px net's second
+    layer (32 channels at 64 px, 72 filters 5x5, ReLU, half the units on), CG steps to 1e-10: weights alone with
+    the symbol 510; both kinds with the symbol 277, with nothing 184, with this diagonal 184, with the per-pixel
+    32 x 32 blocks 185, with a symbol shifted by the gradients' mean diagonal 169-187: the diagonal costs
+    nothing and keeps CG independent of the two kinds' scales.
+    """
+    channels = input_shape[0]
+    kernel = weight.shape[2:]
+    # A's column norms: each output-gradient entry appears once per kernel offset that reads the pixel
+    ones = output_grad.new_ones(output_grad.shape[0], 1, *kernel)
+    gradient = torch.nn.grad.conv2d_input((1, 1, *input_shape[1:]), ones, (output_grad ** 2)[None], stride=stride,
+                                          padding=padding).reshape(1, -1).expand(channels, -1).reshape(-1, 1)
+    weights = _weight_diagonal(weight, input_shape, stride, padding, known)
+    return _inverse_diagonal(weight_scale ** 2 * weights + grad_scale ** 2 * gradient)
 
 
 class _Parts(NamedTuple):

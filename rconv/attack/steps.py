@@ -23,7 +23,7 @@ from .activations import VALUE_RANGES, Noise, branches, preactivation
 from .constraints import min_filters
 from .equations import GradientSystem, LayerEquations, weight_system
 from .pooling import AVG_ACTIVATIONS, MAX_ACTIVATIONS, MAX_ITERATIONS, PooledInversion, invert_pooled_layer
-from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, solve_layer
+from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, plan_solver, solve_layer
 from .tangents import Linearisation
 from .tolerances import Tolerances
 from .train_norm import solve_train_norm
@@ -272,6 +272,14 @@ def _gradients_could_suffice(step, equations):
                                                  step.conv.stride, step.padding)
 
 
+def _masked_krylov(equations, options):
+    """A large layer whose weight constraints are partial (ReLU units off) and too large to factorise."""
+    weights = equations.weights
+    return not bool(equations.known.all()) and plan_solver(
+        weights.weight.shape, weights.input_shape, weights.stride, weights.padding, options.memory_limit,
+        partial=True).solver == "krylov"
+
+
 def _system_method(method):
     """The system a reported method solves: "gradients+weights" is the hybrid stack."""
     return "hybrid" if method == "gradients+weights" else method
@@ -283,17 +291,24 @@ def _candidates(step, equations, options):
     A forced method (methods= or, for the first layer, first_layer=) is tried alone, except
     that a large hybrid layer first tries its weight constraints alone, whose factorisation is
     cached per model. Otherwise the gradient constraints go first (the paper's way), then, on
-    large layers, the weight constraints when the counting allows, then both jointly.
+    large layers, the weight constraints when the counting allows, then both jointly; both go
+    before the weight constraints alone where those are partial and solved by CG (_masked_krylov).
     """
     forced = options.methods.get(step.number, options.first_layer if step.number == 1 else None)
     large = equations.unknowns > DENSE_MAX_UNKNOWNS
     weights_could = int(equations.known.sum()) >= equations.unknowns
     if forced is not None:
-        return ["weights", "hybrid"] if forced == "hybrid" and large and weights_could else [forced]
+        if forced == "hybrid" and large and weights_could and not _masked_krylov(equations, options):
+            return ["weights", "hybrid"]
+        return [forced]
     order = ["gradients"] if not large or _gradients_could_suffice(step, equations) else []
+    if large and weights_could and _masked_krylov(equations, options):
+        # Without the gradient constraints the partial weight constraints are barely overdetermined, and CG on
+        # them needs several times the steps (a 128-px ReLU net's second layer: 510 against 184).
+        order.append("gradients+weights")
     if large and weights_could:
         order.append("weights")
-    if bool(equations.known.any()) or not order:
+    if (bool(equations.known.any()) or not order) and "gradients+weights" not in order:
         order.append("gradients+weights")
     return order
 

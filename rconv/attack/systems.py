@@ -31,7 +31,7 @@ from ..linalg.solvers import (
 )
 from .nullspace import complete, null_images, null_space
 from .equations import gram_entries_bound
-from .preconditioning import conv_preconditioner, plan
+from .preconditioning import conv_preconditioner, joint_preconditioner, plan
 
 # Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
 # a dense system would take minutes and gigabytes, and the sparse normal equations take over.
@@ -68,10 +68,13 @@ KRYLOV_TOLERANCE = 1e-14
 KRYLOV_MAX_STEPS, KRYLOV_TIME_LIMIT = 3000, 600.0
 # Power and inverse-iteration steps of a Krylov solve's condition number (its order of magnitude), and
 # the looser tolerance of the inverse iteration's solves (a 128-px 5x5 layer: 1e-3 gives the same three
-# digits of its condition number as 1e-6, in half the CG steps, 3 s less).
-_CONDITION_STEPS, _CONDITION_TOLERANCE = 2, 1e-3
-# The error bound's tangents need a few digits (solvers.Solved): its Krylov solves stop at this tolerance.
-_RESOLVE_TOLERANCE = 1e-8
+# digits of its condition number as 1e-6, in half the CG steps, 3 s less; a 96-px ReLU layer solved with
+# both kinds of constraints: 1e-2 gives 6.140 where 1e-3 gives 6.149, 2.5 s less).
+_CONDITION_STEPS, _CONDITION_TOLERANCE = 2, 1e-2
+# The error bound's tangents need a few digits (solvers.Solved): its Krylov solves stop at this tolerance
+# (a 96-px ReLU net's bound from float32: 3.366e-5 at 1e-8 in 17 s, the same at 1e-6 in 12.5 s, 3.364e-5
+# at 1e-4 in 6.9 s).
+_RESOLVE_TOLERANCE = 1e-5
 # Vectors of the layer's size a Krylov solve keeps at once (CG's, the preconditioner's, the refinement's).
 _KRYLOV_VECTORS = 12
 # CGLS steps for a large layer that cannot be determined (too few equations, or wrong data from an
@@ -312,8 +315,12 @@ class SolverPlan(NamedTuple):
     reason: str = ""  # why not "direct", in words
 
 
-def plan_solver(weight_shape, input_shape, stride, padding, memory_limit=None):
-    """The SolverPlan of a conv layer's weight constraints, from shapes alone."""
+def plan_solver(weight_shape, input_shape, stride, padding, memory_limit=None, *, partial=False):
+    """The SolverPlan of a conv layer's weight constraints, from shapes alone.
+
+    partial: only some rows are known (ReLU units on): a Krylov solve then takes both kinds of constraint
+    and a diagonal preconditioner (preconditioning.joint_preconditioner), not the frame and the symbol.
+    """
     gram = gram_entries_bound(input_shape, weight_shape[2:])
     direct = _SPARSE_BYTES_PER_ENTRY * gram
     if direct > (memory_limit or math.inf) or gram > DIRECT_MAX_GRAM_ENTRIES:
@@ -323,20 +330,25 @@ def plan_solver(weight_shape, input_shape, stride, padding, memory_limit=None):
     else:
         return SolverPlan("direct", direct)
     vectors = _KRYLOV_VECTORS * math.prod(input_shape) * _FLOAT64_BYTES
-    return SolverPlan("krylov", vectors + plan(weight_shape, input_shape, stride, padding).bytes,
-                      reason)
+    preconditioner = 0 if partial else plan(weight_shape, input_shape, stride, padding).bytes
+    return SolverPlan("krylov", vectors + preconditioner, reason)
 
 
 def choose_solver(equations, memory_limit):
     """The SolverPlan of a layer's weight constraints: "direct" when their sparse normal equations may be built
     and factorised here and that is the faster, else "krylov" (plan_solver)."""
     weights = equations.weights
-    return plan_solver(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, memory_limit)
+    return plan_solver(weights.weight.shape, weights.input_shape, weights.stride, weights.padding, memory_limit,
+                       partial=not bool(equations.known.all()))
 
 
 def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     """The sparse normal equations of weight constraints (and gradient constraints), for large layers."""
     notes = []
+    chosen = choose_solver(equations, memory_limit)
+    if chosen.solver == "krylov":  # matrix-free: the gradient constraints need no Gram blocks here
+        why = f"{label}: {chosen.reason}"
+        return _solve_krylov(equations, with_gradients, memory_limit, label, (why,))
     if with_gradients and _gradient_gram_bytes(equations) > (memory_limit or math.inf):
         notes.append(f"{label}: gradient constraints left out, their Gram blocks would need "
                      f"{size(_gradient_gram_bytes(equations))}")
@@ -344,10 +356,6 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     if with_gradients:
         check(3 * equations.gradients.dense_bytes(), f"{label}: the gradient-constraint matrix "
               f"({equations.gradients.shape[0]:,} x {equations.gradients.shape[1]:,}, dense)", memory_limit)
-    chosen = choose_solver(equations, memory_limit)
-    if chosen.solver == "krylov":
-        why = f"{label}: {chosen.reason}"
-        return _solve_krylov(equations, with_gradients, memory_limit, label, tuple(notes) + (why,))
     weights, known = equations.weights, equations.known
     check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
           f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
@@ -381,22 +389,29 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
     check(_KRYLOV_VECTORS * weights.shape[1] * _FLOAT64_BYTES, f"{label}: the vectors of its Krylov solve "
           f"({weights.shape[1]:,} unknowns)", memory_limit)
     system = joint_system(equations, with_gradients)
-    weight_scale = _hybrid_scales(equations)[1] if with_gradients else 1.0
+    grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
 
     def gram_apply(v):
         return system.apply_t(system.apply(v))
 
-    preconditioner = conv_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding, known,
-                                         gram_apply, memory_limit=memory_limit, label=label, cache=weights.factors)
+    if with_gradients and not bool(known.all()):
+        preconditioner = joint_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding,
+                                              known, equations.gradients.output_grad, weight_scale, grad_scale)
+    else:
+        symbol = conv_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding, known,
+                                     gram_apply, memory_limit=memory_limit, label=label, cache=weights.factors)
+
+        def preconditioner(r):
+            return symbol(r) / weight_scale ** 2
 
     def solve_rhs(rhs, tolerance=KRYLOV_TOLERANCE):
-        return normal_cg(system.apply, system.apply_t, rhs, lambda r: preconditioner(r) / weight_scale ** 2,
+        return normal_cg(system.apply, system.apply_t, rhs, preconditioner,
                          tolerance=tolerance, max_iterations=KRYLOV_MAX_STEPS, time_limit=KRYLOV_TIME_LIMIT)
 
     solved = solve_rhs(system.rhs)
     cond = math.inf  # a solve that stopped short is not certified: its inverse iterations would not be either
     if solved.converged:
-        inverse = gram_solver(gram_apply, lambda r: preconditioner(r) / weight_scale ** 2,
+        inverse = gram_solver(gram_apply, preconditioner,
                               tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
         estimates = power_estimates(weights.shape[1], system.rhs, gram_apply, inverse, iterations=_CONDITION_STEPS)
         cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
