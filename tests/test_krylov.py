@@ -266,3 +266,20 @@ def test_a_relu_layer_s_krylov_plan_needs_only_its_vectors():
     every_row, relu = systems.plan_solver(*shapes), systems.plan_solver(*shapes, partial=True)
     assert every_row.solver == relu.solver == "krylov"
     assert relu.memory == systems._KRYLOV_VECTORS * 32 * 64 * 64 * 8 < every_row.memory / 100
+
+
+def test_gradient_constraints_whose_gram_blocks_are_too_large_are_solved_by_cg_under_relu(monkeypatch):
+    """Their dense residue-class blocks count like the weight Gram matrix: under ReLU, where the units that are on
+    may barely determine the layer, both kinds go to CG; with every row known the gradient constraints are left
+    out, as the weight constraints alone determine the layer."""
+    relu, truth = relu_layer()
+    full, _ = conv_layer()
+    assert systems.gram_entries_bound(relu.weights.input_shape, (3, 3)) < 10 ** 6 < systems._gradient_gram_entries(relu)
+    monkeypatch.setattr(systems, "DIRECT_MAX_GRAM_ENTRIES", 10 ** 6)
+    solved = systems.solve_layer(relu, "hybrid", torch.float64, label="layer")
+    assert solved.solver == "krylov" and solved.stopped == ""
+    assert any("Gram blocks of its gradient constraints" in note and "both kinds solved by CG" in note
+               for note in solved.notes)
+    assert float((solved.x - truth.reshape(truth.shape[0], -1)).abs().max()) <= LAYER_AGREEMENT
+    kept = systems.solve_layer(full, "hybrid", torch.float64, label="layer")
+    assert kept.solver == "direct" and any("gradient constraints left out" in note for note in kept.notes)

@@ -300,9 +300,13 @@ def _gradient_gram(equations, scale):
                                    shape=(size, size))
 
 
+def _gradient_gram_entries(equations):
+    """Nonzeros of I_C (x) A^T A: A's residue-class blocks are dense."""
+    return equations.channels * sum(len(r.pixels) ** 2 for r in equations.gradients.residue_classes())
+
+
 def _gradient_gram_bytes(equations):
-    return equations.channels * sum(len(r.pixels) ** 2 for r in equations.gradients.residue_classes()) \
-        * _SPARSE_BYTES_PER_ENTRY
+    return _gradient_gram_entries(equations) * _SPARSE_BYTES_PER_ENTRY
 
 
 class SolverPlan(NamedTuple):
@@ -349,9 +353,16 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     if chosen.solver == "krylov":  # matrix-free: the gradient constraints need no Gram blocks here
         why = f"{label}: {chosen.reason}"
         return _solve_krylov(equations, with_gradients, memory_limit, label, (why,))
-    if with_gradients and _gradient_gram_bytes(equations) > (memory_limit or math.inf):
-        notes.append(f"{label}: gradient constraints left out, their Gram blocks would need "
-                     f"{size(_gradient_gram_bytes(equations))}")
+    # The gradient constraints' Gram blocks count like the weight constraints' Gram matrix: beyond
+    # DIRECT_MAX_GRAM_ENTRIES their construction and factorisation outgrow any estimate (a 128-px ReLU net's
+    # first layer, 201M entries, predicted 8 GB, was killed at 24 GB).
+    if with_gradients and (_gradient_gram_entries(equations) > DIRECT_MAX_GRAM_ENTRIES
+                           or _gradient_gram_bytes(equations) > (memory_limit or math.inf)):
+        need = size(_gradient_gram_bytes(equations))
+        if not bool(equations.known.all()):  # the units that are on alone may barely determine the layer
+            return _solve_krylov(equations, True, memory_limit, label, (
+                f"{label}: the Gram blocks of its gradient constraints would need {need}; both kinds solved by CG",))
+        notes.append(f"{label}: gradient constraints left out, their Gram blocks would need {need}")
         with_gradients = False
     if with_gradients:
         check(3 * equations.gradients.dense_bytes(), f"{label}: the gradient-constraint matrix "
