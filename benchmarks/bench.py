@@ -20,7 +20,8 @@ LeNet at 96 px, which is not recoverable there and must say so quickly.
 
 The "... / plain net" rows attack networks that are not presets (PLAIN_NETWORKS: plain nn.Sequential,
 PyTorch's initialisation, shapes chosen by counting), as a user's own model would be: a batch of 8,
-and the sample photos at 128 px (3x3 kernels) and at 128 and 224 px (5x5 kernels, a cold and a warm photo).
+the sample photos at 128 px (3x3 kernels) and at 128 and 224 px (5x5 kernels, a cold and a warm photo),
+and one photo at 128 px through ReLU layers with enough filters for the units that are off.
 
 The "Success_rates ..." rows (only on request: --only workers; they need dask.distributed) time
 the Success_rates notebook's sweep, reduced (WORKER_SWEEP), run serially, on a Dask LocalCluster
@@ -96,9 +97,20 @@ def _plain_5x5(channels, classes, side, seed):
                          nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(20 * after * after, classes))
 
 
+def _plain_relu(channels, classes, side, seed):
+    """Conv 32 / 72 filters (5x5, strides 2, 1), ReLU twice, then Linear: recoverable by counting with about half
+    the units on; its second layer's partial weight constraints take the Krylov solve from 96 px on."""
+    import torch
+    from torch import nn
+    torch.manual_seed(seed)
+    after = (side + 1) // 2
+    return nn.Sequential(nn.Conv2d(channels, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 72, 5, 1, 2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(72 * after * after, classes))
+
+
 # Networks that are not presets, by name: (channels, classes, side, seed) -> nn.Module.
 PLAIN_NETWORKS = {"plain_batch": _plain_batch, "plain_high_resolution": _plain_high_resolution,
-                  "plain_5x5": _plain_5x5}
+                  "plain_5x5": _plain_5x5, "plain_relu": _plain_relu}
 # Seed of a plain network's weights (the warm-up network takes another).
 PLAIN_SEED = 50
 
@@ -128,6 +140,8 @@ SETTINGS = {
     # Targets: exact, at most 20 s (128 px) and 60 s (224 px) cold, 6 GB. Two photos: a cold and a warm one.
     "Size 128 / plain 5x5 net": Setting("samples", None, 2, 128, network="plain_5x5"),
     "Size 224 / plain 5x5 net": Setting("samples", None, 2, 224, network="plain_5x5"),
+    # One photo: each attack takes minutes, and no factorisation is kept for a warm one under ReLU.
+    "Size 128 / plain ReLU net": Setting("samples", None, 1, 128, network="plain_relu"),
 }
 
 
