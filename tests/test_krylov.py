@@ -235,12 +235,10 @@ def test_the_joint_preconditioner_is_the_inverse_diagonal_of_both_kinds_of_const
 
 def test_a_relu_layer_too_large_to_factorise_is_solved_with_both_kinds_of_constraints(monkeypatch):
     equations, truth = relu_layer()
-    direct = systems.solve_layer(equations, "hybrid", torch.float64, label="layer")
     monkeypatch.setattr(systems, "DIRECT_MAX_GRAM_ENTRIES", 0)
     krylov = systems.solve_layer(equations, "hybrid", torch.float64, label="layer")
-    assert (direct.solver, krylov.solver) == ("direct", "krylov") and krylov.stopped == ""
+    assert krylov.solver == "krylov" and krylov.stopped == ""
     assert float((krylov.x - truth.reshape(truth.shape[0], -1)).abs().max()) <= LAYER_AGREEMENT
-    assert float((krylov.x - direct.x).abs().max() / direct.x.abs().max()) <= LAYER_AGREEMENT
 
 
 @pytest.mark.slow
