@@ -296,19 +296,17 @@ def _candidates(step, equations, options):
     """
     forced = options.methods.get(step.number, options.first_layer if step.number == 1 else None)
     large = equations.unknowns > DENSE_MAX_UNKNOWNS
-    weights_could = int(equations.known.sum()) >= equations.unknowns
+    weights_could = large and int(equations.known.sum()) >= equations.unknowns
+    # Without the gradient constraints partial weight constraints are barely overdetermined, and CG on them
+    # needs several times the steps (a 128-px ReLU net's second layer: 510 against 184).
+    both_first = weights_could and _masked_krylov(equations, options)
     if forced is not None:
-        if forced == "hybrid" and large and weights_could and not _masked_krylov(equations, options):
-            return ["weights", "hybrid"]
-        return [forced]
+        return ["weights", "hybrid"] if forced == "hybrid" and weights_could and not both_first else [forced]
     order = ["gradients"] if not large or _gradients_could_suffice(step, equations) else []
-    if large and weights_could and _masked_krylov(equations, options):
-        # Without the gradient constraints the partial weight constraints are barely overdetermined, and CG on
-        # them needs several times the steps (a 128-px ReLU net's second layer: 510 against 184).
-        order.append("gradients+weights")
-    if large and weights_could:
+    order += ["gradients+weights"] if both_first else []
+    if weights_could:
         order.append("weights")
-    if (bool(equations.known.any()) or not order) and "gradients+weights" not in order:
+    if (bool(equations.known.any()) or not order) and not both_first:
         order.append("gradients+weights")
     return order
 
