@@ -23,7 +23,7 @@ from .activations import VALUE_RANGES, Noise, branches, preactivation
 from .constraints import min_filters
 from .equations import GradientSystem, LayerEquations, weight_system
 from .pooling import AVG_ACTIVATIONS, MAX_ACTIVATIONS, MAX_ITERATIONS, PooledInversion, invert_pooled_layer
-from .systems import DENSE_MAX_UNKNOWNS, counted_equations, estimate_layer, plan_solver, solve_layer
+from .systems import DENSE_MAX_UNKNOWNS, choose_solver, counted_equations, estimate_layer, solve_layer
 from .tangents import Linearisation
 from .tolerances import Tolerances
 from .train_norm import solve_train_norm
@@ -274,10 +274,7 @@ def _gradients_could_suffice(step, equations):
 
 def _masked_krylov(equations, options):
     """A large layer whose weight constraints are partial (ReLU units off) and too large to factorise."""
-    weights = equations.weights
-    return not bool(equations.known.all()) and plan_solver(
-        weights.weight.shape, weights.input_shape, weights.stride, weights.padding, options.memory_limit,
-        partial=True).solver == "krylov"
+    return not bool(equations.known.all()) and choose_solver(equations, options.memory_limit).solver == "krylov"
 
 
 def _system_method(method):

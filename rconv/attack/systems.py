@@ -305,10 +305,6 @@ def _gradient_gram_entries(equations):
     return equations.channels * sum(len(r.pixels) ** 2 for r in equations.gradients.residue_classes())
 
 
-def _gradient_gram_bytes(equations):
-    return _gradient_gram_entries(equations) * _SPARSE_BYTES_PER_ENTRY
-
-
 class SolverPlan(NamedTuple):
     """How a large layer's weight constraints will be solved, and the memory that is predicted before any
     gradient exists: the sparse Gram matrix for "direct" (its factor comes on top, measured by PARDISO
@@ -356,9 +352,9 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     # The gradient constraints' Gram blocks count like the weight constraints' Gram matrix: beyond
     # DIRECT_MAX_GRAM_ENTRIES their construction and factorisation outgrow any estimate (a 128-px ReLU net's
     # first layer, 201M entries, predicted 8 GB, was killed at 24 GB).
-    if with_gradients and (_gradient_gram_entries(equations) > DIRECT_MAX_GRAM_ENTRIES
-                           or _gradient_gram_bytes(equations) > (memory_limit or math.inf)):
-        need = size(_gradient_gram_bytes(equations))
+    entries = _gradient_gram_entries(equations) if with_gradients else 0
+    if entries > DIRECT_MAX_GRAM_ENTRIES or _SPARSE_BYTES_PER_ENTRY * entries > (memory_limit or math.inf):
+        need = size(_SPARSE_BYTES_PER_ENTRY * entries)
         if not bool(equations.known.all()):  # the units that are on alone may barely determine the layer
             return _solve_krylov(equations, True, memory_limit, label, (
                 f"{label}: the Gram blocks of its gradient constraints would need {need}; both kinds solved by CG",))
