@@ -32,8 +32,10 @@ def _address_space_left():
         limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     except (ImportError, OSError, ValueError):
         return None
+    if limit == resource.RLIM_INFINITY:  # the usual case, decided without reading /proc on every check
+        return None
     mapped = _proc_field("/proc/self/status", "VmSize")
-    if limit == resource.RLIM_INFINITY or mapped is None:
+    if mapped is None:
         return None
     return max(0, limit - mapped)
 
