@@ -16,6 +16,7 @@ import pytest
 
 import run_all
 from conftest import REPO
+from rconv.common.environment import current_environment
 from runner.folders import results_folder
 
 
@@ -124,12 +125,18 @@ def test_a_notebook_that_succeeds_replaces_its_results_together(repo):
     fake_notebook(repo / TESTING_TEMPLATE)
     before = snapshot(repo)
     old_summary = pd.read_csv(repo / "results" / "summary.csv")
+    old_environments = json.loads((repo / "results" / "environment.json").read_text())
     done = run_all_in(repo, "--only", "Test_on_CIFAR10")
     assert done.returncode == 0, done.stderr[-2000:]
     after = snapshot(repo)
     changed = {name for name in after if after[name] != before.get(name)}
+    # The notebook's entry in environment.json records where it ran: it changes only on another machine.
+    environments = json.loads((repo / "results" / "environment.json").read_text())
+    assert environments.pop("Test_on_CIFAR10") == current_environment()
+    assert environments == {k: v for k, v in old_environments.items() if k != "Test_on_CIFAR10"}
+    moved = {"results/environment.json"} if old_environments["Test_on_CIFAR10"] != current_environment() else set()
     assert changed == {"results/testing/cifar10/metrics.csv", "results/testing/cifar10/psnr.png",
-                       "results/summary.csv", "results/README.md", "Testing/Test_on_CIFAR10.ipynb"}
+                       "results/summary.csv", "results/README.md", "Testing/Test_on_CIFAR10.ipynb"} | moved
     assert set(before) - set(after) == {"results/testing/cifar10/grid_float32.png",
                                         "results/testing/cifar10/grid_float64.png"}, "the old subfolder is replaced"
     summary = pd.read_csv(repo / "results" / "summary.csv")
