@@ -133,3 +133,9 @@ def test_gradient_dtype_by_name(lenet, cifar_image):
 def test_an_unknown_dtype_is_named():
     with pytest.raises(rc.RConvError, match="unknown dtype 'float8'"):
         rc.as_dtype("float8")
+
+
+def test_a_train_mode_batchnorm1d_given_one_image_is_refused_clearly():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    with pytest.raises(rc.RConvError, match="train-mode BatchNorm needs several values per channel"):
+        rc.client_gradients(model.train(), torch.rand(3, 8, 8), 2)

@@ -342,3 +342,27 @@ def test_project_keeps_the_verdict_for_an_image_in_range(lenet_c10, cifar_image,
         projected = rc.reconstruct(lenet_c10, grads, (3, 32, 32), project=True, cache=lenet_c10_cache)
         assert projected.exact == plain.exact, projected.reasons
     assert projected.layers[0].clipped < 1e-3
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["linear", "mlp"])
+@pytest.mark.parametrize("dtype, within", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=["float64", "float32"])
+def test_a_network_without_conv_layers_gives_the_image_back_certified(head, dtype, within):
+    """The first Linear layer's input is the image itself: exact from its own gradients, with a finite bound."""
+    torch.manual_seed(3)
+    image = torch.rand(3, 8, 8)
+    layers = [nn.Flatten(), nn.Linear(3 * 8 * 8, 32 if head else 10)]
+    layers += [nn.ReLU(), nn.Dropout(), nn.Linear(32, 10)] if head else []
+    model = nn.Sequential(*layers).eval()
+    result = rc.reconstruct(model, rc.client_gradients(model, image, 4, dtype=dtype), (3, 8, 8))
+    error = max_error(result, image)
+    assert result.exact and result.layers == [] and error <= within
+    assert error <= result.error_bound <= 1e3 * within
+
+
+def test_a_batch_through_a_linear_layer_alone_comes_back_exact_with_its_labels():
+    torch.manual_seed(4)
+    images, labels = torch.rand(3, 3, 8, 8), torch.tensor([1, 4, 7])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    result = rc.reconstruct(model, rc.client_gradients(model, images, labels, dtype=torch.float64), (3, 8, 8))
+    table = rc.match_batch(images, labels, result).table
+    assert result.exact and bool(table.image_exact.all()) and float(table.max_abs_err.max()) <= 1e-10

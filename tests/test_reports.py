@@ -59,3 +59,10 @@ def test_constraint_report_counts_pools_and_says_how_deep_the_attack_can_be_exac
 def test_image_metrics_refuses_images_of_different_shapes():
     with pytest.raises(rc.RConvError, match="shape"):
         rc.image_metrics(torch.zeros(3, 8, 8), torch.zeros(1, 8, 8))
+
+
+def test_constraint_report_of_a_network_without_conv_layers_has_no_row_and_is_recoverable():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    table = rc.constraint_report(model, (3, 8, 8))
+    assert len(table) == 0 and {"layer", "determined_by", "max_batch"} <= set(table.columns)
+    assert table.attrs["recoverable"] and table.attrs["verdict"] == "recoverable" and table.attrs["max_batch"] == 9

@@ -161,6 +161,13 @@ def _verdict(rows):
     return f"not: exact at best down to {reach}; {_why_not(deepest)}"
 
 
+# constraint_report's columns, in order (for a network without conv layers, which has no row to name them).
+_REPORT_COLUMNS = ["layer", "input", "filters", "kernel", "stride", "padding", "activation", "pool", "needs_pattern",
+                   "linear", "unknowns", "gradient_constraints", "weight_constraints", "max_equations",
+                   "uncovered_pixels", "min_filters", "gradients_suffice", "weights_suffice", "weights_need_active",
+                   "batch_size", "max_batch", "determined_by", "weight_solver", "weight_solver_memory"]
+
+
 def constraint_report(model, input_shape, *, batch_size=1):
     """What each conv layer offers R-CONV before any gradient exists: unknowns against constraints.
 
@@ -224,11 +231,12 @@ def constraint_report(model, input_shape, *, batch_size=1):
         row["weight_solver"], row["weight_solver_memory"] = (
             _weight_solver(step, sizes[step.number - 1], batch_size) if pool.name is None else _pool_solver(unknowns))
         rows.append(row)
-    table = pd.DataFrame(rows)
+    # Without conv layers the table has no row: the Linear layer's input is the image, determined by itself.
+    table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=_REPORT_COLUMNS)
     table.attrs["verdict"] = _verdict(rows)
     table.attrs["recoverable"] = table.attrs["verdict"].startswith("recoverable")
     classes = network.linear.out_features
-    table.attrs["max_batch"] = int(min(table.max_batch.min(), classes - 1))
+    table.attrs["max_batch"] = int(min(table.max_batch.min(), classes - 1)) if rows else classes - 1
     return table
 
 

@@ -300,6 +300,15 @@ def linearised_bound(layers, measured, noise, dtype):
     return ErrorBound(bounds[0], tuple(bounds), noise)
 
 
+def features_bound(tangents, features, noise):
+    """The ErrorBound of a network without conv layers, whose image is the Linear layer's input: its largest move
+    over the probes (tangents: tangents.feature_tangents), times LINEARISED_MARGIN, plus the rounding of the
+    division that recovers it (a few float64 eps)."""
+    image = LINEARISED_MARGIN * float(tangents.moves.abs().max()) + \
+        _ROUNDING_MARGIN * eps(torch.float64) * float(features.abs().max())
+    return ErrorBound(image, (), noise)
+
+
 def _forward_rounding(measured, dtype):
     """How far the client's own forward pass, in the gradients' precision, may have rounded a hidden layer's
     input: the gradients describe that rounded input, so the attack recovers it, not the exact one."""

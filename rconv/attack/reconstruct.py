@@ -27,6 +27,7 @@ from .bounds import (
     Measured,
     SourceLevels,
     bound_reasons,
+    features_bound,
     keep_rank,
     linearised_bound,
     noise_directions,
@@ -50,7 +51,7 @@ from .steps import (
     rank_one,
     verdict,
 )
-from .tangents import propagate
+from .tangents import feature_tangents, propagate
 from .tolerances import Tolerances
 
 # Guards the division by a gradient's norm, which is zero only for a layer that learnt nothing.
@@ -273,9 +274,13 @@ def _error_bound(network, grads, options, cache, chain):
     sources = [[network.linear.weight, network.linear.bias]] + [[s.conv.weight] for s in reversed(network.steps)]
     levels = SourceLevels(options.tolerances.dtype, [max(_rounding_level(grads, p) for p in source)
                                                      for source in sources])
+    directions = noise_directions(parameters, grads, cache=cache)
+    if not network.steps:  # the Linear layer's input is the image
+        moved = feature_tangents(network, grads, chain.top.features, directions, levels)
+        return features_bound(moved, chain.top.features, moved.level)
     try:
         layers = propagate(network, grads, chain.top.features, [r.linearisation for r in chain.results],
-                           noise_directions(parameters, grads, cache=cache), levels)
+                           directions, levels)
     except (MemoryError, RuntimeError) as error:  # a factorisation applied to the noise directions ran out
         if not ran_out(error):
             raise
@@ -386,7 +391,8 @@ def _batch_chain(network, grads, sizes, options, cache, batch_size, like=None):
     like: an earlier _BatchChain: read every image's activations as it read its image with the nearest
     features (the probe); None comes back when the images do not pair up one to one.
     """
-    zeros = [(b.derivative == 0).flatten().cpu().numpy() for b in like.layers[-1].activation_reads] if like else None
+    zeros = ([(b.derivative == 0).flatten().cpu().numpy() for b in like.layers[-1].activation_reads]
+             if like is not None and like.layers else None)
     top = batch_linear_step(network, grads, sizes[-1], options, batch_size, zeros)
     signals, layers = top.signals, []
     order = _match(like.top.features, top.features) if like is not None else None
@@ -465,7 +471,10 @@ def _batch_probe(network, noisy, sizes, options, cache, chain):
 
 
 def _batch_measured(chain, n):
-    """What the bound needs of every conv layer of a _BatchChain, first to last, for its image n."""
+    """What the bound needs of every conv layer of a _BatchChain, first to last, for its image n; without conv
+    layers, of the image itself (the Linear layer's input, no residual of its own)."""
+    if not chain.layers:
+        return [Measured(chain.images[n], 0.0, 1.0)]
     return [Measured(layer.inputs[n], layer.report.residual, layer.report.cond) for layer in chain.layers]
 
 

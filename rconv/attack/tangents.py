@@ -53,23 +53,32 @@ def propagate(network, grads, features, linearisations, directions, levels):
     per conv layer, first to last.
     """
     linear = network.linear
-    weight_grad = grads.of(linear.weight).to(torch.float64)
-    bias_grad = grads.of(linear.bias).to(torch.float64)
+    features_moved = feature_tangents(network, grads, features, directions, levels)
+    level = features_moved.level
     bias_noise = directions(linear.bias)
-    moved, misfits, measured = _linear_tangents(weight_grad, bias_grad, features, directions(linear.weight),
-                                                bias_noise)
-    level = levels.own(misfits, measured)
     shape = linearisations[-1].activated.shape
-    columns = moved.shape[1]
-    activated = level * moved.reshape(*shape, columns)
+    columns = features_moved.moves.shape[1]
+    activated = features_moved.moves.reshape(*shape, columns)
     # (noise^T W)^T: MKL multiplies a transposed W by two columns several times slower
-    activated_grad = level * (bias_noise.T @ linear.weight.detach().to(bias_grad)).T.reshape(*shape, columns)
+    activated_grad = level * (bias_noise.T @ linear.weight.detach().to(bias_noise)).T.reshape(*shape, columns)
     layers = []
     for step, linearisation in zip(reversed(network.steps), reversed(linearisations)):
         layer, activated, activated_grad = _conv_tangents(step, linearisation, directions(step.conv.weight),
                                                           activated, activated_grad, levels)
         layers.insert(0, layer)
     return layers
+
+
+def feature_tangents(network, grads, features, directions, levels):
+    """The LayerTangents of the Linear layer's input (features, recovered): how the directions on the Linear
+    layer's gradients, at the level its rank-one misfit shows, move it. Without conv layers it is the image."""
+    linear = network.linear
+    weight_grad = grads.of(linear.weight).to(torch.float64)
+    bias_grad = grads.of(linear.bias).to(torch.float64)
+    moved, misfits, measured = _linear_tangents(weight_grad, bias_grad, features, directions(linear.weight),
+                                                directions(linear.bias))
+    level = levels.own(misfits, measured)
+    return LayerTangents(level * moved, level, 1.0)
 
 
 def _linear_tangents(weight_grad, bias_grad, features, weight_noise, bias_noise):

@@ -121,6 +121,11 @@ def client_gradients(model, image, label, *, dtype=torch.float32):
     except RuntimeError as error:  # a size no layer of a general model accepts
         raise RConvError(f"the model cannot take an image of shape {tuple(images.shape[1:])}: "
                          f"{str(error).splitlines()[0]}") from error
+    except ValueError as error:  # e.g. a train-mode BatchNorm1d given one value per channel (a single image)
+        raise RConvError(f"the model's forward pass refused {len(images)} image(s) of shape "
+                         f"{tuple(images.shape[1:])}: {str(error).splitlines()[0]}" +
+                         (" (a train-mode BatchNorm needs several values per channel: call model.eval(), or "
+                          "give a batch)" if "per channel" in str(error) else "")) from error
     _check_label_range(labels, logits.shape[-1])
     loss = F.cross_entropy(logits, labels.to(logits.device))
     return [g.detach() for g in torch.autograd.grad(loss, list(client.parameters()))]
