@@ -139,3 +139,10 @@ def test_a_train_mode_batchnorm1d_given_one_image_is_refused_clearly():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
     with pytest.raises(rc.RConvError, match="train-mode BatchNorm needs several values per channel"):
         rc.client_gradients(model.train(), torch.rand(3, 8, 8), 2)
+
+
+def test_an_image_with_nan_is_refused(lenet_c10, images):
+    broken = images[0].clone()
+    broken[0, 0, 0] = float("nan")
+    with pytest.raises(rc.RConvError, match="the image holds NaN or infinite values"):
+        rc.client_gradients(lenet_c10, broken, 1)

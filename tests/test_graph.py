@@ -352,3 +352,58 @@ def test_train_mode_batchnorm_is_kept_beside_its_conv_layer():
     """Not folded: it normalises by the image's own statistics (tests/test_batchnorm.py attacks it)."""
     step = parse_network(with_batchnorm().train()).steps[0]
     assert step.folded is None and step.norm is not None and step.norm.module is step.output_module
+
+
+class _SharedConv(nn.Module):
+    """One conv layer applied twice: its gradient sums both uses'."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * SIDE * SIDE, CLASSES)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.conv(torch.sigmoid(self.conv(x)))).flatten(1))
+
+
+class _ParameterConv(nn.Module):
+    """A conv written as F.conv2d on a bare parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(FIRST, 3, 5, 5))
+        self.fc = nn.Linear(FIRST * 8 * 8, CLASSES)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(F.conv2d(x, self.kernel, stride=2, padding=2)).flatten(1))
+
+
+def test_a_layer_used_twice_is_refused_naming_it():
+    with pytest.raises(rc.RConvError, match=r"conv \(Conv2d, after conv layer 1\): the same layer is used twice"):
+        trace_chain(_SharedConv())
+
+
+def test_a_bare_parameter_in_the_forward_is_refused_naming_it():
+    with pytest.raises(rc.RConvError, match=r"graph node kernel \(get_attr kernel\): the forward reads the parameter"):
+        trace_chain(_ParameterConv())
+
+
+class _WithUnused(nn.Module):
+    """A LeNet-like chain beside a layer its forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*body(), nn.Linear(FEATURES, CLASSES))
+        self.spare = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_parameter_the_forward_never_reaches_gets_a_zero_gradient_and_the_attack_runs():
+    torch.manual_seed(5)
+    model, image = _WithUnused(), torch.rand(*SHAPE)
+    grads = rc.client_gradients(model, image, 3, dtype=torch.float64)
+    assert all(float(g.abs().max()) == 0.0 for g in grads[-2:])
+    result = rc.reconstruct(model, grads, SHAPE)
+    assert result.exact and float((result.image[0] - image.double()).abs().max()) <= EXACT

@@ -82,6 +82,7 @@ def trace_chain(model, cache=None):
     graph = _cached_trace(model, modules, cache)
     operations, previous, convs = [], None, 0
     shapes = set()  # nodes that only query sizes, for reshapes
+    called = set()  # modules already in the chain
     for node in graph.nodes:
         if node.op == "placeholder":
             if previous is not None:
@@ -98,6 +99,10 @@ def trace_chain(model, cache=None):
                                  f"a single chain of layers")
             break
         where = _describe(node, modules, convs)
+        if node.op == "get_attr":
+            raise RConvError(f"{where}: the forward reads the parameter {node.target} itself (as F.conv2d(x, "
+                             f"self.{node.target}) or F.linear do); R-CONV reads conv and Linear layers as "
+                             f"nn.Conv2d and nn.Linear modules")
         if len(data) > 1:
             reason = _COMBINING.get(node.target, "it combines several tensors") if node.op == "call_function" \
                 else "it combines several tensors"
@@ -106,6 +111,12 @@ def trace_chain(model, cache=None):
             taken = data[0].name if data else "no tensor"
             raise RConvError(f"{where} takes {taken} instead of the previous operation's output ({previous.name}); "
                              f"R-CONV reads a single chain of layers, each taking the one before it")
+        if node.op == "call_module" and node.target in called and any(True for _ in modules[node.target].parameters()):
+            # its gradient sums every use's, which no one layer's equations describe
+            raise RConvError(f"{where}: the same layer is used twice, so its weights are shared and its gradient "
+                             f"is the sum of both uses'; R-CONV reads a chain whose layers each have their own weights")
+        if node.op == "call_module":
+            called.add(node.target)
         operation = _operation(node, modules, where)
         convs += operation.kind == "conv"
         operations.append(operation)

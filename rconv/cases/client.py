@@ -81,6 +81,8 @@ def _check_images(model, images):
     if not images.is_floating_point():
         raise RConvError(f"the image must be a real floating-point tensor (float32 in [0, 1], as load_images "
                          f"gives); got {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise RConvError("the image holds NaN or infinite values")
     conv = _first_conv(model)
     if conv is not None and images.shape[1] != conv.in_channels:
         raise RConvError(f"the model's first conv layer takes {conv.in_channels} channels; the image has "
@@ -128,7 +130,10 @@ def client_gradients(model, image, label, *, dtype=torch.float32):
                           "give a batch)" if "per channel" in str(error) else "")) from error
     _check_label_range(labels, logits.shape[-1])
     loss = F.cross_entropy(logits, labels.to(logits.device))
-    return [g.detach() for g in torch.autograd.grad(loss, list(client.parameters()))]
+    parameters = list(client.parameters())
+    # A parameter the forward pass never reaches gets a zero gradient, as an optimiser would see it.
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(parameters, grads)]
 
 
 def _check_strength(defence, strength):
