@@ -137,7 +137,7 @@ def test_an_unknown_dtype_is_named():
 
 def test_a_train_mode_batchnorm1d_given_one_image_is_refused_clearly():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
-    with pytest.raises(rc.RConvError, match="train-mode BatchNorm needs several values per channel"):
+    with pytest.raises(rc.RConvError, match="forward pass failed.*train-mode BatchNorm needs several values per channel"):
         rc.client_gradients(model.train(), torch.rand(3, 8, 8), 2)
 
 
@@ -146,3 +146,12 @@ def test_an_image_with_nan_is_refused(lenet_c10, images):
     broken[0, 0, 0] = float("nan")
     with pytest.raises(rc.RConvError, match="the image holds NaN or infinite values"):
         rc.client_gradients(lenet_c10, broken, 1)
+
+
+@pytest.mark.parametrize("head, problem", [(nn.Flatten(0), r"returns \(10,\) for 1 image"),
+                                           (nn.Identity(), r"returns \(1, 3, 8, 8\) for 1 image")],
+                         ids=["batch flattened", "no classifier"])
+def test_a_model_whose_output_is_no_logits_is_refused(head, problem):
+    layers = [nn.Flatten(0), nn.Linear(3 * 8 * 8, 10)] if isinstance(head, nn.Flatten) else [head]
+    with pytest.raises(rc.RConvError, match=problem):
+        rc.client_gradients(nn.Sequential(*layers), torch.rand(3, 8, 8), 2)

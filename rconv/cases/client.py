@@ -123,11 +123,15 @@ def client_gradients(model, image, label, *, dtype=torch.float32):
     except RuntimeError as error:  # a size no layer of a general model accepts
         raise RConvError(f"the model cannot take an image of shape {tuple(images.shape[1:])}: "
                          f"{str(error).splitlines()[0]}") from error
-    except ValueError as error:  # e.g. a train-mode BatchNorm1d given one value per channel (a single image)
-        raise RConvError(f"the model's forward pass refused {len(images)} image(s) of shape "
+    except (ValueError, TypeError, AttributeError) as error:  # e.g. a train-mode BatchNorm1d given one image
+        raise RConvError(f"the model's forward pass failed on {len(images)} image(s) of shape "
                          f"{tuple(images.shape[1:])}: {str(error).splitlines()[0]}" +
                          (" (a train-mode BatchNorm needs several values per channel: call model.eval(), or "
                           "give a batch)" if "per channel" in str(error) else "")) from error
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(images):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise RConvError(f"the model returns {shape} for {len(images)} image(s); a classifier's cross-entropy "
+                         f"needs logits of shape ({len(images)}, classes)")
     _check_label_range(labels, logits.shape[-1])
     loss = F.cross_entropy(logits, labels.to(logits.device))
     parameters = list(client.parameters())
