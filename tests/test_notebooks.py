@@ -1,6 +1,5 @@
 """The notebooks: one literal parameters cell, no algorithm code, and a quick headless run of all of them."""
 import ast
-import importlib.util
 import json
 import re
 import subprocess

@@ -302,7 +302,7 @@ def linearised_bound(layers, measured, noise, dtype):
 
 def features_bound(tangents, features, noise):
     """The ErrorBound of a network without conv layers, whose image is the Linear layer's input: its largest move
-    over the probes (tangents: tangents.feature_tangents), times LINEARISED_MARGIN, plus the rounding of the
+    over the probes (tangents: tangents.features_tangents), times LINEARISED_MARGIN, plus the rounding of the
     division that recovers it (a few float64 eps)."""
     image = LINEARISED_MARGIN * float(tangents.moves.abs().max()) + \
         _ROUNDING_MARGIN * eps(torch.float64) * float(features.abs().max())

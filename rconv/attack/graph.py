@@ -111,7 +111,8 @@ def trace_chain(model, cache=None):
             taken = data[0].name if data else "no tensor"
             raise RConvError(f"{where} takes {taken} instead of the previous operation's output ({previous.name}); "
                              f"R-CONV reads a single chain of layers, each taking the one before it")
-        if node.op == "call_module" and node.target in called and any(True for _ in modules[node.target].parameters()):
+        weighted = node.op == "call_module" and next(modules[node.target].parameters(), None) is not None
+        if weighted and node.target in called:
             # its gradient sums every use's, which no one layer's equations describe
             raise RConvError(f"{where}: the same layer is used twice, so its weights are shared and its gradient "
                              f"is the sum of both uses'; R-CONV reads a chain whose layers each have their own weights")

@@ -51,7 +51,7 @@ from .steps import (
     rank_one,
     verdict,
 )
-from .tangents import feature_tangents, propagate
+from .tangents import features_tangents, propagate
 from .tolerances import Tolerances
 
 # Guards the division by a gradient's norm, which is zero only for a layer that learnt nothing.
@@ -274,11 +274,11 @@ def _error_bound(network, grads, options, cache, chain):
     sources = [[network.linear.weight, network.linear.bias]] + [[s.conv.weight] for s in reversed(network.steps)]
     levels = SourceLevels(options.tolerances.dtype, [max(_rounding_level(grads, p) for p in source)
                                                      for source in sources])
-    directions = noise_directions(parameters, grads, cache=cache)
-    if not network.steps:  # the Linear layer's input is the image
-        moved = feature_tangents(network, grads, chain.top.features, directions, levels)
-        return features_bound(moved, chain.top.features, moved.level)
     try:
+        directions = noise_directions(parameters, grads, cache=cache)
+        if not network.steps:  # the Linear layer's input is the image
+            moved = features_tangents(network, grads, chain.top.features, directions, levels)
+            return features_bound(moved, chain.top.features, moved.level)
         layers = propagate(network, grads, chain.top.features, [r.linearisation for r in chain.results],
                            directions, levels)
     except (MemoryError, RuntimeError) as error:  # a factorisation applied to the noise directions ran out

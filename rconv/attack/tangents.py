@@ -53,7 +53,7 @@ def propagate(network, grads, features, linearisations, directions, levels):
     per conv layer, first to last.
     """
     linear = network.linear
-    features_moved = feature_tangents(network, grads, features, directions, levels)
+    features_moved = features_tangents(network, grads, features, directions, levels)
     level = features_moved.level
     bias_noise = directions(linear.bias)
     shape = linearisations[-1].activated.shape
@@ -69,7 +69,7 @@ def propagate(network, grads, features, linearisations, directions, levels):
     return layers
 
 
-def feature_tangents(network, grads, features, directions, levels):
+def features_tangents(network, grads, features, directions, levels):
     """The LayerTangents of the Linear layer's input (features, recovered): how the directions on the Linear
     layer's gradients, at the level its rank-one misfit shows, move it. Without conv layers it is the image."""
     linear = network.linear
