@@ -87,3 +87,16 @@ def test_below_an_undetermined_pooled_layer_the_image_is_estimated_from_the_exac
     assert any(note.startswith("below the last determined layer the image is an estimate") for note in result.notes)
     assert rc.image_metrics(image, result.image[0])["psnr"] >= 40  # the solve alone leaves zeros: about 5 dB
     assert 0.0 <= float(result.image.min()) and float(result.image.max()) <= 1.0
+
+
+def test_a_pooled_layer_counting_cannot_determine_is_not_searched():
+    """Global average pooling leaves 16 pooled values and 16*9 gradient constraints per channel for 3*16*16
+    unknowns: no pattern can determine them, so the search (half a minute at 32 px) is skipped, saying why."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 5))
+    image = torch.rand(3, 16, 16)
+    result = rc.reconstruct(model, _gradients(model, image, 2, torch.float64), image.shape)
+    assert not result.exact
+    assert "it has 768 unknowns and at most 448 equations under any pattern" in result.reasons[0]
+    assert any("pattern not searched" in note for note in result.notes)

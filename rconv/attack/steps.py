@@ -413,6 +413,13 @@ def _pooled_search(step, signal, grads, input_shape, options, frozen, start=None
     if unknowns > POOLED_MAX_UNKNOWNS:
         return None, (f"its {unknowns:,} unknowns are beyond the pattern search's dense solves "
                       f"({POOLED_MAX_UNKNOWNS:,}), so its input is only estimated")
+    channels, height, width = input_shape
+    filters, _, kh, kw = step.conv.weight.shape
+    # what constraint_report counts: gradient constraints (at most H*W per channel) and the pooled values
+    equations = channels * min(filters * kh * kw, height * width) + signal.activated.numel()
+    if frozen is None and equations < unknowns:
+        return None, (f"it has {unknowns:,} unknowns and at most {equations:,} equations under any pattern, so "
+                      f"no search can determine it and its input is only estimated")
     quick = frozen is not None
     conv = step.conv
     search = invert_pooled_layer(
