@@ -476,6 +476,8 @@ def _layer_reasons(report, tolerances):
                 f"{report.unknowns} unknowns)"]
     if report.stopped:
         reasons.append(f"{where}: not certified: {report.stopped}")
+        if not math.isfinite(report.residual):  # nothing was solved: the checks below would only echo that
+            return reasons
     elif not report.full_rank:
         reasons.append(f"{where}: rank {report.rank} of {report.unknowns} unknowns from {report.equations} "
                        f"equations, so part of its input is undetermined")
