@@ -66,3 +66,12 @@ def test_constraint_report_of_a_network_without_conv_layers_has_no_row_and_is_re
     table = rc.constraint_report(model, (3, 8, 8))
     assert len(table) == 0 and {"layer", "determined_by", "max_batch"} <= set(table.columns)
     assert table.attrs["recoverable"] and table.attrs["verdict"] == "recoverable" and table.attrs["max_batch"] == 9
+
+
+@pytest.mark.parametrize("layers", [
+    [torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)],
+    [torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+     torch.nn.Linear(16 * 4 * 4, 10)],
+    [torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10, bias=False)]], ids=["head", "pool", "bias-free"])
+def test_constraint_report_s_max_batch_is_one_where_reconstruct_attacks_one_image(layers):
+    assert rc.constraint_report(torch.nn.Sequential(*layers), (3, 8, 8)).attrs["max_batch"] == 1

@@ -194,7 +194,9 @@ def constraint_report(model, input_shape, *, batch_size=1):
     constraints (each image has its own), the gradient constraints shared (at most B*H*W per
     channel). max_batch is the largest B each layer supports by counting (inf when its weight
     constraints suffice image by image), and attrs["max_batch"] the network's: the smallest over its
-    layers, and below the number of classes, which a batch must stay under for its Linear layer to split.
+    layers, and below the number of classes, which a batch must stay under for its Linear layer to split;
+    1 where reconstruct attacks one image only (a head after the first Linear layer, a bias-free one, a
+    pool, a train-mode BatchNorm).
     """
     batch_size = whole_number(batch_size, "batch_size")
     import pandas as pd
@@ -237,7 +239,17 @@ def constraint_report(model, input_shape, *, batch_size=1):
     table.attrs["recoverable"] = table.attrs["verdict"].startswith("recoverable")
     classes = network.linear.out_features
     table.attrs["max_batch"] = int(min(table.max_batch.min(), classes - 1)) if rows else classes - 1
+    if _one_image_only(network):
+        table.attrs["max_batch"] = 1
     return table
+
+
+def _one_image_only(network):
+    """Whether reconstruct attacks the network one image at a time: a batch's split reads the softmax gradient
+    at a Linear layer with a bias that gives the logits, and a pool's search or a train-mode BatchNorm is for one
+    image."""
+    return (network.logits is not network.linear or network.bias_free
+            or any(step.pool is not None or step.norm is not None for step in network.steps))
 
 
 class _PoolCount(NamedTuple):
