@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attack.constraints import min_filters
+from ..attack.constraints import max_equations, min_filters
 from ..attack.network import check_input_shape, parse_network
 from ..attack.pooling import AVG_ACTIVATIONS
 from ..attack.steps import POOLED_MAX_UNKNOWNS
@@ -221,7 +221,7 @@ def constraint_report(model, input_shape, *, batch_size=1):
             pool=pool.name, needs_pattern=pool.needs_pattern, linear=pool.linear,
             unknowns=unknowns, gradient_constraints=gradient_constraints,
             weight_constraints=weight_constraints,
-            max_equations=channels * min(filters * kh * kw, batch_size * height * width) + weight_constraints,
+            max_equations=max_equations(channels, batch_size * height * width, filters * kh * kw, weight_constraints),
             uncovered_pixels=uncovered * channels, min_filters=needed,
             gradients_suffice=filters >= needed * batch_size,
             weights_suffice=(weight_constraints >= unknowns and uncovered == 0 and step.activation != "relu"
@@ -238,18 +238,9 @@ def constraint_report(model, input_shape, *, batch_size=1):
     table.attrs["verdict"] = _verdict(rows)
     table.attrs["recoverable"] = table.attrs["verdict"].startswith("recoverable")
     classes = network.linear.out_features
-    table.attrs["max_batch"] = int(min(table.max_batch.min(), classes - 1)) if rows else classes - 1
-    if _one_image_only(network):
-        table.attrs["max_batch"] = 1
+    table.attrs["max_batch"] = (1 if network.one_image_only() else
+                                int(min(table.max_batch.min(), classes - 1)) if rows else classes - 1)
     return table
-
-
-def _one_image_only(network):
-    """Whether reconstruct attacks the network one image at a time: a batch's split reads the softmax gradient
-    at a Linear layer with a bias that gives the logits, and a pool's search or a train-mode BatchNorm is for one
-    image."""
-    return (network.logits is not network.linear or network.bias_free
-            or any(step.pool is not None or step.norm is not None for step in network.steps))
 
 
 class _PoolCount(NamedTuple):

@@ -101,6 +101,13 @@ def weight_constraints(weight, input_size, stride=1, padding=0):
     return weight_entries(weight, input_size, stride, padding).dense()
 
 
+def max_equations(channels, pixels, kernel_rows, weight_constraints):
+    """The most independent equations a conv layer's constraints can offer (a counting bound on its rank): its
+    gradient constraints, kernel_rows = F*k*k per channel but at most `pixels` independent (H*W, or B*H*W over a
+    batch), plus its weight constraints (known outputs, or pooled values)."""
+    return channels * min(kernel_rows, pixels) + weight_constraints
+
+
 def min_filters(input_size, kernel_size, stride=1, padding=0):
     """The fewest filters whose gradient constraints can determine a layer's input (a counting bound).
 

@@ -78,6 +78,23 @@ class Network:
         """Whether the model's Linear layer has no bias, so that its output gradient is read off dL/dW alone."""
         return self.source_linear is not None and self.source_linear is not self.linear
 
+    def one_image_only(self):
+        """Why R-CONV attacks this network one image at a time, in words ("" where it splits a batch)."""
+        if self.logits is not self.linear:
+            return (f"the Linear layer {self.linear_name} is followed by more layers: a batch's split reads each "
+                    f"image's softmax gradient at the logits, so through a head R-CONV recovers one image, not a batch")
+        if self.bias_free:
+            return (f"the Linear layer {self.linear_name} has no bias: R-CONV reads its output gradient off a "
+                    f"rank-one weight gradient, so it recovers one image, not a batch")
+        for step in self.steps:
+            if step.pool is not None:
+                return (f"{step.label}: its activation is pooled, and R-CONV searches a pooled layer's pattern of "
+                        f"units for one image only")
+            if step.norm is not None:
+                return (f"{step.label}: its train-mode BatchNorm normalises by the batch's statistics, which couple "
+                        f"the images: R-CONV inverts it for one image only")
+        return ""
+
 
 def _conv_padding(conv, label):
     if isinstance(conv.padding, str):

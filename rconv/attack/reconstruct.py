@@ -176,8 +176,7 @@ def reconstruct(model, grads, input_shape, *, first_layer="hybrid", methods=None
                                             relu_tol=relu_tol, project=project, image_range=image_range,
                                             device=device, memory_limit=memory_limit))
     if (batch_size or 1) > 1 or (batch_size is None and check_batch and not _one_image(network, grads, options)):
-        _check_batch_linear(network)
-        _check_batch_layers(network)
+        _check_batch_network(network)
         result = _reconstruct_batch_members(model, network, grads, sizes, options, cache, batch_size, start)
         result.notes[:0] = update_notes
         return result
@@ -335,30 +334,12 @@ def _label(network, grads):
     return int(grads.of(logits.bias).argmin())
 
 
-def _check_batch_linear(network):
-    if network.logits is not network.linear:
-        raise RConvError(f"the Linear layer {network.linear_name} is followed by more layers: a batch's split "
-                         f"reads each image's softmax gradient at the logits, so through a head R-CONV recovers "
-                         f"one image, not a batch; these gradients look like a batch's (or pass batch_size=1 "
-                         f"and check_batch=False to try anyway)")
-    if network.bias_free:
-        raise RConvError(f"the Linear layer {network.linear_name} has no bias: R-CONV reads its output gradient "
-                         f"off a rank-one weight gradient, so it recovers one image, not a batch; these gradients "
-                         f"look like a batch's (or pass batch_size=1 and check_batch=False to try anyway)")
-
-
-def _check_batch_layers(network):
-    """Refuse a batch through train-mode BatchNorm: its statistics are the batch's, shared by all its images; and
-    through a pool, whose pattern search is for one image."""
-    for step in network.steps:
-        if step.pool is not None:
-            raise RConvError(f"{step.label}: its activation is pooled, and R-CONV searches a pooled layer's pattern "
-                             f"of units for one image only; these gradients look like a batch's (or pass "
-                             f"batch_size=1 and check_batch=False to try anyway)")
-        if step.norm is not None:
-            raise RConvError(f"{step.label}: its train-mode BatchNorm normalises by the batch's statistics, which "
-                             f"couple the images: R-CONV inverts it for one image only, and these gradients look "
-                             f"like a batch's (or pass batch_size=1 and check_batch=False to try anyway)")
+def _check_batch_network(network):
+    """Refuse a batch where the network admits one image only (Network.one_image_only says why)."""
+    why = network.one_image_only()
+    if why:
+        raise RConvError(f"{why}; these gradients look like a batch's (or pass batch_size=1 and check_batch=False to "
+                         f"try anyway)")
 
 
 def _check_batch_size(batch_size):

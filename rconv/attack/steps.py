@@ -20,7 +20,7 @@ from ..common.errors import RConvError
 from ..common.geometry import conv_output_size
 from ..linalg.solvers import TINY, eps
 from .activations import VALUE_RANGES, Noise, branches, preactivation
-from .constraints import min_filters
+from .constraints import max_equations, min_filters
 from .equations import GradientSystem, LayerEquations, weight_system
 from .pooling import AVG_ACTIVATIONS, MAX_ACTIVATIONS, MAX_ITERATIONS, PooledInversion, invert_pooled_layer
 from .systems import DENSE_MAX_UNKNOWNS, choose_solver, counted_equations, estimate_layer, solve_layer
@@ -415,8 +415,7 @@ def _pooled_search(step, signal, grads, input_shape, options, frozen, start=None
                       f"({POOLED_MAX_UNKNOWNS:,}), so its input is only estimated")
     channels, height, width = input_shape
     filters, _, kh, kw = step.conv.weight.shape
-    # what constraint_report counts: gradient constraints (at most H*W per channel) and the pooled values
-    equations = channels * min(filters * kh * kw, height * width) + signal.activated.numel()
+    equations = max_equations(channels, height * width, filters * kh * kw, signal.activated.numel())
     if frozen is None and equations < unknowns:
         return None, (f"it has {unknowns:,} unknowns and at most {equations:,} equations under any pattern, so "
                       f"no search can determine it and its input is only estimated")
