@@ -43,8 +43,8 @@ _ROUNDING_MARGIN = 10.0
 # (one is cheaper, but its largest error/bound over the defended sweep was 1.3 times two's).
 LINEARISED_PROBES = 2
 # The linearised bound's margin over the largest move of its probes: with it the true error reached
-# at most 0.52 of the bound over 624 defended attacks (benchmarks/bound_sweep.py) and 0.71 over the
-# 1,440 exact images of the Testing and Various_settings notebooks; a larger margin certifies fewer
+# at most 0.50 of the bound over 624 defended attacks (benchmarks/bound_sweep.py) and 0.84 over the
+# 1,437 exact images of the Testing and Various_settings notebooks; a larger margin certifies fewer
 # float32 images whose errors are a few 1e-4.
 LINEARISED_MARGIN = 3.0
 # A hidden layer's input, computed by the client in the gradients' precision, is rounded by about this
