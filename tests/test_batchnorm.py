@@ -17,8 +17,9 @@ FILTERS, CLASSES, LABEL = 16, 10, 3
 EXACT = 1e-6  # float64 gradients: the image to this max abs error, as `exact` promises
 FLOAT32_PSNR = 60.0  # float32 gradients: the image at least this many dB (pixels in [0, 1])
 # The certificate: the recovered sigma^2 is var + eps of the recovered conv output, the mean its mean, and
-# BatchNorm's own gradients fit dL/dy and xhat, to float64 rounding amplified by the solve.
-CERTIFICATE = 1e-9
+# BatchNorm's own gradients fit dL/dy and xhat, to the gradients' rounding amplified by the solve (float32:
+# 1.4e-6 measured on the 5x5 first layer, within the 3.5e-4 the attack itself allows).
+CERTIFICATE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
 @pytest.fixture(autouse=True)
@@ -83,11 +84,11 @@ def assert_recovered(result, truth, dtype):
         assert psnr(result, truth) >= FLOAT32_PSNR
 
 
-def check_norm_layers(result, layers):
+def check_norm_layers(result, layers, dtype=torch.float64):
     for number in layers:
         report = result.layers[number - 1]
         assert report.method == TRAIN_NORM_METHOD and report.full_rank
-        assert report.bias_residual < CERTIFICATE  # dL/dgamma, dL/dbeta and sigma^2 = var + eps
+        assert report.bias_residual < CERTIFICATE[dtype]  # dL/dgamma, dL/dbeta and sigma^2 = var + eps
 
 
 @pytest.mark.slow
@@ -106,7 +107,7 @@ def test_first_layer_float32(kernel):
     result, truth = attack(model_of(kernel), torch.float32)
     assert psnr(result, truth) >= FLOAT32_PSNR
     if result.exact:
-        check_norm_layers(result, [1])
+        check_norm_layers(result, [1], torch.float32)
     # exact or not, the bound never claims less than the error
     assert float((result.image[0] - truth[0]).abs().max()) <= result.error_bound
 
