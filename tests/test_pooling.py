@@ -129,3 +129,14 @@ def test_shapes_are_checked():
     seen["input_size"] = (3, 10, 10)
     with pytest.raises(RConvError, match="gives"):
         invert_pooled_layer(conv, "relu", ("max", 2), **seen)
+
+
+def test_a_layer_no_pattern_can_determine_is_not_claimed():
+    """Two filters for 192 unknowns: every pattern's equations leave directions free (their solves go through the
+    ridge). The search stops short with a finite estimate, and measures no spectrum for a layer it did not
+    determine."""
+    conv, _, _, seen = make_layer(0, "relu", "max", filters=2, kernel=3, size=8)
+    result = invert_pooled_layer(conv, "relu", ("max", 2), **seen)
+    assert not result.exact and result.reason
+    assert bool(torch.isfinite(result.x).all())
+    assert result.rank == 0 and result.condition == float("inf")
