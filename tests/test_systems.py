@@ -37,3 +37,15 @@ def test_completion_in_the_gradient_null_space_has_the_stacked_system_s_rank(kno
         assert solved.spectrum.rank == equations.unknowns
         assert float((solved.x.reshape(x.shape) - x).abs().max()) <= EXACT_ERROR
         assert solved.residual <= 1e-12
+
+
+def test_the_fallback_completes_a_dense_sized_layer_before_any_joint_solve():
+    """1,024 unknowns would fit a dense joint solve of every unknown; the fallback completes the gradient
+    constraints' null space instead (ten times cheaper on LeNet_O's float32 second layers), as exactly."""
+    from rconv.attack.systems import DENSE_MAX_UNKNOWNS, solve_layer
+    x, equations = completion_case(0.95)
+    assert equations.unknowns <= DENSE_MAX_UNKNOWNS
+    solved = solve_layer(equations, "hybrid", torch.float64, fallback=True)
+    assert any("directions undetermined" in note for note in solved.notes)
+    assert solved.spectrum.rank == equations.unknowns
+    assert float((solved.x.reshape(x.shape) - x).abs().max()) <= EXACT_ERROR
