@@ -58,7 +58,7 @@ def activation_grad(activation, slope, activated, relu_threshold):
     return torch.ones_like(activated)
 
 
-def _repair_branches(step, derivative, activated, activated_grad, bias_grad, band, tolerance):
+def _repair_branches(step, derivative, activated, activated_grad, bias_grad, band, tolerance, threshold=0.0):
     """Settle units whose recovered output is too close to zero to tell ReLU's (or LeakyReLU's)
     branch: per filter, choose the branches that best satisfy dL/db[f] = sum_pq dL/dO[f, p, q].
 
@@ -74,12 +74,18 @@ def _repair_branches(step, derivative, activated, activated_grad, bias_grad, ban
         near = torch.nonzero(activated[f].abs().flatten() <= band).flatten()
         if len(near) == 0:
             continue
-        near = near[torch.argsort(activated[f].abs().flatten()[near])[:_REPAIR_MAX_UNITS]]
+        # the doubtful units sit at the branch test's threshold, not at zero, where the many units that are off
+        # lie in their noise
+        near = near[torch.argsort((activated[f].flatten()[near] - threshold).abs())[:_REPAIR_MAX_UNITS]]
         grads, current = activated_grad[f].flatten()[near], derivative[f].flatten()[near]
         choices = torch.tensor(list(itertools.product((low, 1.0), repeat=len(near))), dtype=grads.dtype,
                                device=grads.device)
         misfit = (residuals[f] - (choices - current) @ grads).abs()
-        best = int(torch.argmin(misfit))
+        # 2^n choices fit one number: the fewest flips that explain the misfit, lest several wrong ones fit its noise
+        changes = (choices != current).sum(1)
+        fits = misfit <= tolerance
+        best = int(torch.argmin(torch.where(fits, changes.to(misfit.dtype), misfit.new_tensor(float("inf"))))) \
+            if bool(fits.any()) else int(torch.argmin(misfit))
         if float(misfit[best]) < abs(float(residuals[f])):
             derivative[f].view(-1)[near] = choices[best]
     return derivative
@@ -167,7 +173,8 @@ def branches(step, activated, activated_grad, bias_grad, tolerances, noise, relu
     # gradients' precision, or the noise seen behind ReLU.
     band = max(threshold, noise.gain * eps(tolerances.dtype) * scale)
     tolerance = tolerances.residual * float(torch.linalg.norm(bias_grad)) if bias_grad is not None else 0.0
-    derivative = _repair_branches(step, derivative, activated, activated_grad, bias_grad, band, tolerance)
+    test = threshold if step.activation == "relu" else 0.0  # where activation_grad splits the branches
+    derivative = _repair_branches(step, derivative, activated, activated_grad, bias_grad, band, tolerance, test)
     return Branches(derivative, band)
 
 
