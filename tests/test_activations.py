@@ -84,6 +84,30 @@ def test_the_bias_gradient_settles_a_unit_rounding_put_on_the_wrong_side():
     assert torch.equal(settled.derivative, truth) and settled.band >= 1e-12
 
 
+def test_the_bias_gradient_settles_the_unit_at_the_threshold_not_the_dead_units_in_their_noise():
+    """float32: the dead units of a filter read +-1e-7 (rounding), and one live unit just below the ReLU test's
+    threshold reads as off. Among the units nearest zero (all dead) some combination of flips would fit the
+    filter's one bias misfit; the unit nearest the threshold, flipped alone, explains it."""
+    float32 = Tolerances.for_dtype(torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    z = preactivations(5, (1, 8, 8))
+    activated = torch.relu(z)
+    dead = z <= 0
+    activated[dead] = 1e-7 * (2 * torch.rand(int(dead.sum()), dtype=torch.float64, generator=generator) - 1)
+    live = tuple(int(i) for i in torch.nonzero(~dead)[0])
+    threshold = float(float32.relu) * float(activated.abs().max())
+    activated[live] = z[live] = 0.9 * threshold  # live, but under the test's threshold
+    activated_grad = torch.randn(z.shape, dtype=torch.float64, generator=generator)
+    truth = (z > 0).to(torch.float64)
+    bias_grad = (activated_grad * truth).sum((1, 2))
+    noise = Noise(gain=100.0, negative=1e-7)
+    assert int(dead.sum()) > 10  # more dead units near zero than the repair tries
+    unaided = branches(step("relu"), activated, activated_grad, None, float32, noise, "relative")
+    assert int((unaided.derivative != truth).sum()) == 1 and unaided.derivative[live] == 0
+    settled = branches(step("relu"), activated, activated_grad, bias_grad, float32, noise, "relative")
+    assert torch.equal(settled.derivative, truth)
+
+
 def test_the_published_test_rounds_to_seven_decimals():
     activated = torch.tensor([[[4e-8, 6e-8, -1e-3, 0.5]]], dtype=torch.float64)
     read = branches(step("relu"), activated, torch.ones_like(activated), None, FLOAT64, Noise(1.0, 0.0), "absolute")
