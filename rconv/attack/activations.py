@@ -81,14 +81,19 @@ def _repair_branches(step, derivative, activated, activated_grad, bias_grad, ban
         choices = torch.tensor(list(itertools.product((low, 1.0), repeat=len(near))), dtype=grads.dtype,
                                device=grads.device)
         misfit = (residuals[f] - (choices - current) @ grads).abs()
-        # 2^n choices fit one number: the fewest flips that explain the misfit, lest several wrong ones fit its noise
-        changes = (choices != current).sum(1)
-        fits = misfit <= tolerance
-        best = int(torch.argmin(torch.where(fits, changes.to(misfit.dtype), misfit.new_tensor(float("inf"))))) \
-            if bool(fits.any()) else int(torch.argmin(misfit))
+        best = _fewest_flips(misfit, (choices != current).sum(1), tolerance)
         if float(misfit[best]) < abs(float(residuals[f])):
             derivative[f].view(-1)[near] = choices[best]
     return derivative
+
+
+def _fewest_flips(misfit, changes, tolerance):
+    """The choice with the fewest flips among those whose misfit is within tolerance, else the best-fitting one:
+    2^n choices fit one number, and several wrong flips can fit its noise better than the one right flip."""
+    fits = misfit <= tolerance
+    if not bool(fits.any()):
+        return int(torch.argmin(misfit))
+    return int(torch.argmin(torch.where(fits, changes.to(misfit.dtype), misfit.new_tensor(float("inf")))))
 
 
 def _published_branches(step, activated):
