@@ -44,7 +44,7 @@ _ROUNDING_MARGIN = 10.0
 LINEARISED_PROBES = 2
 # The linearised bound's margin over the largest move of its probes: with it the true error reached
 # at most 0.50 of the bound over 624 defended attacks (benchmarks/bound_sweep.py) and 0.84 over the
-# 1,437 exact images of the Testing and Various_settings notebooks; a larger margin certifies fewer
+# 1,443 exact images of the Testing and Various_settings notebooks; a larger margin certifies fewer
 # float32 images whose errors are a few 1e-4.
 LINEARISED_MARGIN = 3.0
 # A hidden layer's input, computed by the client in the gradients' precision, is rounded by about this
