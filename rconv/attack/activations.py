@@ -58,12 +58,13 @@ def activation_grad(activation, slope, activated, relu_threshold):
     return torch.ones_like(activated)
 
 
-def _repair_branches(step, derivative, activated, activated_grad, bias_grad, band, tolerance, threshold=0.0):
-    """Settle units whose recovered output is too close to zero to tell ReLU's (or LeakyReLU's)
-    branch: per filter, choose the branches that best satisfy dL/db[f] = sum_pq dL/dO[f, p, q].
+def _repair_branches(step, derivative, activated, activated_grad, bias_grad, band, tolerance, threshold):
+    """Settle units whose recovered output is too close to the branch test's threshold (ReLU's, or
+    LeakyReLU's zero) to tell their branch: per filter, choose the branches that best satisfy
+    dL/db[f] = sum_pq dL/dO[f, p, q].
 
     The bias gradient is information the paper's method leaves unused; it resolves the few
-    units that rounding noise would otherwise put on the wrong side of zero.
+    units that rounding noise would otherwise put on the wrong side of the threshold.
     """
     if step.activation not in ("relu", "leaky_relu") or bias_grad is None or band <= 0:
         return derivative
@@ -112,7 +113,7 @@ def _flip_outliers(step, derivative, closeness, grads, bias_grad, tolerance):
     """Per filter whose bias misfit exceeds `tolerance`, flip the near-zero units (|closeness| <= 1)
     one at a time, each the one that best explains the misfit, while a flip brings it down by that
     factor of ten; the batch's version of _repair_branches, whose 2^n tries of the units nearest
-    zero miss a misread unit among the hundreds that a batch has near zero."""
+    the threshold miss a misread unit among the hundreds that a batch has near it."""
     if step.activation not in ("relu", "leaky_relu"):
         return derivative
     low = 0.0 if step.activation == "relu" else step.slope
