@@ -11,7 +11,7 @@ import rconv.attack.systems as systems
 import rconv_core as rc
 from rconv.attack.equations import GradientSystem, LayerEquations, WeightSystem
 from rconv.attack.preconditioning import conv_preconditioner, plan
-from rconv.linalg.krylov import normal_cg, symmetric_schwarz
+from rconv.linalg.krylov import gram_solver, normal_cg, symmetric_schwarz
 
 # Krylov and direct solutions of the same well-conditioned system agree to this, relative to the solution.
 AGREEMENT = 1e-10
@@ -58,6 +58,18 @@ def test_normal_cg_says_why_it_stopped_short():
     late = normal_cg(lambda v: matrix @ v, lambda v: matrix.T @ v, rhs, lambda r: r, tolerance=1e-14,
                      max_iterations=500, time_limit=0.0)
     assert "time limit" in late.reason
+
+
+def test_cg_solves_every_column_at_once_and_leaves_a_zero_column_at_zero():
+    matrix, _, _ = tall_system(cond=100.0)
+    gram = matrix.T @ matrix
+    rhs = torch.randn(gram.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    rhs[:, 1] = 0.0
+    solved = gram_solver(lambda v: gram @ v, lambda r: r, tolerance=1e-12, max_iterations=500)(rhs)
+    direct = torch.linalg.solve(gram, rhs)
+    assert torch.isfinite(solved).all() and bool((solved[:, 1] == 0).all())
+    # a residual within 1e-12 of |b| leaves an error within cond(K^T K) = 1e4 times that
+    assert float((solved - direct).abs().max() / direct.abs().max()) <= 1e-7
 
 
 def test_an_exact_local_solve_on_every_unknown_makes_cg_converge_at_once():
