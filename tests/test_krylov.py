@@ -11,7 +11,7 @@ import rconv.attack.systems as systems
 import rconv_core as rc
 from rconv.attack.equations import GradientSystem, LayerEquations, WeightSystem
 from rconv.attack.preconditioning import conv_preconditioner, plan
-from rconv.linalg.krylov import gram_solver, normal_cg, symmetric_schwarz
+from rconv.linalg.krylov import LowPrecision, gram_solver, normal_cg, symmetric_schwarz
 
 # Krylov and direct solutions of the same well-conditioned system agree to this, relative to the solution.
 AGREEMENT = 1e-10
@@ -70,6 +70,38 @@ def test_cg_solves_every_column_at_once_and_leaves_a_zero_column_at_zero():
     assert torch.isfinite(solved).all() and bool((solved[:, 1] == 0).all())
     # a residual within 1e-12 of |b| leaves an error within cond(K^T K) = 1e4 times that
     assert float((solved - direct).abs().max() / direct.abs().max()) <= 1e-7
+
+
+def counted(products, key, function):
+    def apply(v):
+        products[key] += 1
+        return function(v)
+    return apply
+
+
+# normal_cg's float64 products outside CG: a residual check per round and column, and the final residuals.
+_CHECKS = 20
+
+
+@pytest.mark.parametrize("cond, solved_by", [(30.0, "float32"), (1e4, "float64")])
+def test_float32_rounds_reach_the_float64_tolerance_or_hand_over_to_float64(cond, solved_by):
+    """A well-conditioned system is solved by float32 products, each round checked in float64; one that float32
+    cannot resolve (cond(K^T K) 1e8) hands over to float64 CG and reaches the same tolerance."""
+    matrix, truth, rhs = tall_system(cond=cond)
+    low = matrix.to(torch.float32)
+    gram = low.T @ low
+    products = {"float64": 0, "float32": 0}
+    lower = LowPrecision(counted(products, "float32", lambda v: gram @ v), jacobi(low), torch.float32)
+    solved = normal_cg(counted(products, "float64", lambda v: matrix @ v), lambda v: matrix.T @ v, rhs,
+                       jacobi(matrix), tolerance=1e-14, max_iterations=5000, lower=lower)
+    assert solved.converged and solved.optimality <= 1e-14
+    direct = torch.linalg.lstsq(matrix, rhs).solution
+    # CG on the normal equations stops near cond(K)^2 eps of the least-squares solution
+    assert float((solved.x - direct).abs().max() / direct.abs().max()) <= (AGREEMENT if cond < 100 else 1e-6)
+    if solved_by == "float32":
+        assert products["float64"] <= _CHECKS < products["float32"], products
+    else:
+        assert products["float64"] > 10 * _CHECKS, products
 
 
 def test_an_exact_local_solve_on_every_unknown_makes_cg_converge_at_once():

@@ -71,6 +71,13 @@ class GradientSystem:
     def dense_bytes(self):
         return self.shape[0] * self.shape[1] * _FLOAT64_BYTES
 
+    def to(self, dtype):
+        """The same constraints with their tensors in `dtype` (for products in a lower precision)."""
+        filters, (kh, kw) = self.output_grad.shape[0], self.kernel_size
+        weight_grad = self.rhs.reshape(filters, kh, kw, -1).permute(0, 3, 1, 2)
+        return GradientSystem(self.output_grad.to(dtype), weight_grad.to(dtype), self.input_size, self.kernel_size,
+                              self.stride, self.padding)
+
     def apply(self, x):
         """A x for x of shape (H*W, r): the weight gradient each column would produce."""
         images = x.T.reshape(1, x.shape[1], *self.input_size)
@@ -127,6 +134,10 @@ class WeightSystem:
         ones = weight.new_ones(1, *self.input_shape)
         self.row_norms = F.conv2d(ones, weight * weight, stride=stride, padding=padding).reshape(-1)
         self.factors, self._entries, self._gram, self._sparse_gram = {}, None, None, None
+
+    def to(self, dtype):
+        """The same constraints with the weights in `dtype` (for products in a lower precision); nothing cached."""
+        return WeightSystem(self.weight.to(dtype), self.input_shape, self.stride, self.padding)
 
     @property
     def entries(self):
@@ -286,4 +297,8 @@ class LayerEquations(NamedTuple):
     @property
     def unknowns(self):
         return self.weights.shape[1]
+
+    def to(self, dtype):
+        """The same equations with their tensors in `dtype` (for products in a lower precision)."""
+        return LayerEquations(self.gradients.to(dtype), self.weights.to(dtype), self.known, self.output.to(dtype))
 

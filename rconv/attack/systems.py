@@ -15,7 +15,7 @@ import torch
 
 from ..common.errors import RConvError
 from ..common.geometry import pair
-from ..linalg.krylov import gram_solver, normal_cg
+from ..linalg.krylov import LowPrecision, gram_solver, normal_cg
 from ..linalg.memory import check, ran_out, size
 from ..linalg.sparse import FillTooLarge
 from ..linalg.solvers import (
@@ -389,6 +389,28 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
                       resolve=_joint_resolve(equations, with_gradients, factor.least_squares))
 
 
+def _condition_solver(gram_apply, preconditioner, lower):
+    """An approximate (K^T K)^-1 for a condition number's inverse iteration: a few digits, in the lower
+    precision when there is one."""
+    if lower is None:
+        return gram_solver(gram_apply, preconditioner, tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
+    solve = gram_solver(lower.gram_apply, lower.precondition, tolerance=_CONDITION_TOLERANCE,
+                        max_iterations=KRYLOV_MAX_STEPS)
+    return lambda v: solve(v.to(lower.dtype)).to(v.dtype)
+
+
+def _lower_precision(equations):
+    """The joint normal equations of a partial layer (both kinds of constraint, a diagonal preconditioner) in
+    float32, for normal_cg's rounds between float64 residuals."""
+    low = equations.to(torch.float32)
+    system = joint_system(low, True)
+    grad_scale, weight_scale = _hybrid_scales(low)
+    weights = low.weights
+    precondition = joint_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding,
+                                        low.known, low.gradients.output_grad, weight_scale, grad_scale)
+    return LowPrecision(lambda v: system.apply_t(system.apply(v)), precondition, torch.float32)
+
+
 def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
     """The weight constraints (and gradient constraints) by preconditioned CG, matrix-free: for layers whose
     factorisation would not fit. Certified by its residuals; a solve that stops short says why (`stopped`)."""
@@ -401,9 +423,11 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
     def gram_apply(v):
         return system.apply_t(system.apply(v))
 
+    lower = None
     if with_gradients and not bool(known.all()):
         preconditioner = joint_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding,
                                               known, equations.gradients.output_grad, weight_scale, grad_scale)
+        lower = _lower_precision(equations)
     else:
         symbol = conv_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding, known,
                                      gram_apply, memory_limit=memory_limit, label=label, cache=weights.factors)
@@ -412,14 +436,13 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
             return symbol(r) / weight_scale ** 2
 
     def solve_rhs(rhs, tolerance=KRYLOV_TOLERANCE):
-        return normal_cg(system.apply, system.apply_t, rhs, preconditioner,
-                         tolerance=tolerance, max_iterations=KRYLOV_MAX_STEPS, time_limit=KRYLOV_TIME_LIMIT)
+        return normal_cg(system.apply, system.apply_t, rhs, preconditioner, tolerance=tolerance,
+                         max_iterations=KRYLOV_MAX_STEPS, time_limit=KRYLOV_TIME_LIMIT, lower=lower)
 
     solved = solve_rhs(system.rhs)
     cond = math.inf  # a solve that stopped short is not certified: its inverse iterations would not be either
     if solved.converged:
-        inverse = gram_solver(gram_apply, preconditioner,
-                              tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
+        inverse = _condition_solver(gram_apply, preconditioner, lower)
         estimates = power_estimates(weights.shape[1], system.rhs, gram_apply, inverse, iterations=_CONDITION_STEPS)
         cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
     notes = notes + (f"{label}: solved by preconditioned CG in {solved.iterations} steps (normal-equations residual "
