@@ -171,16 +171,17 @@ def _joint_resolve(equations, with_gradients, solve_rhs):
 
 def _weight_block(equations, scale):
     weights, known = equations.weights, equations.known
-
-    def scatter(y):
-        full = y.new_zeros(weights.shape[0], y.shape[1])
-        full[known] = y
-        return weights.apply_t(full)
-
     if bool(known.all()):  # the same products without the copies into and out of the known rows
         return _Block(scale, weights.apply, weights.apply_t, equations.output.reshape(-1, 1),
                       lambda: weights.gram(known), lambda: weights.dense())
-    return _Block(scale, lambda x: weights.apply(x)[known], scatter, equations.output.reshape(-1, 1),
+    # The known rows' positions, found once: a boolean mask is searched again on every product (a third of a
+    # 128-px first layer's 4 ms normal-equations product).
+    rows = torch.nonzero(known)[:, 0]
+
+    def scatter(y):
+        return weights.apply_t(y.new_zeros(weights.shape[0], y.shape[1]).index_copy_(0, rows, y))
+
+    return _Block(scale, lambda x: weights.apply(x).index_select(0, rows), scatter, equations.output.reshape(-1, 1),
                   lambda: weights.gram(known), lambda: weights.dense()[known])
 
 
