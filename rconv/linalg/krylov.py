@@ -22,12 +22,12 @@ _REFINE_ROUNDS = 3
 # Rounds stop once a correction changes the solution by less than this, relative to it.
 _REFINE_STALL = 1e-15
 # Rounds of CG in a lower precision (LowPrecision) between float64 residuals, each asked to gain this much: a
-# 128-px ReLU layer (condition number 13) gains 1e-4 per float32 round in 95 steps and reaches 1e-14 in 4 rounds.
+# 128-px ReLU layer (condition number 13) gains 1e-4 per float32 round in 70-115 steps and reaches 1e-14 in 4.
 _LOW_ROUNDS, _LOW_RTOL = 6, 1e-4
 # A lower-precision round that gains less than this factor, or whose CG does not reach its tolerance in this
-# many steps, hands over to float64: the system is too ill-conditioned for the lower precision's rounding (float32 resolves K^T K to a
-# condition number of about 1e5, where 1e-4 takes CG about 1,500 steps; a budget half that size wastes at most
-# a quarter of float64's cost when float32 fails).
+# many steps, hands over to float64: the system is too ill-conditioned for the lower precision's rounding
+# (float32 resolves K^T K to a condition number of about 1e5, where 1e-4 takes CG about 1,500 steps; a budget
+# of half that wastes at most a quarter of float64's cost when float32 fails).
 _LOW_GAIN, _LOW_ROUND_STEPS = 0.1, 750
 
 
@@ -59,8 +59,8 @@ def _column_norms(v):
 
 
 class LowPrecision(NamedTuple):
-    """K^T K and its preconditioner on tensors of a lower `dtype` (float32 convolutions take a third of float64's
-    time): normal_cg runs its CG rounds with them and checks every round in float64."""
+    """K^T K and its preconditioner on tensors of a lower `dtype` (float32 convolutions take a quarter of
+    float64's time): normal_cg runs its CG rounds with them and checks every round in float64."""
 
     gram_apply: object
     precondition: object
