@@ -98,6 +98,7 @@ def test_float32_rounds_reach_the_float64_tolerance_or_hand_over_to_float64(cond
     direct = torch.linalg.lstsq(matrix, rhs).solution
     # CG on the normal equations stops near cond(K)^2 eps of the least-squares solution
     assert float((solved.x - direct).abs().max() / direct.abs().max()) <= (AGREEMENT if cond < 100 else 1e-6)
+    assert solved.lower_iterations == products["float32"] <= solved.iterations
     if solved_by == "float32":
         assert products["float64"] <= _CHECKS < products["float32"], products
     else:
@@ -177,6 +178,17 @@ def test_the_preconditioner_is_kept_for_the_next_image_of_the_same_weights(monke
     relu = second._replace(known=known, output=output.reshape(-1)[known])
     systems.solve_layer(relu, "weights", torch.float64, label="layer")
     assert len(built) == 2, "rows known only where a ReLU is on differ by image: not kept"
+
+
+def test_a_partial_krylov_layer_is_solved_in_float32_rounds_to_the_float64_solution(monkeypatch):
+    equations, truth = conv_layer(filters=8)
+    known = torch.rand(equations.known.numel(), generator=torch.Generator().manual_seed(4)) > 0.3
+    relu = equations._replace(known=known, output=equations.output[known])  # the units on of a ReLU layer
+    monkeypatch.setattr(systems, "DIRECT_MAX_GRAM_ENTRIES", 0)
+    solved = systems.solve_layer(relu, "hybrid", torch.float64, label="conv layer 2")
+    assert solved.solver == "krylov" and solved.stopped == ""
+    assert float((solved.x - truth.reshape(truth.shape[0], -1)).abs().max()) <= LAYER_AGREEMENT
+    assert any("of them in float32" in note for note in solved.notes), solved.notes
 
 
 def test_a_krylov_layer_that_runs_out_of_steps_says_so_and_is_not_certified(monkeypatch):

@@ -446,8 +446,9 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
         inverse = _condition_solver(gram_apply, preconditioner, lower)
         estimates = power_estimates(weights.shape[1], system.rhs, gram_apply, inverse, iterations=_CONDITION_STEPS)
         cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
-    notes = notes + (f"{label}: solved by preconditioned CG in {solved.iterations} steps (normal-equations residual "
-                     f"{solved.optimality:.2g})",)
+    in_lower = f", {solved.lower_iterations} of them in float32" if solved.lower_iterations else ""
+    notes = notes + (f"{label}: solved by preconditioned CG in {solved.iterations} steps{in_lower} (normal-equations "
+                     f"residual {solved.optimality:.2g})",)
     stopped = "" if solved.converged else f"{label}: its Krylov solve {solved.reason}"
     return LayerSolve(solved.x.view(equations.channels, equations.pixels), Spectrum(weights.shape[1], cond),
                       solved.residual, notes + ((stopped,) if stopped else ()), solver="krylov", stopped=stopped,

@@ -36,7 +36,8 @@ class KrylovSolve(NamedTuple):
 
     x: (n, r) the solution; residual: the largest |K x - b| / |b| over the columns; optimality:
     the largest |K^T (K x - b)| / |K^T b| (zero at the least-squares solution); iterations: CG
-    steps over all columns and rounds; reason: empty when converged, else why it stopped.
+    steps over all columns and rounds; reason: empty when converged, else why it stopped;
+    lower_iterations: how many of the steps were in the lower precision (LowPrecision).
     """
 
     x: torch.Tensor
@@ -44,6 +45,7 @@ class KrylovSolve(NamedTuple):
     optimality: float
     iterations: int
     reason: str = ""
+    lower_iterations: int = 0
 
     @property
     def converged(self):
@@ -139,7 +141,7 @@ def normal_cg(apply, apply_t, rhs, precondition, *, tolerance, max_iterations, t
     if not reason and not optimality <= tolerance:
         reason = (f"CG stalled at a normal-equations residual of {optimality:.2g}, above its tolerance "
                   f"{tolerance:.2g}")
-    return KrylovSolve(x, residual, optimality, run.iterations, reason)
+    return KrylovSolve(x, residual, optimality, run.iterations, reason, run.lower_iterations)
 
 
 class _Round(NamedTuple):
@@ -157,7 +159,7 @@ class _Rounds:
     def __init__(self, apply, apply_t, precondition, tolerance, max_iterations, deadline):
         self.apply, self.apply_t, self.precondition = apply, apply_t, precondition
         self.tolerance, self.max_iterations, self.deadline = tolerance, max_iterations, deadline
-        self.iterations, self.stopped = 0, ""
+        self.iterations, self.lower_iterations, self.stopped = 0, 0, ""
 
     def _gram(self, v):
         return self.apply_t(self.apply(v))
@@ -184,9 +186,10 @@ class _Rounds:
                 relative = _relative(gradient, target)
                 if relative <= self.tolerance or relative > _LOW_GAIN * previous or not reached or self.stopped:
                     break
-                previous = relative
+                previous, before = relative, self.iterations
                 x, _, reached = self._round(x, gradient, lower.gram_apply, lower.precondition,
                                             max(_LOW_RTOL, self.tolerance / relative), lower.dtype, _LOW_ROUND_STEPS)
+                self.lower_iterations += self.iterations - before
         for _ in range(_REFINE_ROUNDS):
             gradient = target - self._gram(x)
             relative = _relative(gradient, target)
