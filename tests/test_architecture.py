@@ -16,7 +16,7 @@ MODULE_LAYERS = {
     "split": [{"vertices"}, {"search"}, {"linear"}],
     "attack": [{"constraints", "graph", "folding", "bias_free"}, {"network"},
                {"tolerances", "activations", "equations", "bounds", "tangents", "preconditioning", "nullspace",
-                "pooling"}, {"estimate"},
+                "pooling", "joint"}, {"estimate"},
                {"systems"}, {"train_norm"},
                {"steps"}, {"batch_steps"}, {"reconstruct"}],
     "analysis": [{"reports"}, {"summaries"}, {"plotting"}],

@@ -31,11 +31,9 @@ from ..linalg.solvers import (
 )
 from .nullspace import complete, null_images, null_space
 from .equations import gram_entries_bound
+from .joint import DENSE_MAX_UNKNOWNS, hybrid_scales, joint_resolve, joint_system
 from .preconditioning import conv_preconditioner, joint_preconditioner, plan
 
-# Layers with at most this many unknowns (a 64x64 greyscale image) are solved densely; beyond it
-# a dense system would take minutes and gigabytes, and the sparse normal equations take over.
-DENSE_MAX_UNKNOWNS = 4096
 # Gradient-constraint matrices up to this many columns are solved whole; wider ones with a stride
 # split into their residue classes, which A never mixes (a quarter of the columns each at stride 2).
 _WHOLE_GRADIENT_COLUMNS = 1100
@@ -100,110 +98,6 @@ class LayerSolve(NamedTuple):
     stopped: str = ""  # why an iterative solve stopped short of its tolerance (empty: it converged)
 
 
-class _Block(NamedTuple):
-    """One kind of constraint in a stacked system, scaled by `scale`."""
-
-    scale: float
-    apply: object
-    apply_t: object
-    rhs: torch.Tensor
-    gram: object  # builds K^T K of the block
-    matrix: object  # builds K of the block
-
-
-def _hybrid_scales(equations):
-    # Each kind of constraint is scaled to unit Frobenius norm so that neither dominates. A kind
-    # that offers no equation at all (every ReLU unit off) keeps scale 1: scaling zero up would
-    # overflow its Gram matrix into NaN instead of reporting rank 0.
-    gradients = equations.gradients
-    frobenius = float(torch.linalg.norm(gradients.matrix)) if equations.unknowns <= DENSE_MAX_UNKNOWNS \
-        else gradients.frobenius()
-    grad_norm = math.sqrt(equations.channels) * frobenius
-    weight_norm = float(equations.weights.row_norms[equations.known].sum().sqrt())
-    return (1.0 / grad_norm if grad_norm > 0 else 1.0), (1.0 / weight_norm if weight_norm > 0 else 1.0)
-
-
-def _gradient_block(equations, scale):
-    gradients, channels, pixels = equations.gradients, equations.channels, equations.pixels
-    # x holds r columns of C*H*W unknowns, channel-major; the rows come channel-major too.
-    if equations.unknowns <= DENSE_MAX_UNKNOWNS:
-        matrix = gradients.matrix
-        apply = lambda x: torch.matmul(matrix, x.view(channels, pixels, -1)).reshape(-1, x.shape[1])  # noqa: E731
-        apply_t = lambda y: torch.matmul(matrix.T, y.view(channels, -1, y.shape[1])).reshape(-1, y.shape[1])  # noqa: E731
-    else:
-        apply = lambda x: _per_channel(gradients.apply, x, channels)  # noqa: E731
-        apply_t = lambda y: _per_channel(gradients.apply_t, y, channels)  # noqa: E731
-    return _Block(scale, apply, apply_t, gradients.rhs.T.reshape(-1, 1),
-                  lambda: torch.block_diag(*[gradients.matrix.T @ gradients.matrix] * channels),
-                  lambda: torch.block_diag(*[gradients.matrix] * channels))
-
-
-def _per_channel(operator, x, channels):
-    """operator (on (n, columns)) applied to each of x's r columns of `channels` stacked vectors."""
-    columns = x.shape[1]
-    stacked = x.view(channels, -1, columns).permute(1, 0, 2).reshape(-1, channels * columns)
-    out = operator(stacked)
-    return out.view(out.shape[0], channels, columns).permute(1, 0, 2).reshape(-1, columns)
-
-
-def _joint_rhs(equations, with_gradients):
-    """The right-hand side joint_system would build from other data: a function of
-    (gradient_rhs (F*k*k, C, r), weight_rhs (known rows, r)) -> (rows, r), scaled alike."""
-    grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
-
-    def stack(gradient_rhs, weight_rhs):
-        pieces = [grad_scale * gradient_rhs.permute(1, 0, 2).reshape(-1, gradient_rhs.shape[2])] \
-            if with_gradients else []
-        return torch.cat(pieces + [weight_scale * weight_rhs])
-
-    return stack
-
-
-def _joint_resolve(equations, with_gradients, solve_rhs):
-    """A LayerSolve.resolve for a joint system solved by solve_rhs((rows, r)) -> (C*H*W, r)."""
-    def resolve(gradient_rhs, weight_rhs):
-        # the scales are measured again here, not kept from the solve: only images that reach the bound pay
-        stack = _joint_rhs(equations, with_gradients)
-        return solve_rhs(stack(gradient_rhs, weight_rhs)).view(equations.channels, equations.pixels, -1)
-
-    return resolve
-
-
-def _weight_block(equations, scale):
-    weights, known = equations.weights, equations.known
-    if bool(known.all()):  # the same products without the copies into and out of the known rows
-        return _Block(scale, weights.apply, weights.apply_t, equations.output.reshape(-1, 1),
-                      lambda: weights.gram(known), lambda: weights.dense())
-    # The known rows' positions, found once: a boolean mask is searched again on every product (a third of a
-    # 128-px first layer's 4 ms normal-equations product).
-    rows = torch.nonzero(known)[:, 0]
-
-    def scatter(y):
-        return weights.apply_t(y.new_zeros(weights.shape[0], y.shape[1]).index_copy_(0, rows, y))
-
-    return _Block(scale, lambda x: weights.apply(x).index_select(0, rows), scatter, equations.output.reshape(-1, 1),
-                  lambda: weights.gram(known), lambda: weights.dense()[known])
-
-
-def joint_system(equations, with_gradients):
-    """Weight constraints (and, with_gradients, the gradient constraints of every channel) on x (C*H*W, 1)."""
-    grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
-    blocks = ([_gradient_block(equations, grad_scale)] if with_gradients else []) + \
-        [_weight_block(equations, weight_scale)]
-    sizes = [len(block.rhs) for block in blocks]
-
-    def apply(x):
-        return torch.cat([b.scale * b.apply(x) for b in blocks])
-
-    def apply_t(y):
-        return sum(b.scale * b.apply_t(piece) for b, piece in zip(blocks, torch.split(y, sizes)))
-
-    return System((sum(sizes), equations.weights.shape[1]), apply, apply_t,
-                  torch.cat([b.scale * b.rhs for b in blocks]),
-                  gram=lambda: sum(b.scale * b.scale * b.gram() for b in blocks),
-                  matrix=lambda: torch.cat([b.scale * b.matrix() for b in blocks]))
-
-
 def _deflated_hybrid(equations, dtype):
     """The hybrid first layer, fast: weight constraints solved through a factorisation cached per
     model, then corrected by the least-squares fit of both kinds of constraints within the span of
@@ -212,7 +106,7 @@ def _deflated_hybrid(equations, dtype):
     system = joint_system(equations, with_gradients=True)
     factor = weights.factor(rank_rtol(torch.float64, weights.shape))
     subspace = factor.small_subspace(min(weights.shape[1], DEFLATION_SIZE))
-    grad_scale, weight_scale = _hybrid_scales(equations)
+    grad_scale, weight_scale = hybrid_scales(equations)
     matrix = equations.gradients.matrix
     directions = subspace.basis.shape[1]
     grad_images = (matrix @ subspace.basis.view(channels, matrix.shape[1], directions)).reshape(-1, directions)
@@ -237,7 +131,7 @@ def _deflated_hybrid(equations, dtype):
         return x
 
     spectrum = Spectrum(weights.shape[1] - int((~keep).sum()), top / floor if floor > 0 else math.inf)
-    return solve_rhs(system.rhs), spectrum, system, _joint_resolve(equations, True, solve_rhs)
+    return solve_rhs(system.rhs), spectrum, system, joint_resolve(equations, True, solve_rhs)
 
 
 def _solve_gradients(equations, dtype, memory_limit, label):
@@ -373,7 +267,7 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
         if not with_gradients and bool(known.all()):
             factor = weights.normal_factor(rtol, memory_limit)  # depends only on the weights: once per model
         else:
-            grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
+            grad_scale, weight_scale = hybrid_scales(equations) if with_gradients else (1.0, 1.0)
             gram = weight_scale ** 2 * weights.sparse_gram(known)
             if with_gradients:
                 gram = gram + _gradient_gram(equations, grad_scale)
@@ -387,7 +281,7 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
         notes.append(f"{label}: rank-deficient at the gradients' precision; the solution is a ridge "
                      f"(minimum-norm) estimate")
     return LayerSolve(x.view(equations.channels, equations.pixels), factor.spectrum, system.residual(x), tuple(notes),
-                      resolve=_joint_resolve(equations, with_gradients, factor.least_squares))
+                      resolve=joint_resolve(equations, with_gradients, factor.least_squares))
 
 
 def _condition_solver(gram_apply, preconditioner, lower):
@@ -405,7 +299,7 @@ def _lower_precision(equations):
     float32, for normal_cg's rounds between float64 residuals."""
     low = equations.to(torch.float32)
     system = joint_system(low, True)
-    grad_scale, weight_scale = _hybrid_scales(low)
+    grad_scale, weight_scale = hybrid_scales(low)
     weights = low.weights
     precondition = joint_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding,
                                         low.known, low.gradients.output_grad, weight_scale, grad_scale)
@@ -419,7 +313,7 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
     check(_KRYLOV_VECTORS * weights.shape[1] * _FLOAT64_BYTES, f"{label}: the vectors of its Krylov solve "
           f"({weights.shape[1]:,} unknowns)", memory_limit)
     system = joint_system(equations, with_gradients)
-    grad_scale, weight_scale = _hybrid_scales(equations) if with_gradients else (1.0, 1.0)
+    grad_scale, weight_scale = hybrid_scales(equations) if with_gradients else (1.0, 1.0)
 
     def gram_apply(v):
         return system.apply_t(system.apply(v))
@@ -452,7 +346,7 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
     stopped = "" if solved.converged else f"{label}: its Krylov solve {solved.reason}"
     return LayerSolve(solved.x.view(equations.channels, equations.pixels), Spectrum(weights.shape[1], cond),
                       solved.residual, notes + ((stopped,) if stopped else ()), solver="krylov", stopped=stopped,
-                      resolve=_joint_resolve(equations, with_gradients, lambda rhs: solve_rhs(rhs, _RESOLVE_TOLERANCE).x))
+                      resolve=joint_resolve(equations, with_gradients, lambda rhs: solve_rhs(rhs, _RESOLVE_TOLERANCE).x))
 
 
 def _solve_dense(equations, method, dtype, fallback):
@@ -466,14 +360,14 @@ def _solve_dense(equations, method, dtype, fallback):
             system = joint_system(equations, with_gradients=False)
             factor = weights.factor(rank_rtol(dtype, weights.shape))
             x, spectrum = factor.solve(system), factor.spectrum
-            resolve = _joint_resolve(equations, False, factor.least_squares)
+            resolve = joint_resolve(equations, False, factor.least_squares)
     else:
         system = joint_system(equations, with_gradients=method == "hybrid")
         solved = solve_operator(system, rank_rtol(dtype, system.shape), fast_only=fallback)
         if solved is None:
             return None
         x, spectrum = solved.x, solved.spectrum
-        resolve = _joint_resolve(equations, method == "hybrid", solved.resolve)
+        resolve = joint_resolve(equations, method == "hybrid", solved.resolve)
     return LayerSolve(x.view(channels, pixels), spectrum, system.residual(x), resolve=resolve)
 
 
