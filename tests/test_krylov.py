@@ -322,18 +322,26 @@ def test_a_relu_layer_s_krylov_plan_needs_only_its_vectors():
     assert relu.memory == systems._KRYLOV_VECTORS * 32 * 64 * 64 * 8 < every_row.memory / 100
 
 
-def test_gradient_constraints_whose_gram_blocks_are_too_large_are_solved_by_cg_under_relu(monkeypatch):
-    """Their dense residue-class blocks count like the weight Gram matrix: under ReLU, where the units that are on
-    may barely determine the layer, both kinds go to CG; with every row known the gradient constraints are left
-    out, as the weight constraints alone determine the layer."""
+def test_gradient_constraints_whose_gram_blocks_are_too_large_are_left_to_a_deflation_or_cg_under_relu(monkeypatch):
+    """Their dense residue-class blocks count like the weight Gram matrix. Under ReLU, units that are on as many as
+    the unknowns are factorised and corrected by both kinds within their weakest directions; fewer, and both kinds
+    go to CG. With every row known the gradient constraints are left out, as the weights alone determine the layer."""
     relu, truth = relu_layer()
+    every, few_truth = conv_layer(filters=14)
+    # units on 20 fewer than the unknowns: the gradient constraints (504 rows) must complete them
+    few_known = every.output > every.output.sort(descending=True).values[every.unknowns - 20]
+    few = every._replace(known=few_known, output=every.output[few_known])
     full, _ = conv_layer()
     assert systems.gram_entries_bound(relu.weights.input_shape, (3, 3)) < 10 ** 6 < systems._gradient_gram_entries(relu)
+    assert int(few.known.sum()) < few.unknowns <= int(few.known.sum()) + few.gradients.shape[0] * few.channels
     monkeypatch.setattr(systems, "DIRECT_MAX_GRAM_ENTRIES", 10 ** 6)
-    solved = systems.solve_layer(relu, "hybrid", torch.float64, label="layer")
+    deflated = systems.solve_layer(relu, "hybrid", torch.float64, label="layer")
+    assert deflated.solver == "direct" and any("weakest directions" in note for note in deflated.notes)
+    assert float((deflated.x - truth.reshape(truth.shape[0], -1)).abs().max()) <= LAYER_AGREEMENT
+    solved = systems.solve_layer(few, "hybrid", torch.float64, label="layer")
     assert solved.solver == "krylov" and solved.stopped == ""
     assert any("Gram blocks of its gradient constraints" in note and "both kinds solved by CG" in note
                for note in solved.notes)
-    assert float((solved.x - truth.reshape(truth.shape[0], -1)).abs().max()) <= LAYER_AGREEMENT
+    assert float((solved.x - few_truth.reshape(few_truth.shape[0], -1)).abs().max()) <= LAYER_AGREEMENT
     kept = systems.solve_layer(full, "hybrid", torch.float64, label="layer")
     assert kept.solver == "direct" and any("gradient constraints left out" in note for note in kept.notes)

@@ -23,7 +23,14 @@ from .activations import VALUE_RANGES, Noise, branches, preactivation
 from .constraints import max_equations, min_filters
 from .equations import GradientSystem, LayerEquations, weight_system
 from .pooling import AVG_ACTIVATIONS, MAX_ACTIVATIONS, MAX_ITERATIONS, PooledInversion, invert_pooled_layer
-from .systems import DENSE_MAX_UNKNOWNS, choose_solver, counted_equations, estimate_layer, solve_layer
+from .systems import (
+    DENSE_MAX_UNKNOWNS,
+    choose_solver,
+    counted_equations,
+    estimate_layer,
+    hybrid_factorises_weights,
+    solve_layer,
+)
 from .tangents import Linearisation
 from .tolerances import Tolerances
 from .train_norm import solve_train_norm
@@ -287,7 +294,8 @@ def _candidates(step, equations, options):
 
     A forced method (methods= or, for the first layer, first_layer=) is tried alone, except
     that a large hybrid layer first tries its weight constraints alone, whose factorisation is
-    cached per model. Otherwise the gradient constraints go first (the paper's way), then, on
+    cached per model (not where its hybrid solve factorises them anyway and only corrects them:
+    hybrid_factorises_weights). Otherwise the gradient constraints go first (the paper's way), then, on
     large layers, the weight constraints when the counting allows, then both jointly; both go
     before the weight constraints alone where those are partial and solved by CG (_masked_krylov).
     """
@@ -298,7 +306,9 @@ def _candidates(step, equations, options):
     # needs several times the steps (a 128-px ReLU net's second layer: 510 against 184).
     both_first = weights_could and _masked_krylov(equations, options)
     if forced is not None:
-        return ["weights", "hybrid"] if forced == "hybrid" and weights_could and not both_first else [forced]
+        weights_first = forced == "hybrid" and weights_could and not both_first and \
+            not hybrid_factorises_weights(equations, options.memory_limit)
+        return ["weights", "hybrid"] if weights_first else [forced]
     order = ["gradients"] if not large or _gradients_could_suffice(step, equations) else []
     order += ["gradients+weights"] if both_first else []
     if weights_could:

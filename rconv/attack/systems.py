@@ -37,8 +37,8 @@ from .preconditioning import conv_preconditioner, joint_preconditioner, plan
 # Gradient-constraint matrices up to this many columns are solved whole; wider ones with a stride
 # split into their residue classes, which A never mixes (a quarter of the columns each at stride 2).
 _WHOLE_GRADIENT_COLUMNS = 1100
-# The hybrid first layer corrects the weight-constraint solution within the span of this many
-# of M's smallest singular directions (see _deflated_hybrid).
+# A hybrid layer solved through its weight constraints' factorisation corrects their solution within the
+# span of this many of M's smallest singular directions (see _deflated_hybrid).
 DEFLATION_SIZE = 128
 # Correction steps of the deflated hybrid solve.
 DEFLATION_STEPS = 2
@@ -98,13 +98,12 @@ class LayerSolve(NamedTuple):
     stopped: str = ""  # why an iterative solve stopped short of its tolerance (empty: it converged)
 
 
-def _deflated_hybrid(equations, dtype):
-    """The hybrid first layer, fast: weight constraints solved through a factorisation cached per
-    model, then corrected by the least-squares fit of both kinds of constraints within the span of
-    M's smallest singular directions, the only ones where the weights alone are unreliable."""
+def _deflated_hybrid(equations, dtype, factor):
+    """The hybrid layer, fast: weight constraints solved through `factor` (a Factor or NormalFactor of M's known
+    rows), then corrected by the least-squares fit of both kinds of constraints within the span of M's smallest
+    singular directions, the only ones where the weights alone are unreliable."""
     weights, channels = equations.weights, equations.channels
     system = joint_system(equations, with_gradients=True)
-    factor = weights.factor(rank_rtol(torch.float64, weights.shape))
     subspace = factor.small_subspace(min(weights.shape[1], DEFLATION_SIZE))
     grad_scale, weight_scale = hybrid_scales(equations)
     matrix = equations.gradients.matrix
@@ -200,6 +199,19 @@ def _gradient_gram_entries(equations):
     return equations.channels * sum(len(r.pixels) ** 2 for r in equations.gradients.residue_classes())
 
 
+def _too_many(entries, memory_limit):
+    """Whether Gram blocks of this many nonzeros are beyond a sparse factorisation."""
+    return entries > DIRECT_MAX_GRAM_ENTRIES or _SPARSE_BYTES_PER_ENTRY * entries > (memory_limit or math.inf)
+
+
+def hybrid_factorises_weights(equations, memory_limit=None):
+    """Whether a hybrid solve of this large layer starts from a factorisation of its weight constraints alone
+    (_deflated_partial): rows known only in part, whose factorisation fits, and gradient-constraint Gram
+    blocks that would not."""
+    return (not bool(equations.known.all()) and choose_solver(equations, memory_limit).solver == "direct"
+            and _too_many(_gradient_gram_entries(equations), memory_limit))
+
+
 class SolverPlan(NamedTuple):
     """How a large layer's weight constraints will be solved, and the memory that is predicted before any
     gradient exists: the sparse Gram matrix for "direct" (its factor comes on top, measured by PARDISO
@@ -237,6 +249,37 @@ def choose_solver(equations, memory_limit):
                        partial=not bool(equations.known.all()))
 
 
+def _check_weight_matrix(weights, memory_limit, label):
+    check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
+          f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
+
+
+def _deflated_partial(equations, dtype, memory_limit, label):
+    """A large hybrid layer whose weight constraints are partial (ReLU units off): those factorised (their
+    sparse normal equations, per image), then corrected within their DEFLATION_SIZE smallest directions
+    (_deflated_hybrid). None where that cannot certify the layer (the weights' factorisation would not fit,
+    or more of their directions are weak than the correction spans): CG on both kinds then decides."""
+    weights, known, gradients = equations.weights, equations.known, equations.gradients
+    if int(known.sum()) < equations.unknowns:
+        return None
+    check(3 * gradients.dense_bytes(), f"{label}: the gradient-constraint matrix ({gradients.shape[0]:,} x "
+          f"{gradients.shape[1]:,}, dense)", memory_limit)
+    _check_weight_matrix(weights, memory_limit, label)
+    rows = joint_system(equations, with_gradients=False)
+    like = torch.empty(0, dtype=equations.output.dtype, device=equations.output.device)
+    try:
+        factor = NormalFactor(weights.sparse_gram(known), rows.apply, rows.apply_t,
+                              rank_rtol(torch.float64, rows.shape), like, memory_limit)
+    except FillTooLarge:
+        return None
+    x, spectrum, system, resolve = _deflated_hybrid(equations, dtype, factor)
+    if spectrum.rank < equations.unknowns or not spectrum.cond * rank_rtol(dtype, system.shape) < 1.0:
+        return None
+    return LayerSolve(x.view(equations.channels, equations.pixels), spectrum, system.residual(x),
+                      (f"{label}: its known weight constraints factorised and corrected within their "
+                       f"{min(equations.unknowns, DEFLATION_SIZE)} weakest directions",), resolve=resolve)
+
+
 def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     """The sparse normal equations of weight constraints (and gradient constraints), for large layers."""
     notes = []
@@ -248,19 +291,21 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
     # DIRECT_MAX_GRAM_ENTRIES their construction and factorisation outgrow any estimate (a 128-px ReLU net's
     # first layer, 201M entries, predicted 8 GB, was killed at 24 GB).
     entries = _gradient_gram_entries(equations) if with_gradients else 0
-    if entries > DIRECT_MAX_GRAM_ENTRIES or _SPARSE_BYTES_PER_ENTRY * entries > (memory_limit or math.inf):
+    if _too_many(entries, memory_limit):
         need = size(_SPARSE_BYTES_PER_ENTRY * entries)
         if not bool(equations.known.all()):  # the units that are on alone may barely determine the layer
-            return _solve_krylov(equations, True, memory_limit, label, (
-                f"{label}: the Gram blocks of its gradient constraints would need {need}; both kinds solved by CG",))
+            why = f"{label}: the Gram blocks of its gradient constraints would need {need}"
+            deflated = _deflated_partial(equations, dtype, memory_limit, label)
+            if deflated is not None:
+                return deflated._replace(notes=(why,) + deflated.notes)
+            return _solve_krylov(equations, True, memory_limit, label, (f"{why}; both kinds solved by CG",))
         notes.append(f"{label}: gradient constraints left out, their Gram blocks would need {need}")
         with_gradients = False
     if with_gradients:
         check(3 * equations.gradients.dense_bytes(), f"{label}: the gradient-constraint matrix "
               f"({equations.gradients.shape[0]:,} x {equations.gradients.shape[1]:,}, dense)", memory_limit)
     weights, known = equations.weights, equations.known
-    check(_SPARSE_BYTES_PER_ENTRY * len(weights.entries.values), f"{label}: its weight-constraint matrix "
-          f"({weights.shape[0]:,} x {weights.shape[1]:,}, sparse)", memory_limit)
+    _check_weight_matrix(weights, memory_limit, label)
     system = joint_system(equations, with_gradients)
     rtol = rank_rtol(dtype, system.shape)
     try:
@@ -355,7 +400,8 @@ def _solve_dense(equations, method, dtype, fallback):
     if bool(known.all()) and weights.shape[0] >= weights.shape[1]:
         # M alone could determine the input and does not depend on the image: factorise it once.
         if method == "hybrid":
-            x, spectrum, system, resolve = _deflated_hybrid(equations, dtype)
+            x, spectrum, system, resolve = _deflated_hybrid(equations, dtype,
+                                                            weights.factor(rank_rtol(torch.float64, weights.shape)))
         else:
             system = joint_system(equations, with_gradients=False)
             factor = weights.factor(rank_rtol(dtype, weights.shape))

@@ -341,18 +341,28 @@ class Factor:
         through the factorisation."""
         if self._subspace is None or self._subspace.basis.shape[1] < k:
             if self.kind == "svd":  # the decomposition holds them already
-                basis = self.vh.T[:, torch.argsort(self.sigma)[:k]]
+                self._subspace = _subspace_of(self.vh.T[:, torch.argsort(self.sigma)[:k]], self.apply)
             else:
-                generator = torch.Generator().manual_seed(1)
-                basis = torch.randn(self.shape[1], k, dtype=torch.float64, generator=generator).to(self._device())
-                for _ in range(SUBSPACE_ITERATIONS):
-                    basis, _ = torch.linalg.qr(self._solve_gram(basis))
-            images = self.apply(basis)
-            left, sigma, right = torch.linalg.svd(images, full_matrices=False)
-            order = torch.argsort(sigma)
-            rotation = right.T[:, order]
-            self._subspace = Subspace(basis @ rotation, left[:, order] * sigma[order], sigma[order])
+                self._subspace = _smallest_directions(self.shape[1], k, self._solve_gram, self.apply, self._device())
         return self._subspace
+
+
+def _smallest_directions(n, k, solve_gram, apply, device):
+    """The Subspace of K's k smallest right singular directions, by block inverse iteration through
+    solve_gram, an (approximate, possibly shifted) (K^T K)^-1."""
+    generator = torch.Generator().manual_seed(1)
+    basis = torch.randn(n, k, dtype=torch.float64, generator=generator).to(device)
+    for _ in range(SUBSPACE_ITERATIONS):
+        basis, _ = torch.linalg.qr(solve_gram(basis))
+    return _subspace_of(basis, apply)
+
+
+def _subspace_of(basis, apply):
+    """The Subspace spanned by an orthonormal basis, rotated to K's singular directions within it."""
+    images = apply(basis)
+    left, sigma, right = torch.linalg.svd(images, full_matrices=False)
+    order = torch.argsort(sigma)
+    return Subspace(basis @ right.T[:, order], left[:, order] * sigma[order], sigma[order])
 
 
 class Solved(NamedTuple):
@@ -470,6 +480,7 @@ class NormalFactor:
             cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
             if cond < 1.0 / cut:
                 self.kind, self.spectrum = "cholesky", Spectrum(self.n, cond)
+                self.sigma_max = math.sqrt(estimates[0])
                 return
         self._ridge(gram, cut, memory_limit)
 
@@ -483,7 +494,7 @@ class NormalFactor:
         largest = estimates[0] if estimates else 0.0
         shift = cut * cut * largest if largest > 0 else 1.0
         below = count_below(gram, shift, memory_limit) if largest > 0 else self.n
-        self.kind = "ridge"
+        self.kind, self.sigma_max = "ridge", math.sqrt(max(largest, 0.0))
         # SuperLU cannot count past an exactly zero pivot: then at least that one direction is lost
         self.spectrum = Spectrum(self.n - (below if below is not None else 1), math.inf)
         self.factor = SparseFactor(gram + shift * scipy.sparse.identity(self.n, format="csr"),
@@ -499,6 +510,10 @@ class NormalFactor:
     def least_squares(self, b):
         """One solve of K x = b through the factorisation (a single Tikhonov step when rank-deficient)."""
         return self._solve_gram(self.apply_t(b))
+
+    def small_subspace(self, k):
+        """The Subspace of K's k smallest right singular directions (block inverse iteration)."""
+        return _smallest_directions(self.n, k, self._solve_gram, self.apply, self.like.device)
 
     def solve(self, system):
         """The least-squares (ridge when rank-deficient) solution of `system`, whose K this factorises."""
