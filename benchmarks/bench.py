@@ -140,7 +140,7 @@ SETTINGS = {
     # Targets: exact, at most 20 s (128 px) and 60 s (224 px) cold, 6 GB. Two photos: a cold and a warm one.
     "Size 128 / plain 5x5 net": Setting("samples", None, 2, 128, network="plain_5x5"),
     "Size 224 / plain 5x5 net": Setting("samples", None, 2, 224, network="plain_5x5"),
-    # One photo: each attack takes minutes, and no factorisation is kept for a warm one under ReLU.
+    # One photo: no factorisation is kept for a warm one under ReLU (the units on differ by photo).
     "Size 128 / plain ReLU net": Setting("samples", None, 1, 128, network="plain_relu"),
 }
 
