@@ -15,7 +15,7 @@ import torch
 
 from ..common.errors import RConvError
 from ..common.geometry import pair
-from ..linalg.krylov import LowPrecision, gram_solver, normal_cg
+from ..linalg.krylov import LowPrecision, gram_solver, lanczos_extremes, normal_cg
 from ..linalg.memory import check, ran_out, size
 from ..linalg.sparse import FillTooLarge
 from ..linalg.solvers import (
@@ -69,10 +69,15 @@ KRYLOV_MAX_STEPS, KRYLOV_TIME_LIMIT = 3000, 600.0
 # digits of its condition number as 1e-6, in half the CG steps, 3 s less; a 96-px ReLU layer solved with
 # both kinds of constraints: 1e-2 gives 6.140 where 1e-3 gives 6.149, 2.5 s less).
 _CONDITION_STEPS, _CONDITION_TOLERANCE = 2, 1e-2
-# The error bound's tangents need a few digits (solvers.Solved): its Krylov solves stop at this tolerance
-# (a 96-px ReLU net's bound from float32: 3.366e-5 at 1e-8 in 17 s, the same at 1e-6 in 12.5 s, 3.364e-5
-# at 1e-4 in 6.9 s).
-_RESOLVE_TOLERANCE = 1e-5
+# A float32 Lanczos resolves K^T K's eigenvalues down to about eps32 = 1e-7 of the largest; a condition number
+# above this (eigenvalues 1e-5 apart, two digits clear of that floor) is measured again in float64.
+_LOW_COND_LIMIT = 300.0
+# The error bound's tangents need a digit or two (solvers.Solved): its Krylov resolves stop at this tolerance on
+# the normal equations, tightened so that cond(K)^2 times it, what CG may leave in the moves at worst, stays within
+# _RESOLVE_ACCURACY of them (a 96-px ReLU net's bound from float32: 3.366e-5 at 1e-8 in 17 s, 3.364e-5 at 1e-4
+# in 6.9 s; a 224-px ReLU net's from float64: 1.4e-10 on its image at 1e-5 and at 1e-3 alike, though a random
+# right-hand side at condition number 3e4 comes back 4x off at 1e-3).
+_RESOLVE_TOLERANCE, _RESOLVE_ACCURACY = 1e-3, 0.1
 # Vectors of the layer's size a Krylov solve keeps at once (CG's, the preconditioner's, the refinement's).
 _KRYLOV_VECTORS = 12
 # CGLS steps for a large layer that cannot be determined (too few equations, or wrong data from an
@@ -329,14 +334,17 @@ def _solve_sparse(equations, with_gradients, dtype, memory_limit, label):
                       resolve=joint_resolve(equations, with_gradients, factor.least_squares))
 
 
-def _condition_solver(gram_apply, preconditioner, lower):
-    """An approximate (K^T K)^-1 for a condition number's inverse iteration: a few digits, in the lower
-    precision when there is one."""
-    if lower is None:
-        return gram_solver(gram_apply, preconditioner, tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
-    solve = gram_solver(lower.gram_apply, lower.precondition, tolerance=_CONDITION_TOLERANCE,
-                        max_iterations=KRYLOV_MAX_STEPS)
-    return lambda v: solve(v.to(lower.dtype)).to(v.dtype)
+def _krylov_condition(n, like, gram_apply, preconditioner, lower):
+    """A Krylov layer's condition number: Lanczos in the lower precision where there is one and it resolves the
+    spectrum (a partial layer, whose diagonal preconditioner CG hardly needs), else power and inverse iteration in
+    float64 with the layer's preconditioner (a symbol-preconditioned layer converges in far fewer steps so)."""
+    if lower is not None:
+        extremes = lanczos_extremes(lower.gram_apply, n, dtype=lower.dtype, device=like.device)
+        if extremes.cond <= _LOW_COND_LIMIT:
+            return extremes.cond
+    inverse = gram_solver(gram_apply, preconditioner, tolerance=_CONDITION_TOLERANCE, max_iterations=KRYLOV_MAX_STEPS)
+    estimates = power_estimates(n, like, gram_apply, inverse, iterations=_CONDITION_STEPS)
+    return math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
 
 
 def _lower_precision(equations):
@@ -382,16 +390,15 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
     solved = solve_rhs(system.rhs)
     cond = math.inf  # a solve that stopped short is not certified: its inverse iterations would not be either
     if solved.converged:
-        inverse = _condition_solver(gram_apply, preconditioner, lower)
-        estimates = power_estimates(weights.shape[1], system.rhs, gram_apply, inverse, iterations=_CONDITION_STEPS)
-        cond = math.sqrt(estimates[0] / estimates[1]) if estimates and estimates[1] > 0 else math.inf
+        cond = _krylov_condition(weights.shape[1], system.rhs, gram_apply, preconditioner, lower)
     in_lower = f", {solved.lower_iterations} of them in float32" if solved.lower_iterations else ""
+    resolve_tolerance = max(KRYLOV_TOLERANCE, min(_RESOLVE_TOLERANCE, _RESOLVE_ACCURACY / cond ** 2))
     notes = notes + (f"{label}: solved by preconditioned CG in {solved.iterations} steps{in_lower} (normal-equations "
                      f"residual {solved.optimality:.2g})",)
     stopped = "" if solved.converged else f"{label}: its Krylov solve {solved.reason}"
     return LayerSolve(solved.x.view(equations.channels, equations.pixels), Spectrum(weights.shape[1], cond),
                       solved.residual, notes + ((stopped,) if stopped else ()), solver="krylov", stopped=stopped,
-                      resolve=joint_resolve(equations, with_gradients, lambda rhs: solve_rhs(rhs, _RESOLVE_TOLERANCE).x))
+                      resolve=joint_resolve(equations, with_gradients, lambda rhs: solve_rhs(rhs, resolve_tolerance).x))
 
 
 def _solve_dense(equations, method, dtype, fallback):

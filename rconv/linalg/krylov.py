@@ -29,6 +29,14 @@ _LOW_ROUNDS, _LOW_RTOL = 6, 1e-4
 # (float32 resolves K^T K to a condition number of about 1e5, where 1e-4 takes CG about 1,500 steps; a budget
 # of half that wastes at most a quarter of float64's cost when float32 fails).
 _LOW_GAIN, _LOW_ROUND_STEPS = 0.1, 750
+# Lanczos stops once its condition number grew by less than LANCZOS_SETTLED over the last LANCZOS_WINDOW steps,
+# or after LANCZOS_MAX_STEPS. Its smallest Ritz value works slowly into a cluster of small eigenvalues, so the
+# estimate creeps up (a 224-px ReLU layer: 46 at 60 steps, 67 at 150, 70 at 180, 77 at 300; the inverse
+# iteration that came before gave 48 in 17 s); this stops it at 180 steps there (6 s), at 100 at 128 px (22 of
+# 23.4). The Ritz values are checked every _LANCZOS_CHECK steps (a small tridiagonal eigenproblem each).
+LANCZOS_SETTLED, LANCZOS_WINDOW, LANCZOS_MAX_STEPS, _LANCZOS_CHECK = 0.05, 30, 300, 10
+# Fixed seed: the same system always gets the same condition number.
+_LANCZOS_SEED = 20240605
 
 
 class KrylovSolve(NamedTuple):
@@ -229,3 +237,52 @@ def gram_solver(gram_apply, precondition, *, tolerance, max_iterations):
         return _cg(gram_apply, v, precondition, rtol=tolerance, max_iterations=max_iterations).x
 
     return solve
+
+
+class Extremes(NamedTuple):
+    """The largest and smallest eigenvalue of K^T K as Lanczos estimates them (the smallest from above, so
+    that sqrt(largest / smallest) never overstates the condition number), and the steps taken."""
+
+    largest: float
+    smallest: float
+    steps: int
+
+    @property
+    def cond(self):
+        return math.sqrt(self.largest / self.smallest) if self.smallest > 0 else math.inf
+
+
+def lanczos_extremes(gram_apply, n, *, dtype, device=None, max_steps=LANCZOS_MAX_STEPS):
+    """Extremes of K^T K by Lanczos from a fixed random start, in `dtype`, until the condition number they give
+    grows by less than LANCZOS_SETTLED over LANCZOS_WINDOW steps.
+
+    Lanczos builds the best polynomial of its degree where inverse iteration's inner CG solves build a product of
+    poorer ones: on a 128-px ReLU layer, 200 float32 steps give a condition number of 23.4 where two inverse
+    steps (about as many products) gave 13. No reorthogonalisation: rounding only repeats converged Ritz values,
+    and the extreme ones stay within eps |K^T K| of the spectrum.
+    """
+    import numpy as np
+    import scipy.linalg
+
+    generator = torch.Generator().manual_seed(_LANCZOS_SEED)
+    v = torch.randn(n, 1, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    v = v / torch.linalg.norm(v)
+    previous, beta = torch.zeros_like(v), 0.0
+    alphas, betas, history = [], [], []
+    for step in range(1, max_steps + 1):
+        w = gram_apply(v) - beta * previous
+        alpha = float((w * v).sum())
+        w = w - alpha * v
+        beta = float(torch.linalg.norm(w))
+        alphas.append(alpha)
+        betas.append(beta)
+        exhausted = not beta > _TINY  # an invariant subspace: its Ritz values are eigenvalues
+        if step % _LANCZOS_CHECK == 0 or exhausted or step == max_steps:
+            ritz = scipy.linalg.eigvalsh_tridiagonal(np.array(alphas), np.array(betas[:-1]))
+            history.append(Extremes(float(ritz[-1]), float(ritz[0]), step))
+            window = LANCZOS_WINDOW // _LANCZOS_CHECK
+            if exhausted or (len(history) > window and
+                             history[-1].cond <= (1.0 + LANCZOS_SETTLED) * history[-1 - window].cond):
+                break
+        previous, v = v, w / beta
+    return history[-1]
