@@ -112,3 +112,26 @@ def test_the_published_test_rounds_to_seven_decimals():
     activated = torch.tensor([[[4e-8, 6e-8, -1e-3, 0.5]]], dtype=torch.float64)
     read = branches(step("relu"), activated, torch.ones_like(activated), None, FLOAT64, Noise(1.0, 0.0), "absolute")
     assert read.derivative.flatten().tolist() == [0.0, 1.0, 0.0, 1.0] and read.band == 0.0
+
+
+def test_among_single_flips_that_fit_the_bias_gradient_the_best_fitting_one_is_taken():
+    """float32 gradients shared as such: dead units read exactly 0, and a live unit far below the ReLU test's
+    threshold reads as off. Its bias misfit is small enough that flipping a dead unit on would also fit within
+    the tolerance; the flip that explains the misfit best (the live unit's, to rounding) is the one taken."""
+    float32 = Tolerances.for_dtype(torch.float32)
+    z = preactivations(7, (1, 8, 8))
+    activated = torch.relu(z)
+    live = tuple(int(i) for i in torch.nonzero(z > 0)[0])
+    threshold = float(float32.relu) * float(activated.abs().max())
+    activated[live] = z[live] = 0.01 * threshold
+    truth = (z > 0).to(torch.float64)
+    activated_grad = torch.randn(z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    activated_grad[live] = 1.0
+    bias_grad = (activated_grad * truth).sum((1, 2))
+    tolerance = float(float32.residual) * float(bias_grad.abs().max())
+    dead = z <= 0
+    signs = torch.where(torch.arange(int(dead.sum())) % 2 == 0, 1.0, -1.0).to(torch.float64)
+    activated_grad[dead] = 1.0 + 0.5 * tolerance * signs  # each dead unit's flip fits within the tolerance too
+    noise = Noise(gain=100.0, negative=0.0)
+    settled = branches(step("relu"), activated, activated_grad, bias_grad, float32, noise, "relative")
+    assert torch.equal(settled.derivative, truth)
