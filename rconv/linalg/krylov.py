@@ -29,12 +29,12 @@ _LOW_ROUNDS, _LOW_RTOL = 6, 1e-4
 # (float32 resolves K^T K to a condition number of about 1e5, where 1e-4 takes CG about 1,500 steps; a budget
 # of half that wastes at most a quarter of float64's cost when float32 fails).
 _LOW_GAIN, _LOW_ROUND_STEPS = 0.1, 750
-# Lanczos stops once its condition number grew by less than LANCZOS_SETTLED over the last LANCZOS_WINDOW steps,
-# or after LANCZOS_MAX_STEPS. Its smallest Ritz value works slowly into a cluster of small eigenvalues, so the
+# Lanczos stops once its condition number grew by less than _LANCZOS_SETTLED over the last _LANCZOS_WINDOW steps,
+# or after _LANCZOS_MAX_STEPS. Its smallest Ritz value works slowly into a cluster of small eigenvalues, so the
 # estimate creeps up (a 224-px ReLU layer: 46 at 60 steps, 67 at 150, 70 at 180, 77 at 300; the inverse
 # iteration that came before gave 48 in 17 s); this stops it at 180 steps there (6 s), at 100 at 128 px (22 of
 # 23.4). The Ritz values are checked every _LANCZOS_CHECK steps (a small tridiagonal eigenproblem each).
-LANCZOS_SETTLED, LANCZOS_WINDOW, LANCZOS_MAX_STEPS, _LANCZOS_CHECK = 0.05, 30, 300, 10
+_LANCZOS_SETTLED, _LANCZOS_WINDOW, _LANCZOS_MAX_STEPS, _LANCZOS_CHECK = 0.05, 30, 300, 10
 # Fixed seed: the same system always gets the same condition number.
 _LANCZOS_SEED = 20240605
 
@@ -252,9 +252,9 @@ class Extremes(NamedTuple):
         return math.sqrt(self.largest / self.smallest) if self.smallest > 0 else math.inf
 
 
-def lanczos_extremes(gram_apply, n, *, dtype, device=None, max_steps=LANCZOS_MAX_STEPS):
+def lanczos_extremes(gram_apply, n, *, dtype, device=None, max_steps=_LANCZOS_MAX_STEPS):
     """Extremes of K^T K by Lanczos from a fixed random start, in `dtype`, until the condition number they give
-    grows by less than LANCZOS_SETTLED over LANCZOS_WINDOW steps.
+    grows by less than _LANCZOS_SETTLED over _LANCZOS_WINDOW steps.
 
     Lanczos builds the best polynomial of its degree where inverse iteration's inner CG solves build a product of
     poorer ones: on a 128-px ReLU layer, 200 float32 steps give a condition number of 23.4 where two inverse
@@ -280,9 +280,9 @@ def lanczos_extremes(gram_apply, n, *, dtype, device=None, max_steps=LANCZOS_MAX
         if step % _LANCZOS_CHECK == 0 or exhausted or step == max_steps:
             ritz = scipy.linalg.eigvalsh_tridiagonal(np.array(alphas), np.array(betas[:-1]))
             history.append(Extremes(float(ritz[-1]), float(ritz[0]), step))
-            window = LANCZOS_WINDOW // _LANCZOS_CHECK
+            window = _LANCZOS_WINDOW // _LANCZOS_CHECK
             if exhausted or (len(history) > window and
-                             history[-1].cond <= (1.0 + LANCZOS_SETTLED) * history[-1 - window].cond):
+                             history[-1].cond <= (1.0 + _LANCZOS_SETTLED) * history[-1 - window].cond):
                 break
         previous, v = v, w / beta
     return history[-1]
