@@ -320,6 +320,17 @@ def test_the_joint_preconditioner_is_the_inverse_diagonal_of_both_kinds_of_const
     assert torch.allclose(apply(ones)[:, 0], 1.0 / diagonal, rtol=1e-12, atol=0)
 
 
+def test_a_layer_whose_weight_constraints_alone_are_too_few_is_solved_by_cg_with_both_kinds(monkeypatch):
+    """Every unit known, but a valid conv's 4,356 weight constraints are fewer than its 4,608 unknowns: their M^T M
+    is singular, and so was the symbol's frame (CG stalled at NaN). Both kinds determine it, preconditioned together."""
+    equations, truth = conv_layer(channels=8, filters=9, side=24)
+    assert equations.weights.shape[0] < equations.unknowns <= equations.weights.shape[0] + 9 * 9 * 8
+    monkeypatch.setattr(systems, "DIRECT_MAX_GRAM_ENTRIES", 0)
+    solved = systems.solve_layer(equations, "hybrid", torch.float64, label="layer")
+    assert solved.solver == "krylov" and solved.stopped == ""
+    assert float((solved.x - truth.reshape(truth.shape[0], -1)).abs().max()) <= LAYER_AGREEMENT
+
+
 def test_a_relu_layer_too_large_to_factorise_is_solved_with_both_kinds_of_constraints(monkeypatch):
     equations, truth = relu_layer()
     monkeypatch.setattr(systems, "DIRECT_MAX_GRAM_ENTRIES", 0)
