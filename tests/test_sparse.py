@@ -65,3 +65,19 @@ def test_pardiso_refuses_a_factorisation_beyond_the_memory_limit(backend):
     with pytest.raises(MemoryError) as raised:
         SparseFactor(matrix, memory_limit=1000)
     assert raised.value.args[0] > 1000, "the error says how many bytes the factorisation needs"
+
+
+def test_a_gram_matrix_with_empty_rows_is_refused_as_singular_not_crashed_on(backend):
+    """Unknowns that no equation reads leave their rows of K^T K empty, their diagonal entries not even stored
+    (PARDISO's analysis crashed the process on the last two such rows); the SPD factorisation fails, and the
+    indefinite one of K^T K - t I counts them as the eigenvalues below t."""
+    gram = banded(50, 2, shift=0.0)
+    gram = (gram @ gram + scipy.sparse.identity(50)).tolil()
+    gram[48:, :] = 0.0
+    gram[:, 48:] = 0.0
+    gram = gram.tocsr()
+    gram.eliminate_zeros()
+    assert gram[48:].nnz == 0
+    assert SparseFactor(gram, positive_definite=True).failed
+    shifted = SparseFactor(gram - 1e-6 * scipy.sparse.identity(50), positive_definite=False)
+    assert not shifted.failed and shifted.negative_eigenvalues() == 2

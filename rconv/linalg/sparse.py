@@ -166,6 +166,20 @@ class _SuperLU:
         return self.negatives
 
 
+def _upper_with_diagonal(matrix):
+    """The upper triangle (CSR, sorted) with every diagonal entry stored, zeros included: PARDISO reads a symmetric
+    matrix's diagonal from its structure, and one left out crashed it (a layer with pixels no kernel position
+    reaches has empty rows in its Gram matrix: a segmentation fault in the analysis)."""
+    import scipy.sparse
+    upper = scipy.sparse.triu(matrix, format="coo")
+    diagonal = np.arange(matrix.shape[0])
+    upper = scipy.sparse.coo_matrix((np.concatenate([upper.data, np.zeros(len(diagonal))]),
+                                     (np.concatenate([upper.row, diagonal]), np.concatenate([upper.col, diagonal]))),
+                                    shape=matrix.shape).tocsr()  # duplicates summed, explicit zeros kept
+    upper.sort_indices()
+    return upper
+
+
 class SparseFactor:
     """A factorisation of a sparse symmetric matrix (scipy), to solve with it and read its inertia.
 
@@ -179,9 +193,8 @@ class SparseFactor:
         import scipy.sparse
         matrix = scipy.sparse.csr_matrix(matrix)
         if _mkl_pardiso() is not None:
-            upper = scipy.sparse.triu(matrix, format="csr")
-            upper.sort_indices()
-            self._factor = _Pardiso(upper, _SPD if positive_definite else _SYMMETRIC_INDEFINITE, memory_limit)
+            self._factor = _Pardiso(_upper_with_diagonal(matrix), _SPD if positive_definite else _SYMMETRIC_INDEFINITE,
+                                    memory_limit)
         else:
             self._factor = _SuperLU(matrix, positive_definite)
         self.failed = self._factor.failed
