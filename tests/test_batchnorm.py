@@ -186,6 +186,18 @@ def test_a_constant_shift_is_invisible_without_padding():
     assert any("undetermined" in reason for reason in result.reasons)
 
 
+def test_pixels_no_kernel_position_reaches_are_undetermined_and_left_finite():
+    """A stride-2 unpadded conv never reads the last row and column: their empty columns are more null directions
+    beside the scale, and the solve keeps to the others (the SVD once returned one of them, and infinite pixels)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, FILTERS, 3, stride=2), nn.BatchNorm2d(FILTERS), nn.LeakyReLU(0.2),
+                          nn.Flatten(), nn.Linear(FILTERS * 7 * 7, CLASSES)).train()
+    result, truth = attack(model, torch.float64)
+    assert not result.exact and any("undetermined" in reason for reason in result.reasons)
+    assert bool(torch.isfinite(result.image).all())
+    assert float(result.image[0, :, -1, :].abs().max()) == float(result.image[0, :, :, -1].abs().max()) == 0.0
+
+
 def test_what_it_cannot_invert_is_refused():
     hidden = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                            nn.Linear(4 * 16 * 16, CLASSES)).train()

@@ -123,8 +123,12 @@ def _solve_statistics(step, y, y_grad, grads, input_shape, options):
                                conv.stride, step.padding)
     weights = WeightSystem(weight, input_shape, tuple(conv.stride), tuple(step.padding))
     matrix, column_scale = _stacked(gradients, weights, xhat, step.label, options.memory_limit)
-    _, values, right = torch.linalg.svd(matrix, full_matrices=False)
-    z = right[-1] / column_scale
+    # Pixels no kernel position reaches have empty columns: each another null direction, which the SVD could
+    # return as the solution (a 16-px input at stride 2 came back with nine infinite pixels); left at zero.
+    read = column_scale > TINY
+    _, values, right = torch.linalg.svd(matrix[:, read], full_matrices=False)
+    z = torch.zeros_like(column_scale)
+    z[read] = right[-1] / column_scale[read]
     filters, channels = weight.shape[0], input_shape[0]
     x, m, s = z[:-2 * filters], z[-2 * filters:-filters], z[-filters:]
     if float(s.sum()) < 0:  # sigma > 0 picks the sign
