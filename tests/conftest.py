@@ -129,3 +129,12 @@ def federated_table():
                              max_grad_norm=0.2 if scenario == "dp_sgd" else math.nan, epsilon=epsilon, method=method,
                              psnr=psnr, image_exact=exact, seconds=1.0, member=member))
     return pd.DataFrame(rows)
+
+
+def unpadded_stride_two(filters=128):
+    """conv(3->12, 3x3, padded) + LeakyReLU, conv(12->filters, 3x3, stride 2, unpadded) + ReLU, Linear: the second
+    layer's 16-px input has a last row and column that no kernel position reaches."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, 1, 1), torch.nn.LeakyReLU(0.2),
+                               torch.nn.Conv2d(12, filters, 3, 2, 0), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(filters * 7 * 7, 10))

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import rconv_core as rc
+from conftest import unpadded_stride_two
+
 # lenet_batch's factorisations (they depend only on its weights), shared by this module's attacks.
 CACHE = {}
 
@@ -223,3 +225,19 @@ def test_a_float32_batch_of_eight_on_a_plain_net_is_above_60_db_with_its_labels(
     claimed = matched.table[matched.table.image_exact]
     assert (claimed.max_abs_err <= 1e-3).all()
     assert not any("inf (max abs)" in reason for reason in result.reasons), "an unmeasured bound says why instead"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_batch_is_exact_behind_a_hidden_layer_whose_border_nothing_reads(dtype):
+    """A stride-2 unpadded second layer never reads its input's last row and column: every image's layer solves
+    for the rest, and the images below come back exact with their labels."""
+    model = unpadded_stride_two()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.tensor([1, 4])
+    result = rc.reconstruct(model, rc.client_gradients(model, images, labels, dtype=dtype), (3, 16, 16),
+                            batch_size=2)
+    matched = rc.match_batch(images, labels, result).table
+    assert result.exact and bool(matched.image_exact.all()), result.reasons
+    assert list(matched.recovered_label) == [1, 4]
+    assert result.layers[1].unknowns == 2 * 12 * 15 * 15
+    assert any("no kernel position reaches" in note for note in result.notes)

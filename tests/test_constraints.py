@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import rconv_core as rc
+from rconv.common.geometry import conv_output_size, covered_size
 
 GEOMETRIES = [(k, s, p) for k in (3, 5, 7) for s in (1, 2) for p in range(k // 2 + 1)]
 
@@ -69,3 +70,18 @@ def test_min_filters_is_the_rank_threshold():
             grad = torch.randn(filters, out, out, dtype=torch.float64, generator=generator)
             rank = torch.linalg.matrix_rank(rc.grad_constraints(grad, (size, size), kernel, stride, padding))
             assert (int(rank) == size * size) == full
+
+
+@pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES + [(1, 2, 0), (2, 3, 0)])
+def test_the_covered_size_holds_every_pixel_a_kernel_reaches_and_keeps_the_output(kernel, stride, padding):
+    """The weight matrix's columns that some row reads are the covered part's, exactly, and the conv of that part
+    has the same output; where the unread pixels are not a bottom and right border (a kernel below its stride
+    leaves gaps) there is no such part."""
+    size = (11, 12)
+    read = rc.weight_constraints(torch.ones(1, 1, kernel, kernel), size, stride, padding).abs().sum(0).view(size) > 0
+    covered = covered_size(size, kernel, stride, padding)
+    if covered is None:
+        assert kernel < stride and not bool(read.all())
+        return
+    assert bool(read[:covered[0], :covered[1]].all()) and int(read.sum()) == covered[0] * covered[1]
+    assert conv_output_size(covered, kernel, stride, padding) == conv_output_size(size, kernel, stride, padding)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import rconv_core as rc
-from rconv.common.geometry import conv_output_size
+from rconv.common.geometry import conv_output_size, covered_size
 from rconv.cases.models import activation_module
 from conftest import attack, max_error, uniform_init
 
@@ -77,20 +77,22 @@ def test_first_layer_geometry(kernel, stride, padding):
 @pytest.mark.parametrize("kernel,stride,padding", [(k, s, p) for k in (3, 5, 7) for s in (1, 2)
                                                    for p in range(k // 2 + 1)])
 def test_gradient_constraints_geometry(kernel, stride, padding):
-    """A hidden layer recovered from gradient constraints, for any kernel, stride and padding."""
+    """A hidden layer recovered from gradient constraints, for any kernel, stride and padding. Where its last row
+    and column meet no kernel position, nothing reads them: the layer solves for the rest, the layer below does
+    without its outputs there, and the image is still exact."""
     size = 8
     image = torch.rand(1, size, size, generator=torch.Generator().manual_seed(kernel + 10 * stride + 100 * padding))
-    needed = rc.min_filters(size, kernel, stride, padding)
-    filters = math.ceil(1.5 * needed) + 2 if math.isfinite(needed) else 12
+    reached = covered_size(size, kernel, stride, padding)
+    needed = rc.min_filters(reached, kernel, stride, padding)
+    filters = math.ceil(1.5 * needed) + 2
     model = network((1, size, size), [(4, 3, 1, 1, "tanh"), (filters, kernel, stride, padding, "leaky_relu")])
     result = attack(model, image, first_layer="weights")
-    if covered(size, kernel, stride, padding):
-        assert result.exact, result.report()
-        assert result.layers[1].method == "gradients"
-        assert max_error(result, image) <= EXACT
-    else:
-        assert not result.exact
-        assert result.layers[1].rank < result.layers[1].unknowns
+    assert result.exact, result.report()
+    assert result.layers[1].method == "gradients"
+    assert max_error(result, image) <= EXACT
+    assert result.layers[1].unknowns == 4 * reached[0] * reached[1]
+    assert (reached == (size, size)) != any("no kernel position reaches" in note for note in result.notes)
+    assert float(result.inputs[1][:, reached[0]:].abs().sum() + result.inputs[1][:, :, reached[1]:].abs().sum()) == 0
 
 
 def test_mnist_native_28(packs):

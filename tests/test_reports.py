@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import rconv_core as rc
+from conftest import unpadded_stride_two
 
 
 def test_psnr_uses_data_range_one():
@@ -75,3 +76,17 @@ def test_constraint_report_of_a_network_without_conv_layers_has_no_row_and_is_re
     [torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10, bias=False)]], ids=["head", "pool", "bias-free"])
 def test_constraint_report_s_max_batch_is_one_where_reconstruct_attacks_one_image(layers):
     assert rc.constraint_report(torch.nn.Sequential(*layers), (3, 8, 8)).attrs["max_batch"] == 1
+
+
+def test_a_hidden_layer_s_unread_border_is_no_unknown_and_the_layer_below_loses_its_outputs_there():
+    report = rc.constraint_report(unpadded_stride_two(), (3, 16, 16))
+    first, second = report.iloc[0], report.iloc[1]
+    assert (second.unread_pixels, second.uncovered_pixels, second.unknowns) == (12 * 31, 0, 12 * 15 * 15)
+    assert second.input == "12x16x16" and second.determined_by == "gradients"
+    assert first.unread_pixels == 0 and first.weight_constraints == 12 * 15 * 15
+    assert report.attrs["recoverable"]
+    image_border = rc.constraint_report(torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, 2, 0), torch.nn.ReLU(),
+                                                            torch.nn.Flatten(), torch.nn.Linear(64 * 49, 10)),
+                                        (3, 16, 16)).iloc[0]
+    assert image_border.uncovered_pixels == 3 * 31 and image_border.unread_pixels == 0  # the image's own: lost
+    assert image_border.determined_by == "none: pixels no kernel position reaches"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..attack.constraints import max_equations, min_filters
 from ..attack.network import check_input_shape, parse_network
 from ..attack.pooling import AVG_ACTIVATIONS
-from ..attack.steps import POOLED_MAX_UNKNOWNS
+from ..attack.steps import POOLED_MAX_UNKNOWNS, covered_input
 from ..attack.systems import DENSE_MAX_UNKNOWNS, plan_solver
 from ..cases.client import as_dtype
 from ..common.checks import whole_number
@@ -164,7 +164,7 @@ def _verdict(rows):
 # constraint_report's columns, in order (for a network without conv layers, which has no row to name them).
 _REPORT_COLUMNS = ["layer", "input", "filters", "kernel", "stride", "padding", "activation", "pool", "needs_pattern",
                    "linear", "unknowns", "gradient_constraints", "weight_constraints", "max_equations",
-                   "uncovered_pixels", "min_filters", "gradients_suffice", "weights_suffice", "weights_need_active",
+                   "uncovered_pixels", "unread_pixels", "min_filters", "gradients_suffice", "weights_suffice", "weights_need_active",
                    "batch_size", "max_batch", "determined_by", "weight_solver", "weight_solver_memory"]
 
 
@@ -189,6 +189,9 @@ def constraint_report(model, input_shape, *, batch_size=1):
     where a layer needs one), or how deep the attack can be exact at best and which layer stops it ("not:
     exact at best down to conv layer 2's input; conv layer 1 has 3,072 unknowns and at most 1,626
     equations"); the attack runs from the Linear layer down, so the deepest undetermined layer decides.
+    uncovered_pixels counts the input values no kernel position reaches, which no equation determines;
+    unread_pixels those of a hidden layer's bottom and right border, which nothing reads at all: they are no
+    unknowns (its row counts the rest), and the layer below knows none of its outputs there.
 
     batch_size: count for the mean gradients of B images: B times the unknowns and the weight
     constraints (each image has its own), the gradient constraints shared (at most B*H*W per
@@ -204,8 +207,15 @@ def constraint_report(model, input_shape, *, batch_size=1):
     sizes = check_input_shape(network, input_shape)
     rows = []
     for step in network.steps:
-        channels, height, width = sizes[step.number - 1]
-        filters, out_h, out_w = sizes[step.number]
+        below = network.steps[step.number - 2] if step.number > 1 else None
+        above = network.steps[step.number] if step.number < len(network.steps) else None
+        # A hidden layer's input border that no kernel position reaches is no unknown, nor read by anything; the
+        # layer below then knows none of its outputs there (steps.covered_input).
+        covered = covered_input(step, below, sizes[step.number - 1])
+        read = covered_input(above, step, sizes[step.number]) if above is not None else None
+        channels, height, width = covered or sizes[step.number - 1]
+        unread = math.prod(sizes[step.number - 1]) - channels * height * width
+        filters, out_h, out_w = read or sizes[step.number]
         kh, kw = step.conv.kernel_size
         unknowns = batch_size * channels * height * width
         along_rows, along_columns = footprints((height, width), (kh, kw), step.conv.stride, step.padding)
@@ -216,13 +226,13 @@ def constraint_report(model, input_shape, *, batch_size=1):
         per_image = filters * out_h * out_w
         pool = _pool_of(step, (height, width))
         row = dict(
-            layer=step.number, input=f"{channels}x{height}x{width}", filters=filters, kernel=f"{kh}x{kw}",
+            layer=step.number, input="x".join(map(str, sizes[step.number - 1])), filters=filters, kernel=f"{kh}x{kw}",
             stride=step.conv.stride[0], padding=step.padding[0], activation=step.activation,
             pool=pool.name, needs_pattern=pool.needs_pattern, linear=pool.linear,
             unknowns=unknowns, gradient_constraints=gradient_constraints,
             weight_constraints=weight_constraints,
             max_equations=max_equations(channels, batch_size * height * width, filters * kh * kw, weight_constraints),
-            uncovered_pixels=uncovered * channels, min_filters=needed,
+            uncovered_pixels=uncovered * channels, unread_pixels=unread, min_filters=needed,
             gradients_suffice=filters >= needed * batch_size,
             weights_suffice=(weight_constraints >= unknowns and uncovered == 0 and step.activation != "relu"
                              and pool.linear),
@@ -231,7 +241,7 @@ def constraint_report(model, input_shape, *, batch_size=1):
                                                               uncovered))
         row["determined_by"] = _determined_by(row)
         row["weight_solver"], row["weight_solver_memory"] = (
-            _weight_solver(step, sizes[step.number - 1], batch_size) if pool.name is None else _pool_solver(unknowns))
+            _weight_solver(step, covered or sizes[step.number - 1], batch_size) if pool.name is None else _pool_solver(unknowns))
         rows.append(row)
     # Without conv layers the table has no row: the Linear layer's input is the image, determined by itself.
     table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=_REPORT_COLUMNS)

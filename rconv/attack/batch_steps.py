@@ -24,7 +24,8 @@ from ..linalg.memory import check
 from ..linalg.solvers import TINY, Spectrum, System, eps, norm_2, rank_rtol, solve
 from ..split.linear import split_linear, track_split
 from .activations import NOISE_MARGIN, Noise, batch_branches
-from .steps import LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, layer_equations, noise_of, project_input
+from .steps import (LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, covered_mask, cropped, layer_equations, noise_of,
+                    padded, project_input, unread_note)
 from .nullspace import complete, null_images, null_space
 from .systems import (COMPLETION_MAX_DIRECTIONS, DEFLATION_SIZE, DEFLATION_STEPS, counted_equations, estimate_layer,
                       solve_layer)
@@ -402,10 +403,12 @@ def _solve_batch_layer(methods, why, equations, weight_grad, options, label):
     return best
 
 
-def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_activation, frozen=None):
+def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_activation, frozen=None,
+                    covered=None):
     """Recover one conv layer's inputs for every image of the batch; report the layer; pass the gradients below.
 
     frozen: the ActivationRead per image of an earlier run to read the activation by (the error bound's probe).
+    covered: steps.covered_input's shape, to solve for that part of every input alone (None: all of it).
     """
     start = time.perf_counter()
     channels, height, width = input_shape
@@ -419,16 +422,17 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
         reads = [None] * batch
     built = [layer_equations(step, s, grads, input_shape, options, cache, repair=False, frozen=f, read=r)
              for s, f, r in zip(signals, frozen, reads)]
-    equations = [b[0] for b in built]
+    shape = covered or input_shape
+    equations = [cropped(step, b[0], shape, cache) if covered else b[0] for b in built]
     output_grads = torch.stack([b[1] for b in built])
     bias_grad = built[0][2]  # the batch's: the same for every image
     weight_grad = equations[0].gradients.rhs  # the batch's dL/dW, (F*k*k, C)
-    unknowns = batch * channels * height * width
+    unknowns = batch * math.prod(shape)
     methods, why = _methods(equations, unknowns)
     solved = _solve_batch_layer(methods, why, equations, weight_grad, options, label)
-    x = solved.x
     # The batch's gradient constraints check what per-image solves never used.
-    shared = _gradient_misfit(equations, x, weight_grad)
+    shared = _gradient_misfit(equations, solved.x, weight_grad)
+    x = torch.stack([padded(xn, input_shape) for xn in solved.x])
     noises = [noise_of(spectrum.cond, xn, options.tolerances.dtype) for spectrum, xn in zip(solved.spectra, x)]
     projected = [project_input(xn, previous_activation, options) for xn in x]
     x = torch.stack([p[0] for p in projected])
@@ -446,9 +450,11 @@ def batch_conv_step(step, signals, grads, input_shape, options, cache, previous_
     weight = step.conv.weight.detach().to(device=options.device, dtype=torch.float64)
     input_grads = torch.nn.grad.conv2d_input((batch, channels, height, width), weight, output_grads,
                                              stride=step.conv.stride, padding=step.padding)
-    below = [Signal(xn, gn, noise, s.determined and ok)
+    reached = covered_mask(shape, input_shape).to(x.device) if covered else None
+    below = [Signal(xn, gn, noise, s.determined and ok, covered=reached)
              for xn, gn, noise, s, ok in zip(x, input_grads, noises, signals, solved.determined)]
-    return BatchLayer(x, report, below, solved.determined, solved.notes, [b[3] for b in built])
+    notes = solved.notes + ((unread_note(step, shape, input_shape),) if covered else ())
+    return BatchLayer(x, report, below, solved.determined, notes, [b[3] for b in built])
 
 
 def _gradient_misfit(equations, x, weight_grad):

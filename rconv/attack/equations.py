@@ -73,10 +73,19 @@ class GradientSystem:
 
     def to(self, dtype):
         """The same constraints with their tensors in `dtype` (for products in a lower precision)."""
+        return GradientSystem(self.output_grad.to(dtype), self._weight_grad().to(dtype), self.input_size,
+                              self.kernel_size, self.stride, self.padding)
+
+    def cropped(self, input_size):
+        """The same constraints on the top-left `input_size` of the input: geometry.covered_size, whose pixels
+        left out no kernel position reaches, so that A never reads them."""
+        return GradientSystem(self.output_grad, self._weight_grad(), input_size, self.kernel_size, self.stride,
+                              self.padding)
+
+    def _weight_grad(self):
+        """dL/dW (F, C, kh, kw) from the right-hand sides."""
         filters, (kh, kw) = self.output_grad.shape[0], self.kernel_size
-        weight_grad = self.rhs.reshape(filters, kh, kw, -1).permute(0, 3, 1, 2)
-        return GradientSystem(self.output_grad.to(dtype), weight_grad.to(dtype), self.input_size, self.kernel_size,
-                              self.stride, self.padding)
+        return self.rhs.reshape(filters, kh, kw, -1).permute(0, 3, 1, 2)
 
     def apply(self, x):
         """A x for x of shape (H*W, r): the weight gradient each column would produce."""

@@ -46,6 +46,7 @@ from .steps import (
     Options,
     Reconstruction,
     conv_step,
+    covered_input,
     fc_features,
     linear_step,
     rank_one,
@@ -232,10 +233,11 @@ def _single_image(network, grads, sizes, options, cache, check_batch, like=None,
     top = linear_step(network, grads, sizes[-1], options, check_batch)
     signal, results = top.signal, []
     for step in reversed(network.steps):
-        previous = network.steps[step.number - 2].activation if step.number > 1 else None
+        below = network.steps[step.number - 2] if step.number > 1 else None
         frozen = like.results[step.number - 1].activation_read if like is not None else None
-        results.insert(0, conv_step(step, signal, grads, sizes[step.number - 1], options, cache, previous, frozen,
-                                    (patterns or {}).get(step.number)))
+        results.insert(0, conv_step(step, signal, grads, sizes[step.number - 1], options, cache,
+                                    below.activation if below else None, frozen, (patterns or {}).get(step.number),
+                                    covered_input(step, below, sizes[step.number - 1])))
         signal = results[0].signal
     return _Chain(top, results, signal.activated)
 
@@ -381,13 +383,15 @@ def _batch_chain(network, grads, sizes, options, cache, batch_size, like=None):
         return None
     earlier_of = {m: n for n, m in enumerate(order or [])}  # this run's image m is the earlier run's image n
     for step in reversed(network.steps) if signals else ():
-        previous = network.steps[step.number - 2].activation if step.number > 1 else None
+        below = network.steps[step.number - 2] if step.number > 1 else None
         frozen = None
         if like is not None:
             earlier = like.layers[step.number - 1].activation_reads
             frozen = [earlier[earlier_of[m]] for m in range(len(signals))]
         readings = top.readings if not layers and like is None else [signals]
-        solved = [batch_conv_step(step, reading, grads, sizes[step.number - 1], options, cache, previous, frozen)
+        covered = covered_input(step, below, sizes[step.number - 1])
+        solved = [batch_conv_step(step, reading, grads, sizes[step.number - 1], options, cache,
+                                  below.activation if below else None, frozen, covered)
                   for reading in readings]
         # the reading of the features' zeros that the layer's data agree with
         layers.insert(0, min(solved, key=lambda layer: max(layer.report.residual, layer.report.bias_residual)))

@@ -17,7 +17,7 @@ import torch
 
 from ..cases.client import dtype_name
 from ..common.errors import RConvError
-from ..common.geometry import conv_output_size
+from ..common.geometry import conv_output_size, covered_size
 from ..linalg.solvers import TINY, eps
 from .activations import VALUE_RANGES, Noise, branches, preactivation
 from .constraints import max_equations, min_filters
@@ -135,6 +135,7 @@ class Signal(NamedTuple):
     noise: Noise
     determined: bool = True  # every layer above was determined (full rank); else these data are wrong
     scale_from_eps: bool = False  # a train-mode BatchNorm layer above set these data's scale from its eps alone
+    covered: torch.Tensor | None = None  # (P, Q) bool: the outputs the layer above reads (None: all); the rest unknown
 
 
 class _LinearStep(NamedTuple):
@@ -230,6 +231,8 @@ def layer_equations(step, signal, grads, input_shape, options, cache, repair=Tru
         known = frozen.known
     elif step.activation == "relu" and options.relu_test == "relative":
         known &= signal.activated > band  # a pre-activation read off a near-zero output may be a dead unit's
+    if signal.covered is not None and frozen is None:
+        known &= signal.covered  # outputs no kernel position above reads were never recovered
     bias = conv.bias.detach().to(**wide).view(-1, 1, 1) if conv.bias is not None else 0.0
     known_rows = known.reshape(-1)
     weight = conv.weight.detach().to(**wide)
@@ -349,11 +352,60 @@ def _solve(step, equations, options, determined_above):
     return best
 
 
-def conv_step(step, signal, grads, input_shape, options, cache, previous_activation, frozen=None, pattern=None):
+def covered_input(step, below, input_shape):
+    """(C, H', W'): the part of a hidden conv layer's input that its kernel positions reach, where the rest is a
+    bottom and right border (geometry.covered_size) that nothing in the network reads: neither this layer, nor the
+    loss, so the layer below need not know it either, and the image may still be exact. None for the first layer
+    (the image's own pixels are what is asked for), where every pixel is reached, or where this layer or the one
+    below has a pool or a train-mode BatchNorm, whose solves take every pixel of their input and output."""
+    if below is None or any(s.pool is not None or s.norm is not None for s in (step, below)):
+        return None
+    size = covered_size(input_shape[1:], step.conv.kernel_size, step.conv.stride, step.padding)
+    return (input_shape[0], *size) if size is not None and size != tuple(input_shape[1:]) else None
+
+
+def cropped(step, equations, shape, cache):
+    """The equations on the covered part `shape` of the input (covered_input): the same rows, fewer columns."""
+    conv = step.conv
+    weights = weight_system(conv.weight.detach().to(equations.output), conv.bias, conv.stride, step.padding, shape,
+                            cache)
+    return equations._replace(gradients=equations.gradients.cropped(shape[1:]), weights=weights)
+
+
+def padded(x, input_shape):
+    """x (C, H', W', ...) of the covered part placed in the whole input (C, H, W, ...), zero where nothing reads."""
+    whole = x.new_zeros(*input_shape, *x.shape[3:])
+    whole[:, :x.shape[1], :x.shape[2]] = x
+    return whole
+
+
+def covered_mask(shape, input_shape):
+    """(H, W) bool: True on the covered part `shape` (C, H', W') of the input (covered_input)."""
+    return padded(torch.ones(shape[1:], dtype=torch.bool)[None], (1, *input_shape[1:]))[0]
+
+
+def unread_note(step, shape, input_shape):
+    unread = input_shape[0] * (input_shape[1] * input_shape[2] - shape[1] * shape[2])
+    return (f"{step.label}: the {unread:,} values of its input that no kernel position reaches (its bottom and "
+            f"right border) are left at zero: nothing in the network reads them")
+
+
+def _padded_resolve(resolve, shape, input_shape):
+    """A LayerSolve.resolve of the covered part `shape`, giving moves (C, H*W, r) of the whole input."""
+    def whole(gradient_rhs, weight_rhs):
+        moves = resolve(gradient_rhs, weight_rhs)
+        return padded(moves.reshape(*shape, -1), input_shape).reshape(input_shape[0], -1, moves.shape[-1])
+
+    return whole
+
+
+def conv_step(step, signal, grads, input_shape, options, cache, previous_activation, frozen=None, pattern=None,
+              covered=None):
     """Recover one conv layer's input from its equations; report it; pass the gradient below.
 
     frozen: the ActivationRead of an earlier run to read the activation by (the error bound's probe).
     pattern: where a pooled layer's pattern search starts (rconv.attack.pooling), None for its default.
+    covered: covered_input's shape, to solve for that part of the input alone (None: all of it).
     """
     if step.norm is not None:
         return _train_norm_step(step, signal, grads, input_shape, options, previous_activation, frozen)
@@ -363,8 +415,15 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     channels, height, width = input_shape
     equations, output_grad, bias_grad, read = layer_equations(step, signal, grads, input_shape, options, cache,
                                                               frozen=frozen)
-    method, solved = _solve(step, equations, options, signal.determined)
-    x = solved.x.reshape(channels, height, width)
+    shape = covered or input_shape
+    method, solved = _solve(step, cropped(step, equations, shape, cache) if covered else equations, options,
+                            signal.determined)
+    x = padded(solved.x.reshape(shape), input_shape)
+    notes = solved.notes
+    if covered:
+        notes = notes + (unread_note(step, shape, input_shape),)
+        solved = solved._replace(resolve=_padded_resolve(solved.resolve, shape, input_shape)) \
+            if solved.resolve is not None else solved
     linearisation = Linearisation(equations, signal.activated, signal.activated_grad, read.derivative, x,
                                   solved.resolve, cheap=method == "gradients")
     noise = noise_of(solved.spectrum.cond, x, options.tolerances.dtype)
@@ -375,7 +434,7 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
         layer=step.number, method=method,
         equations=(gradient_rows if method != "weights" else 0) + (int(equations.known.sum())
                                                                   if method != "gradients" else 0),
-        unknowns=channels * height * width, rank=solved.spectrum.rank, cond=solved.spectrum.cond,
+        unknowns=math.prod(shape), rank=solved.spectrum.rank, cond=solved.spectrum.cond,
         residual=solved.residual, bias_residual=bias_residual,
         known_outputs=float(equations.known.double().mean()), seconds=time.perf_counter() - start,
         clipped=clipped, estimated=solved.estimated, solver=solved.solver, stopped=solved.stopped)
@@ -383,7 +442,9 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     input_grad = torch.nn.grad.conv2d_input((1, channels, height, width), weight, output_grad[None],
                                             stride=step.conv.stride, padding=step.padding)[0]
     determined = signal.determined and report.full_rank
-    return _ConvResult(x, report, Signal(x, input_grad, noise, determined), solved.notes, read, linearisation)
+    reached = covered_mask(shape, input_shape).to(x.device) if covered else None
+    return _ConvResult(x, report, Signal(x, input_grad, noise, determined, covered=reached), notes, read,
+                       linearisation)
 
 
 def _train_norm_step(step, signal, grads, input_shape, options, previous_activation, frozen):

@@ -67,6 +67,24 @@ def footprints(input_size, kernel_size, stride, padding):
                  zip(pair(input_size), pair(kernel_size), pair(stride), pair(padding)))
 
 
+def covered_size(input_size, kernel_size, stride, padding):
+    """(H', W'): the top-left part of a conv layer's input that holds every pixel some kernel position reaches,
+    where the pixels none reaches form a bottom and a right border and the same conv of that part gives the same
+    output (a stride-2, 3x3, unpadded layer on a 12-px input reads 11 rows and columns); None where they lie
+    elsewhere (a kernel smaller than its stride leaves gaps) or cropping would move the padding's reach."""
+    sides = []
+    for axis in footprints(input_size, kernel_size, stride, padding):
+        reached = sum(axis.covered)
+        if axis.covered != (True,) * reached + (False,) * axis.uncovered:
+            return None
+        sides.append(reached)
+    size = tuple(sides)
+    if conv_output_size(size, kernel_size, stride, padding) != conv_output_size(input_size, kernel_size, stride,
+                                                                                padding):
+        return None
+    return size
+
+
 # The pools R-CONV inverts: their windows tile the map (stride = window, no padding).
 POOL_KINDS = ("avg", "max")
 
