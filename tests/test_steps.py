@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rconv.attack.steps as steps
 import rconv_core as rc
 from rconv.attack.activations import Noise
 from rconv.attack.network import check_gradients, check_input_shape, parse_network
@@ -124,6 +125,24 @@ def test_conv_step_with_too_few_filters_for_gradients_alone_says_so(truth):
     assert report.method == "gradients" and report.rank == report.equations == 12 * 25 * 3 < report.unknowns == 3072
     [reason] = verdict([report], options().tolerances)
     assert reason.startswith("conv layer 1 (gradients): rank ") and "part of its input is undetermined" in reason
+
+
+def test_a_solve_that_stopped_short_does_not_end_the_search_for_a_method(truth, monkeypatch):
+    """Its size gives it full rank, but a Krylov solve that stopped short determines nothing: the next method is
+    tried, and taken."""
+    step = truth.network.steps[1]
+    real, methods = steps.solve_layer, []
+
+    def first_stops(equations, method, *args, **kwargs):
+        methods.append(method)
+        solved = real(equations, method, *args, **kwargs)
+        return solved._replace(stopped="conv layer 2: its Krylov solve CG did not converge") if len(methods) == 1 \
+            else solved
+
+    monkeypatch.setattr(steps, "solve_layer", first_stops)
+    result = conv_step(step, truth.signal(step), truth.grads, truth.sizes[1], options(), {}, step.activation)
+    assert methods == ["gradients", "hybrid"]
+    assert result.report.method == "gradients+weights" and result.report.stopped == "" and result.report.full_rank
 
 
 def test_verdict_names_every_failed_check_last_layer_first():

@@ -282,9 +282,12 @@ def _gradients_could_suffice(step, equations):
                                                  step.conv.stride, step.padding)
 
 
-def _masked_krylov(equations, options):
-    """A large layer whose weight constraints are partial (ReLU units off) and too large to factorise."""
-    return not bool(equations.known.all()) and choose_solver(equations, options.memory_limit).solver == "krylov"
+def _barely_weights_krylov(equations, options):
+    """A large layer whose weight constraints are partial (ReLU units off) or square, and too large to factorise:
+    CG on them alone needs several times the steps of both kinds (a 128-px ReLU net's second layer: 510 against
+    184), or never converges (a square 64-channel 3x3 layer: 2,561 steps in 600 s, against 181 with both)."""
+    partial_or_square = not bool(equations.known.all()) or equations.weights.shape[0] <= equations.unknowns
+    return partial_or_square and choose_solver(equations, options.memory_limit).solver == "krylov"
 
 
 def _system_method(method):
@@ -300,14 +303,12 @@ def _candidates(step, equations, options):
     cached per model (not where its hybrid solve factorises them anyway and only corrects them:
     hybrid_factorises_weights). Otherwise the gradient constraints go first (the paper's way), then, on
     large layers, the weight constraints when the counting allows, then both jointly; both go
-    before the weight constraints alone where those are partial and solved by CG (_masked_krylov).
+    before the weight constraints alone where those are barely enough and solved by CG (_barely_weights_krylov).
     """
     forced = options.methods.get(step.number, options.first_layer if step.number == 1 else None)
     large = equations.unknowns > DENSE_MAX_UNKNOWNS
     weights_could = large and int(equations.known.sum()) >= equations.unknowns
-    # Without the gradient constraints partial weight constraints are barely overdetermined, and CG on them
-    # needs several times the steps (a 128-px ReLU net's second layer: 510 against 184).
-    both_first = weights_could and _masked_krylov(equations, options)
+    both_first = weights_could and _barely_weights_krylov(equations, options)
     if forced is not None:
         weights_first = forced == "hybrid" and weights_could and not both_first and \
             not hybrid_factorises_weights(equations, options.memory_limit)
@@ -345,11 +346,18 @@ def _solve(step, equations, options, determined_above):
         solved = solve_layer(equations, _system_method(method),
                              options.tolerances.dtype, memory_limit=options.memory_limit, label=step.label,
                              fallback=method == "gradients+weights" and best is not None)
-        if solved is not None and (best is None or solved.spectrum.rank > best[1].spectrum.rank):
+        # A Krylov solve that stopped short determines nothing, whatever rank its size gives: the next method may
+        # (a square 64-channel layer's weights alone: CG did not converge in 3,000 steps; both kinds together did).
+        if solved is not None and (best is None or _determines(solved) > _determines(best[1]) or (
+                _determines(solved) == _determines(best[1]) and solved.spectrum.rank > best[1].spectrum.rank)):
             best = (method, solved)
-        if best is not None and best[1].spectrum.rank == equations.unknowns:
+        if best is not None and _determines(best[1]) and best[1].spectrum.rank == equations.unknowns:
             break
     return best
+
+
+def _determines(solved):
+    return not solved.stopped
 
 
 def covered_input(step, below, input_shape):
