@@ -164,8 +164,9 @@ def _verdict(rows):
 # constraint_report's columns, in order (for a network without conv layers, which has no row to name them).
 _REPORT_COLUMNS = ["layer", "input", "filters", "kernel", "stride", "padding", "activation", "pool", "needs_pattern",
                    "linear", "unknowns", "gradient_constraints", "weight_constraints", "max_equations",
-                   "uncovered_pixels", "unread_pixels", "min_filters", "gradients_suffice", "weights_suffice", "weights_need_active",
-                   "batch_size", "max_batch", "determined_by", "weight_solver", "weight_solver_memory"]
+                   "uncovered_pixels", "unread_pixels", "min_filters", "gradients_suffice", "weights_suffice",
+                   "weights_need_active", "batch_size", "max_batch", "determined_by", "weight_solver",
+                   "weight_solver_memory"]
 
 
 def constraint_report(model, input_shape, *, batch_size=1):
@@ -241,7 +242,8 @@ def constraint_report(model, input_shape, *, batch_size=1):
                                                               uncovered))
         row["determined_by"] = _determined_by(row)
         row["weight_solver"], row["weight_solver_memory"] = (
-            _weight_solver(step, covered or sizes[step.number - 1], batch_size) if pool.name is None else _pool_solver(unknowns))
+            _weight_solver(step, covered or sizes[step.number - 1], batch_size) if pool.name is None
+            else _pool_solver(unknowns))
         rows.append(row)
     # Without conv layers the table has no row: the Linear layer's input is the image, determined by itself.
     table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=_REPORT_COLUMNS)

@@ -24,8 +24,8 @@ from ..linalg.memory import check
 from ..linalg.solvers import TINY, Spectrum, System, eps, norm_2, rank_rtol, solve
 from ..split.linear import split_linear, track_split
 from .activations import NOISE_MARGIN, Noise, batch_branches
-from .steps import (LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, covered_mask, cropped, layer_equations, noise_of,
-                    padded, project_input, unread_note)
+from .steps import (LINEAR_NOISE_GAIN, LayerReport, Signal, bias_misfit, covered_mask, cropped, layer_equations,
+                    noise_of, padded, project_input, unread_note)
 from .nullspace import complete, null_images, null_space
 from .systems import (COMPLETION_MAX_DIRECTIONS, DEFLATION_SIZE, DEFLATION_STEPS, counted_equations, estimate_layer,
                       solve_layer)

@@ -357,6 +357,7 @@ def _solve(step, equations, options, determined_above):
 
 
 def _determines(solved):
+    """Whether a LayerSolve may count as determining its layer: not a Krylov solve that stopped short."""
     return not solved.stopped
 
 
@@ -393,6 +394,7 @@ def covered_mask(shape, input_shape):
 
 
 def unread_note(step, shape, input_shape):
+    """The note that a layer solved for its covered part `shape` alone left the rest of its input at zero."""
     unread = input_shape[0] * (input_shape[1] * input_shape[2] - shape[1] * shape[2])
     return (f"{step.label}: the {unread:,} values of its input that no kernel position reaches (its bottom and "
             f"right border) are left at zero: nothing in the network reads them")
