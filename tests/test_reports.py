@@ -90,3 +90,18 @@ def test_a_hidden_layer_s_unread_border_is_no_unknown_and_the_layer_below_loses_
                                         (3, 16, 16)).iloc[0]
     assert image_border.uncovered_pixels == 3 * 31 and image_border.unread_pixels == 0  # the image's own: lost
     assert image_border.determined_by == "none: pixels no kernel position reaches"
+
+
+def test_input_that_reaches_only_outputs_nothing_reads_counts_as_uncovered_as_the_attack_finds_it():
+    """An unpadded stride-2 second layer leaves its input's last row and column unread, so the first layer's
+    outputs there are unknown, and the image's last two rows and columns reach no other: counting and the attack's
+    rank agree on the 564 values lost."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(16, 20, 5, 2),
+                                torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(20 * 10 * 10, 10))
+    report = rc.constraint_report(model, (3, 48, 48))
+    assert list(report.uncovered_pixels) == [3 * (48 * 48 - 46 * 46), 0] and list(report.unread_pixels) == [0, 16 * 47]
+    assert report.iloc[0].determined_by == "none: pixels no kernel position reaches" and not report.attrs["recoverable"]
+    image = torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(3))
+    result = rc.reconstruct(model, rc.client_gradients(model, image, torch.tensor(2), dtype="float64"), (3, 48, 48))
+    assert not result.exact and result.layers[0].unknowns - result.layers[0].rank == 3 * (48 * 48 - 46 * 46)

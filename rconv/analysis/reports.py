@@ -220,7 +220,12 @@ def constraint_report(model, input_shape, *, batch_size=1):
         kh, kw = step.conv.kernel_size
         unknowns = batch_size * channels * height * width
         along_rows, along_columns = footprints((height, width), (kh, kw), step.conv.stride, step.padding)
-        uncovered = height * width - sum(along_rows.covered) * sum(along_columns.covered)
+        # Where the layer above reads only part of this layer's output, the input beyond what that part's kernel
+        # positions reach meets no equation either.
+        reach = (height, width) if read is None else [
+            min(size, (out - 1) * stride - pad + k)
+            for size, out, stride, pad, k in zip((height, width), read[1:], step.conv.stride, step.padding, (kh, kw))]
+        uncovered = height * width - sum(along_rows.covered[:reach[0]]) * sum(along_columns.covered[:reach[1]])
         needed = min_filters((height, width), (kh, kw), step.conv.stride, step.padding)
         gradient_constraints = filters * kh * kw * channels
         weight_constraints = batch_size * filters * out_h * out_w
