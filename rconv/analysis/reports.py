@@ -190,9 +190,10 @@ def constraint_report(model, input_shape, *, batch_size=1):
     where a layer needs one), or how deep the attack can be exact at best and which layer stops it ("not:
     exact at best down to conv layer 2's input; conv layer 1 has 3,072 unknowns and at most 1,626
     equations"); the attack runs from the Linear layer down, so the deepest undetermined layer decides.
-    uncovered_pixels counts the input values no kernel position reaches, which no equation determines;
-    unread_pixels those of a hidden layer's bottom and right border, which nothing reads at all: they are no
-    unknowns (its row counts the rest), and the layer below knows none of its outputs there.
+    uncovered_pixels counts the input values no kernel position reaches (or none whose output the layer above
+    reads), which no equation determines; unread_pixels those of a hidden layer's bottom and right border, which
+    nothing reads at all: they are no unknowns (its row counts the rest), and the layer below knows none of its
+    outputs there.
 
     batch_size: count for the mean gradients of B images: B times the unknowns and the weight
     constraints (each image has its own), the gradient constraints shared (at most B*H*W per
