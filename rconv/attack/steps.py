@@ -25,6 +25,7 @@ from .equations import GradientSystem, LayerEquations, weight_system
 from .pooling import AVG_ACTIVATIONS, MAX_ACTIVATIONS, MAX_ITERATIONS, PooledInversion, invert_pooled_layer
 from .systems import (
     DENSE_MAX_UNKNOWNS,
+    barely_weights,
     choose_solver,
     counted_equations,
     estimate_layer,
@@ -283,11 +284,10 @@ def _gradients_could_suffice(step, equations):
 
 
 def _barely_weights_krylov(equations, options):
-    """A large layer whose weight constraints are partial (ReLU units off) or square, and too large to factorise:
-    CG on them alone needs several times the steps of both kinds (a 128-px ReLU net's second layer: 510 against
-    184), or never converges (a square 64-channel 3x3 layer: 2,561 steps in 600 s, against 181 with both)."""
-    partial_or_square = not bool(equations.known.all()) or equations.weights.shape[0] <= equations.unknowns
-    return partial_or_square and choose_solver(equations, options.memory_limit).solver == "krylov"
+    """A large layer whose weight constraints are barely enough (systems.barely_weights) and too large to
+    factorise: CG on them alone needs several times the steps of both kinds (a 128-px ReLU net's second layer: 510
+    against 184), or never converges (a square 64-channel 3x3 layer: 2,561 steps in 600 s, against 181 with both)."""
+    return barely_weights(equations) and choose_solver(equations, options.memory_limit).solver == "krylov"
 
 
 def _system_method(method):
@@ -428,10 +428,9 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     shape = covered or input_shape
     method, solved = _solve(step, cropped(step, equations, shape, cache) if covered else equations, options,
                             signal.determined)
-    x = padded(solved.x.reshape(shape), input_shape)
-    notes = solved.notes
+    x, notes = solved.x.reshape(shape), solved.notes
     if covered:
-        notes = notes + (unread_note(step, shape, input_shape),)
+        x, notes = padded(x, input_shape), notes + (unread_note(step, shape, input_shape),)
         solved = solved._replace(resolve=_padded_resolve(solved.resolve, shape, input_shape)) \
             if solved.resolve is not None else solved
     linearisation = Linearisation(equations, signal.activated, signal.activated_grad, read.derivative, x,

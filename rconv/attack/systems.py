@@ -359,6 +359,15 @@ def _lower_precision(equations):
     return LowPrecision(lambda v: system.apply_t(system.apply(v)), precondition, torch.float32)
 
 
+def barely_weights(equations):
+    """Whether a layer's weight constraints are partial (ReLU units off) or no more than its unknowns: then the
+    symbol and the frame, which precondition their M^T M, fail it (no convolution where rows are missing; singular
+    where all of them are too few: a valid 3x3 conv, 64 filters on 64 channels, whose frame's factorisation gave
+    NaN; nearly so where they are square: 2,103-2,966 CG steps on a padded 8-channel layer where the joint diagonal
+    took 1,091-1,149), and a Krylov solve takes both kinds under the joint diagonal, both kinds first."""
+    return not bool(equations.known.all()) or equations.weights.shape[0] <= equations.unknowns
+
+
 def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
     """The weight constraints (and gradient constraints) by preconditioned CG, matrix-free: for layers whose
     factorisation would not fit. Certified by its residuals; a solve that stops short says why (`stopped`)."""
@@ -372,11 +381,7 @@ def _solve_krylov(equations, with_gradients, memory_limit, label, notes):
         return system.apply_t(system.apply(v))
 
     lower = None
-    # The symbol and the frame precondition the weight constraints' M^T M: no convolution where rows are missing
-    # (ReLU units off), singular where all of them are too few (a valid 3x3 conv, 64 filters on 64 channels: its
-    # frame's factorisation gave NaN), and nearly so where they are square (a padded one: 2,103-2,966 CG steps on an
-    # 8-channel layer where the joint diagonal took 1,091-1,149). The joint diagonal preconditions both kinds then.
-    if with_gradients and (not bool(known.all()) or weights.shape[0] <= equations.unknowns):
+    if with_gradients and barely_weights(equations):
         preconditioner = joint_preconditioner(weights.weight, weights.input_shape, weights.stride, weights.padding,
                                               known, equations.gradients.output_grad, weight_scale, grad_scale)
         lower = _lower_precision(equations)
