@@ -113,6 +113,18 @@ def test_source_levels_rescale_the_noise_to_the_residual_measured():
     assert coarse.explain(torch.tensor([16.0]), 1.0) == 1.0
 
 
+def test_a_residual_at_float64_rounding_never_scales_the_noise_up():
+    """A layer whose equations absorb the noise leaves only rounding, far above the probes' residuals: it
+    explains noise up to float64's rounding level, no more (it once scaled float64's noise by 1e14, float32's
+    by 1e5); less residual still lowers float64's levels."""
+    rounding = (1e-15) ** 2  # relative residual energy at float64 rounding
+    probed = torch.tensor([1e-59], dtype=torch.float64)
+    assert SourceLevels(torch.float64).explain(probed, rounding) == pytest.approx(1e3)  # from 1 eps to 1e3 eps
+    assert SourceLevels(torch.float32).explain(probed, rounding) == 1.0  # float32's noise is above that already
+    assert SourceLevels(torch.float64).explain(probed * 1e39, rounding) == pytest.approx(1e-5)
+    assert SourceLevels(torch.float32).explain(probed * 1e39, 1e-16) == pytest.approx(1e2)
+
+
 def test_source_levels_keep_a_weight_update_s_rounding_as_a_floor():
     levels = SourceLevels(torch.float32, floors=[0.0, 1e-3])
     assert levels.own(torch.tensor([1.0]), 0.0) == EPS32  # no floor of its own: the precision's

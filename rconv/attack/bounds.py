@@ -279,6 +279,12 @@ class SourceLevels:
     def explain(self, energies, measured):
         probed = float(energies.mean())
         factor = math.sqrt(max(measured, 0.0) / probed) if probed > _TINY else 1.0
+        rounding = _CONSISTENT_EPS * eps(torch.float64)
+        if not math.sqrt(max(measured, 0.0)) > rounding:
+            # A residual at float64 rounding explains noise up to that level, never more: a layer whose equations
+            # absorb the noise (square, both kinds) leaves rounding far above the probes' residuals, and took it
+            # for noise 1e5 (float32) to 1e14 (float64) times the gradients'.
+            factor = min(factor, max(1.0, rounding / max(self.levels + [self.floor])))
         return factor if self.lower else max(1.0, factor)
 
 
