@@ -184,6 +184,15 @@ def test_a_constant_shift_is_invisible_without_padding():
     assert not result.exact
     assert result.layers[0].rank == result.layers[0].unknowns - SHAPE[0]
     assert any("undetermined" in reason for reason in result.reasons)
+    assert any(f"{SHAPE[0]} directions of its input" in note for note in result.notes)
+    # counting says so before any gradient: it once called this layer determined by its gradients
+    report = rc.constraint_report(model, SHAPE)
+    assert not report.attrs["recoverable"]
+    assert report.determined_by[0].startswith("none: its train-mode BatchNorm cannot see a constant")
+    assert f"({SHAPE[0]} directions)" in report.attrs["verdict"]
+    padded = nn.Sequential(nn.Conv2d(3, FILTERS, 3, padding=1), nn.BatchNorm2d(FILTERS), nn.LeakyReLU(0.2),
+                           nn.Flatten(), nn.Linear(FILTERS * 16 * 16, CLASSES)).train()
+    assert rc.constraint_report(padded, SHAPE).attrs["recoverable"]
 
 
 def test_pixels_no_kernel_position_reaches_are_undetermined_and_left_finite():

@@ -44,6 +44,12 @@ class ConvStep:
         return self.folded.source if self.folded is not None else self.conv
 
     @property
+    def blind_to_shifts(self):
+        """A train-mode BatchNorm after an unpadded conv: a constant added to an input channel moves every output of
+        a filter alike, and the BatchNorm's mean takes it away, so none of the layer's equations sees it."""
+        return self.norm is not None and tuple(self.padding) == (0, 0)
+
+    @property
     def output_module(self):
         """The model's own module whose output is this step's pre-activation output."""
         if self.norm is not None:
@@ -238,6 +244,10 @@ def _notes(steps, linear, head, bias_free):
         if step.norm is not None:
             notes.append(f"{step.label}: its train-mode BatchNorm normalises by the image's own mean and variance, "
                          f"recovered with the layer's input; the conv bias cancels in it and is not recovered")
+            if step.blind_to_shifts:
+                notes.append(f"{step.label}: without padding, every output reads the same sum of a constant added to "
+                             f"an input channel, which its BatchNorm's mean removes: {step.conv.in_channels} directions "
+                             f"of its input (a constant per channel) are undetermined")
         elif step.module.bias is None and (step.folded is None or not step.folded.norm.affine):
             notes.append(f"{step.label} has no bias: its recovered output gradient is not checked against a bias "
                          f"gradient, nor are near-zero ReLU units settled by one")
