@@ -246,8 +246,9 @@ def constraint_report(model, input_shape, *, batch_size=1):
             weights_need_active=min(1.0, unknowns / weight_constraints),
             batch_size=batch_size, max_batch=_layer_max_batch(channels, height * width, filters * kh * kw, per_image,
                                                               uncovered))
-        row["determined_by"] = (f"none: its train-mode BatchNorm cannot see a constant added to an input channel "
-                                f"without padding ({channels} directions)" if step.blind_to_shifts else _determined_by(row))
+        row["determined_by"] = (_determined_by(row) if not step.blind_to_shifts else
+                                f"none: its train-mode BatchNorm cannot see a constant added to an input channel "
+                                f"without padding ({channels} directions)")
         row["weight_solver"], row["weight_solver_memory"] = (
             _weight_solver(step, covered or sizes[step.number - 1], batch_size) if pool.name is None
             else _pool_solver(unknowns))

@@ -245,9 +245,9 @@ def _notes(steps, linear, head, bias_free):
             notes.append(f"{step.label}: its train-mode BatchNorm normalises by the image's own mean and variance, "
                          f"recovered with the layer's input; the conv bias cancels in it and is not recovered")
             if step.blind_to_shifts:
-                notes.append(f"{step.label}: without padding, every output reads the same sum of a constant added to "
-                             f"an input channel, which its BatchNorm's mean removes: {step.conv.in_channels} directions "
-                             f"of its input (a constant per channel) are undetermined")
+                notes.append(f"{step.label}: without padding, every output reads the same sum of a constant added "
+                             f"to an input channel, which its BatchNorm's mean removes: {step.conv.in_channels} "
+                             f"directions of its input (a constant per channel) are undetermined")
         elif step.module.bias is None and (step.folded is None or not step.folded.norm.affine):
             notes.append(f"{step.label} has no bias: its recovered output gradient is not checked against a bias "
                          f"gradient, nor are near-zero ReLU units settled by one")
