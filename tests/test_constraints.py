@@ -72,6 +72,35 @@ def test_min_filters_is_the_rank_threshold():
             assert (int(rank) == size * size) == full
 
 
+@pytest.mark.parametrize("size,kernel,stride,padding,filters", [(12, 3, 2, 1, 16), (12, 3, 1, 1, 4), (16, 5, 2, 2, 3),
+                                                                  (10, 3, 2, 0, 40)])
+def test_max_equations_is_the_gradient_constraints_rank_for_a_generic_output_gradient(size, kernel, stride, padding,
+                                                                                       filters):
+    """Counted per stride residue class, the bound is what a random output gradient reaches: a stride-2 3x3 layer's
+    odd rows and columns meet one kernel offset each, so 16 filters give 116 equations for 144 pixels, not 144."""
+    from rconv.attack.constraints import max_equations
+    out = (size + 2 * padding - kernel) // stride + 1
+    grad = torch.randn(filters, out, out, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+    rank = int(torch.linalg.matrix_rank(rc.grad_constraints(grad, (size, size), kernel, stride, padding)))
+    assert max_equations(1, (size, size), kernel, stride, padding, filters, 0) == rank
+    assert max_equations(3, (size, size), kernel, stride, padding, filters, 7) == 3 * rank + 7
+    if (size, kernel, stride, filters) == (12, 3, 2, 16):
+        assert rank == 116
+
+
+def test_counting_sees_the_residue_classes_a_stride_splits():
+    """A plain net, not a preset: 9,216 gradient constraints for 9,216 unknowns on its stride-2 second layer, but
+    its odd rows and columns meet too few of them; counting once called it recoverable, and the attack found rank
+    6,439."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 64, 3, 2, 1), torch.nn.Sigmoid(), torch.nn.Conv2d(64, 16, 3, 2, 1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3), torch.nn.Sigmoid(), torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    report = rc.constraint_report(model, (1, 24, 24))
+    assert report.max_equations[1] == 64 * 116 + 576 < report.unknowns[1] == 9216
+    assert not report.attrs["recoverable"]
+    assert "conv layer 2 has 9,216 unknowns and at most 8,000 equations" in report.attrs["verdict"]
+
+
 @pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES + [(1, 2, 0), (2, 3, 0)])
 def test_the_covered_size_holds_every_pixel_a_kernel_reaches_and_keeps_the_output(kernel, stride, padding):
     """The weight matrix's columns that some row reads are the covered part's, exactly, and the conv of that part

@@ -175,7 +175,8 @@ def constraint_report(model, input_shape, *, batch_size=1):
     One row per conv layer. gradient_constraints counts dL/dW entries (F*k*k per input
     channel, all channels); weight_constraints counts pre-activation outputs (F*P*Q), or the pooled
     values where a pool follows (pool: "max 2x2", "avg 2x2"); max_equations counts the independent
-    equations both can offer together (gradient constraints give at most H*W per channel). min_filters
+    equations both can offer together (gradient constraints give at most H*W per channel, and a stride's
+    residue classes each at most its pixels: rconv.attack.constraints.max_equations). min_filters
     is the counting bound of min_filters(); gradients_suffice / weights_suffice say whether one kind
     alone could determine the input, and determined_by which constraints can ("gradients", "weights",
     "both jointly", each with ", given the pool's pattern" where needs_pattern: a max pool's argmaxes or
@@ -238,14 +239,14 @@ def constraint_report(model, input_shape, *, batch_size=1):
             pool=pool.name, needs_pattern=pool.needs_pattern, linear=pool.linear,
             unknowns=unknowns, gradient_constraints=gradient_constraints,
             weight_constraints=weight_constraints,
-            max_equations=max_equations(channels, batch_size * height * width, filters * kh * kw, weight_constraints),
+            max_equations=max_equations(channels, (height, width), (kh, kw), step.conv.stride, step.padding, filters,
+                                        weight_constraints, batch_size),
             uncovered_pixels=uncovered * channels, unread_pixels=unread, min_filters=needed,
             gradients_suffice=filters >= needed * batch_size,
             weights_suffice=(weight_constraints >= unknowns and uncovered == 0 and step.activation != "relu"
                              and pool.linear),
             weights_need_active=min(1.0, unknowns / weight_constraints),
-            batch_size=batch_size, max_batch=_layer_max_batch(channels, height * width, filters * kh * kw, per_image,
-                                                              uncovered))
+            batch_size=batch_size, max_batch=_layer_max_batch(step, (channels, height, width), per_image, uncovered))
         row["determined_by"] = (_determined_by(row) if not step.blind_to_shifts else
                                 f"none: its train-mode BatchNorm cannot see a constant added to an input channel "
                                 f"without padding ({channels} directions)")
@@ -300,14 +301,22 @@ def _weight_solver(step, input_shape, batch_size):
     return chosen.solver, chosen.memory
 
 
-def _layer_max_batch(channels, pixels, kernel_rows, weight_rows, uncovered):
-    """The largest batch whose B*C*H*W unknowns a layer's equations can match by counting: each image's
-    weight_rows, plus kernel_rows gradient constraints per channel (B*H*W at most) shared by the batch."""
+def _layer_max_batch(step, input_size, weight_rows, uncovered):
+    """The largest batch whose B*C*H*W unknowns a layer's equations can match by counting (max_equations): each
+    image's weight_rows, plus the gradient constraints the batch shares."""
+    channels, height, width = input_size
     if uncovered:
         return 0
-    if weight_rows >= channels * pixels:
+    if weight_rows >= channels * height * width:
         return math.inf
-    return max(kernel_rows // pixels, channels * kernel_rows // (channels * pixels - weight_rows))
+
+    def enough(batch):
+        return max_equations(channels, (height, width), step.conv.kernel_size, step.conv.stride, step.padding,
+                             step.conv.out_channels, batch * weight_rows, batch) >= batch * channels * height * width
+    batch = 0
+    while enough(batch + 1):  # the shared gradient rows are finite, so each image's deficit ends the count
+        batch += 1
+    return batch
 
 
 class BatchMatch(NamedTuple):

@@ -101,11 +101,21 @@ def weight_constraints(weight, input_size, stride=1, padding=0):
     return weight_entries(weight, input_size, stride, padding).dense()
 
 
-def max_equations(channels, pixels, kernel_rows, weight_constraints):
+def max_equations(channels, input_size, kernel_size, stride, padding, filters, weight_constraints, batch_size=1):
     """The most independent equations a conv layer's constraints can offer (a counting bound on its rank): its
-    gradient constraints, kernel_rows = F*k*k per channel but at most `pixels` independent (H*W, or B*H*W over a
-    batch), plus its weight constraints (known outputs, or pooled values)."""
-    return channels * min(kernel_rows, pixels) + weight_constraints
+    weight constraints (known outputs, or pooled values) plus, per input channel, its gradient constraints.
+
+    Those split by stride residue class (see min_filters): a class meets filters * (its offsets) rows, but at most
+    as many independent ones as it has pixels (over a batch, batch_size times as many), nor more than its offsets
+    times the output gradient's own rank (at most the filters, at most the output positions). A stride-2 3x3 layer's
+    odd rows and columns meet one offset each: 16 filters give at most 16 equations for their 36 pixels.
+    """
+    rows, columns = footprints(input_size, kernel_size, stride, padding)
+    output_rank = min(filters, batch_size * rows.outputs * columns.outputs)
+    per_channel = sum(min(output_rank * offsets_y * offsets_x, batch_size * pixels_y * pixels_x)
+                      for offsets_y, pixels_y in zip(rows.offsets, rows.pixels)
+                      for offsets_x, pixels_x in zip(columns.offsets, columns.pixels))
+    return channels * per_channel + weight_constraints
 
 
 def min_filters(input_size, kernel_size, stride=1, padding=0):

@@ -495,7 +495,8 @@ def _pooled_search(step, signal, grads, input_shape, options, frozen, start=None
                       f"({POOLED_MAX_UNKNOWNS:,}), so its input is only estimated")
     channels, height, width = input_shape
     filters, _, kh, kw = step.conv.weight.shape
-    equations = max_equations(channels, height * width, filters * kh * kw, signal.activated.numel())
+    equations = max_equations(channels, (height, width), (kh, kw), step.conv.stride, step.padding, filters,
+                              signal.activated.numel())
     if frozen is None and equations < unknowns:
         return None, (f"it has {unknowns:,} unknowns and at most {equations:,} equations under any pattern, so "
                       f"no search can determine it and its input is only estimated")
