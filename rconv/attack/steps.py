@@ -348,17 +348,17 @@ def _solve(step, equations, options, determined_above):
                              fallback=method == "gradients+weights" and best is not None)
         # A Krylov solve that stopped short determines nothing, whatever rank its size gives: the next method may
         # (a square 64-channel layer's weights alone: CG did not converge in 3,000 steps; both kinds together did).
-        if solved is not None and (best is None or _determines(solved) > _determines(best[1]) or (
-                _determines(solved) == _determines(best[1]) and solved.spectrum.rank > best[1].spectrum.rank)):
+        if solved is not None and (best is None or _merit(solved) > _merit(best[1])):
             best = (method, solved)
-        if best is not None and _determines(best[1]) and best[1].spectrum.rank == equations.unknowns:
+        if best is not None and _merit(best[1]) == (True, equations.unknowns):
             break
     return best
 
 
-def _determines(solved):
-    """Whether a LayerSolve may count as determining its layer: not a Krylov solve that stopped short."""
-    return not solved.stopped
+def _merit(solved):
+    """How a LayerSolve ranks among a layer's methods: first whether it may count as determining the layer (not a
+    Krylov solve that stopped short), then its rank."""
+    return not solved.stopped, solved.spectrum.rank
 
 
 def covered_input(step, below, input_shape):
