@@ -14,7 +14,7 @@ MODULE_LAYERS = {
     "linalg": [{"sparse", "memory", "krylov"}, {"solvers"}],
     "cases": [{"networks"}, {"models", "data", "client", "updates", "privacy", "flower"}, {"setup"}],
     "split": [{"vertices"}, {"search"}, {"linear"}],
-    "attack": [{"constraints", "graph", "folding", "bias_free"}, {"network"},
+    "attack": [{"constraints", "graph", "folding", "bias_free", "refined"}, {"network"},
                {"tolerances", "activations", "equations", "bounds", "tangents", "preconditioning", "nullspace",
                 "pooling", "joint"}, {"estimate"},
                {"systems"}, {"train_norm"},

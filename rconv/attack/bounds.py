@@ -248,6 +248,9 @@ class SourceLevels:
     floors: relative noise levels the sources cannot be below, in the order they are asked for.
     """
 
+    # A refined layer's outputs carry the noise its solve assumed (rconv.attack.refined), in its own source's units.
+    output_noise = 1.0
+
     def __init__(self, dtype, floors=()):
         self.floor = _ARITHMETIC_NOISE_EPS * eps(dtype)
         # Less residual than predicted lowers the levels only where the levels above may have taken the

@@ -295,6 +295,11 @@ def _system_method(method):
     return "hybrid" if method == "gradients+weights" else method
 
 
+def _forced(step, options):
+    """The method the caller forced on this layer (methods=, or first_layer= for the first), or None."""
+    return options.methods.get(step.number, options.first_layer if step.number == 1 else None)
+
+
 def _candidates(step, equations, options):
     """The methods to try on a layer, in order, until one determines its input.
 
@@ -305,7 +310,7 @@ def _candidates(step, equations, options):
     large layers, the weight constraints when the counting allows, then both jointly; both go
     before the weight constraints alone where those are barely enough and solved by CG (_barely_weights_krylov).
     """
-    forced = options.methods.get(step.number, options.first_layer if step.number == 1 else None)
+    forced = _forced(step, options)
     large = equations.unknowns > DENSE_MAX_UNKNOWNS
     weights_could = large and int(equations.known.sum()) >= equations.unknowns
     both_first = weights_could and _barely_weights_krylov(equations, options)
@@ -322,14 +327,18 @@ def _candidates(step, equations, options):
     return order
 
 
-def _solve(step, equations, options, determined_above):
+def _solve(step, equations, options, determined_above, derivative=None):
     """The layer's method and LayerSolve: the first candidate that determines its input, else the
     one that came closest (the highest rank).
 
     A large layer is only estimated (cheaply, see estimate_layer) when no candidate offers as many
     equations as it has unknowns, or when a layer above it was not determined: its data are wrong.
+    derivative: the activation's derivative at the layer's outputs, for "gradients" to be refined by the weight
+    constraints (rconv.attack.refined) where the layer chose it itself; a forced "gradients" stays the gradient
+    constraints alone.
     """
     candidates = _candidates(step, equations, options)
+    derivative = derivative if _forced(step, options) is None else None
     if equations.unknowns > DENSE_MAX_UNKNOWNS:
         if not determined_above:
             return candidates[-1], estimate_layer(equations, _system_method(candidates[-1]), step.label,
@@ -345,7 +354,8 @@ def _solve(step, equations, options, determined_above):
     for method in candidates:
         solved = solve_layer(equations, _system_method(method),
                              options.tolerances.dtype, memory_limit=options.memory_limit, label=step.label,
-                             fallback=method == "gradients+weights" and best is not None)
+                             fallback=method == "gradients+weights" and best is not None,
+                             derivative=derivative)
         # A Krylov solve that stopped short determines nothing, whatever rank its size gives: the next method may
         # (a square 64-channel layer's weights alone: CG did not converge in 3,000 steps; both kinds together did).
         if solved is not None and (best is None or _merit(solved) > _merit(best[1])):
@@ -426,15 +436,16 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     equations, output_grad, bias_grad, read = layer_equations(step, signal, grads, input_shape, options, cache,
                                                               frozen=frozen)
     shape = covered or input_shape
+    # a cropped layer's outputs are not the whole layer's: it is not refined
     method, solved = _solve(step, cropped(step, equations, shape, cache) if covered else equations, options,
-                            signal.determined)
+                            signal.determined, None if covered else read.derivative)
     x, notes = solved.x.reshape(shape), solved.notes
     if covered:
         x, notes = padded(x, input_shape), notes + (unread_note(step, shape, input_shape),)
         solved = solved._replace(resolve=_padded_resolve(solved.resolve, shape, input_shape)) \
             if solved.resolve is not None else solved
     linearisation = Linearisation(equations, signal.activated, signal.activated_grad, read.derivative, x,
-                                  solved.resolve, cheap=method == "gradients")
+                                  solved.resolve, cheap=method == "gradients", output_noise=solved.output_noise)
     noise = noise_of(solved.spectrum.cond, x, options.tolerances.dtype)
     x, clipped = project_input(x, previous_activation, options)
     bias_residual = bias_misfit(output_grad, bias_grad)

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 from ..linalg.solvers import TINY
 
+# Fixed seed: the same gradients always get the same bound.
+_OUTPUT_NOISE_SEED = 20240606
+
 
 class Linearisation(NamedTuple):
     """What a solved conv layer keeps for the tangents: its equations, the data they were built from, and
@@ -30,6 +33,8 @@ class Linearisation(NamedTuple):
     x: torch.Tensor  # (C, H, W): the layer's recovered input, as solved (before any clipping)
     resolve: object  # systems.LayerSolve.resolve
     cheap: bool  # resolve costs little (gradient constraints alone): the layer's own noise is measured apart
+    # a solve refined by the weight constraints: each known output's assumed noise (rconv.attack.refined)
+    output_noise: torch.Tensor = None
 
 
 class LayerTangents(NamedTuple):
@@ -134,7 +139,8 @@ def _conv_tangents(step, linearisation, weight_noise, activated, activated_grad,
     if linearisation.cheap:
         # The noise above and the layer's own directions apart, so that its own level can be measured.
         gradient_rhs = torch.cat([above_rhs, own_rhs], dim=2)
-        weight_rhs = torch.cat([moved_output, moved_output.new_zeros(moved_output.shape[0], own_rhs.shape[2])], 1)
+        own_outputs = _output_noise(linearisation, gradients.rhs, own_rhs.shape[2], levels.output_noise)
+        weight_rhs = torch.cat([moved_output, own_outputs], 1)
         moves = linearisation.resolve(gradient_rhs, weight_rhs)  # (C, H*W, 2r)
         energies = _residual_energy(equations, moves, x, gradient_rhs, gradients.rhs)
         level = levels.own(energies[columns:-1], float(energies[-1]), energies[:columns])
@@ -159,6 +165,19 @@ def _conv_tangents(step, linearisation, weight_noise, activated, activated_grad,
                                                      padding=step.padding).permute(1, 2, 3, 0)
     layer = LayerTangents(combined.reshape(channels * pixels, columns), level, factor)
     return layer, combined.reshape(channels, height, width, columns), below_grad
+
+
+def _output_noise(linearisation, gradient_rhs, columns, share):
+    """Random directions of the layer's own noise on its known outputs, beside its own weight gradient's (`columns`
+    of them): the noise a refined solve assumed they carry, times `share`; none where the solve did not use them."""
+    noise = linearisation.output_noise
+    if noise is None:
+        return gradient_rhs.new_zeros(int(linearisation.equations.known.sum()), columns)
+    generator = torch.Generator().manual_seed(_OUTPUT_NOISE_SEED)
+    draws = torch.randn(noise.shape[0], columns, generator=generator, dtype=torch.float64).to(noise)
+    draws = draws * (noise.shape[0] ** 0.5 / draws.norm(dim=0).clamp_min(TINY))  # unit variance per entry
+    entry = float(torch.linalg.norm(gradient_rhs)) / gradient_rhs.numel() ** 0.5  # a gradient entry's noise unit
+    return (share * entry) * noise[:, None] * draws
 
 
 def _weight_gradient(x, output_grad, kernel_size, stride, padding):

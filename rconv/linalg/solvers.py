@@ -365,14 +365,22 @@ def _subspace_of(basis, apply):
     return Subspace(basis @ right.T[:, order], left[:, order] * sigma[order], sigma[order])
 
 
+class Eigen(NamedTuple):
+    """K^T K = vectors diag(values) vectors^T, values ascending."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+
+
 class Solved(NamedTuple):
     """A solved System: its solution, Spectrum, and `resolve`, which solves the same K for other
     right-hand sides (m, r) with the factorisation already made (no refinement: for the error
-    bound's tangents, which need a few digits)."""
+    bound's tangents, which need a few digits); eigen: K^T K's Eigen where the solve decomposed it."""
 
     x: torch.Tensor
     spectrum: Spectrum
     resolve: object
+    eigen: Eigen = None
 
 
 def _diverged(system):
@@ -396,7 +404,7 @@ def _solve_eigh(system, rtol):
         return vectors @ (inverse[:, None] * (vectors.T @ y))
 
     return Solved(system.refine(solve_normal(system.apply_t(system.rhs)), solve_normal), spectrum,
-                  lambda rhs: solve_normal(system.apply_t(rhs)))
+                  lambda rhs: solve_normal(system.apply_t(rhs)), Eigen(eigenvalues, vectors))
 
 
 def _solve_cholesky(system, rtol):
