@@ -55,8 +55,9 @@ def test_a_refinement_keeps_exact_data_exact_and_needs_a_known_output(cifar_imag
     equations, x = _layer_two(model, cifar_image, 3)
     matrix = equations.gradients.matrix
     values, vectors = torch.linalg.eigh(matrix.T @ matrix)
-    derivative = torch.ones(equations.weights.shape[0], dtype=torch.float64)
-    found = refinement(equations, Eigen(values, vectors), derivative)
+    derivative = torch.ones(equations.weights.output_shape, dtype=torch.float64)  # no activation: a = O
+    activated = equations.output.reshape(equations.weights.output_shape)
+    found = refinement(equations, Eigen(values, vectors), activated, derivative)
     assert found.basis.shape[1] == WEAK_DIRECTIONS
     channels, pixels = equations.channels, equations.pixels
     # started off the truth along the weakest directions, it comes back to it
@@ -64,4 +65,4 @@ def test_a_refinement_keeps_exact_data_exact_and_needs_a_known_output(cifar_imag
     corrected = found.correct(equations, start, equations.gradients.rhs[:, :, None], equations.output[:, None])
     assert float((corrected[:, :, 0] - x.reshape(channels, pixels)).abs().max()) < 1e-9
     unknown = equations._replace(known=torch.zeros_like(equations.known), output=equations.output[:0])
-    assert refinement(unknown, Eigen(values, vectors), derivative) is None
+    assert refinement(unknown, Eigen(values, vectors), activated, derivative) is None

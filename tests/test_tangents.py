@@ -21,10 +21,10 @@ _AGREEMENT = 3e-2
 
 
 class _UnitLevels:
-    """Every source at level 1 and no rescaling, and no noise on a refined layer's outputs, which are not gradients:
-    the tangents are the chain's Jacobian applied to the sum of all the directions."""
+    """Every source at level 1 and no rescaling, and no rounding on a refined layer's outputs, which are not
+    gradients: the tangents are the chain's Jacobian applied to the sum of all the directions."""
 
-    output_noise = 0.0
+    output_rounding = 0.0
 
     def own(self, energies, measured, above=None):
         return 1.0

@@ -23,11 +23,10 @@ from ..linalg.solvers import TINY
 # each of four presets) 8 certified 119 of 120 images where the gradients alone certified 87; 4 left
 # more of the gradients' noise, 12 to 32 let in more of the outputs' rounding.
 WEAK_DIRECTIONS = 8
-# The noise assumed per known output, as a multiple of the gradients' per entry (relative to the RMS of each):
-# the outputs are the client's own forward pass, rounded again by every sum (O_CNN6, 30 float32 images: errors
-# 3.5e-5 with 10, 1.1e-4 with 1, 5.7e-5 for the gradients alone). An output read back through its activation
-# takes the activation output's noise over its derivative (Tanh near saturation: far more). The error bound
-# gives the outputs this noise too.
+# The noise the solve assumes per known output, as a multiple of a gradient entry's (relative to the RMS of each):
+# besides the client's rounding, an output carries what the layer above's solve left in it (O_CNN6, 30 float32
+# images: errors 3.5e-5 at 10 times, 1.1e-4 at once, 5.7e-5 for the gradients alone). An output read back through
+# its activation takes the activation output's noise over its derivative (Tanh near saturation: far more).
 OUTPUT_NOISE_RATIO = 10.0
 
 
@@ -54,10 +53,10 @@ class Refinement(NamedTuple):
         return x + torch.einsum("pk,ckr->cpr", self.basis, steps)
 
 
-def refinement(equations, eigen, derivative):
+def refinement(equations, eigen, activated, derivative):
     """The Refinement of a layer whose gradient constraints were solved through eigen (solvers.Eigen of A^T A), or
-    None where no output is known or the weighted system within the span is singular. derivative: the activation's
-    derivative at each of the layer's outputs (F*P*Q), as read."""
+    None where no output is known or the weighted system within the span is singular. activated, derivative: the
+    activation's output and derivative at each of the layer's outputs (F, P, Q), as read."""
     eigenvalues, vectors = eigen.values, eigen.vectors
     known = equations.known
     if not bool(known.any()):
@@ -72,16 +71,31 @@ def refinement(equations, eigen, derivative):
                       padding=weights.padding)  # (k, C*F, P, Q)
     output_images = images.reshape(directions, channels, -1).permute(2, 1, 0).reshape(-1, channels * directions)
     output_images = output_images[known]
-    gradient_rhs, output = equations.gradients.rhs, equations.output
+    gradient_rhs = equations.gradients.rhs
     grad_rms = float(torch.linalg.norm(gradient_rhs)) / math.sqrt(gradient_rhs.numel())
-    slope = derivative.reshape(-1)[known].abs().to(output)
-    activated_rms = float(torch.linalg.norm(slope * output)) / math.sqrt(output.numel())
-    if not (grad_rms > TINY and activated_rms > TINY and bool((slope > 0).all())):
+    scale = output_scale(equations, activated, derivative)
+    if not (grad_rms > TINY and scale is not None):
         return None
-    output_noise = OUTPUT_NOISE_RATIO * activated_rms / grad_rms / slope
+    output_noise = OUTPUT_NOISE_RATIO * scale / grad_rms
     scaled = output_images / output_noise[:, None]
     normal = scaled.T @ scaled + torch.diag(weak.repeat(channels))
     factor, info = torch.linalg.cholesky_ex(normal)
     if int(info) != 0:
         return None
     return Refinement(basis, equations.gradients.matrix @ basis, output_images, factor, output_noise)
+
+
+def output_scale(equations, activated, derivative):
+    """The scale of each known output's noise (known rows,), or None where no output is known or one's derivative is
+    zero. The client's sum O rounds alike everywhere (about the RMS of the outputs), and its activation output a
+    rounds by a share of |a|, which reaches the pre-activation read back from it over the derivative d: so the RMS
+    of |a / d| plus each one's |a / d| (for ReLU and LeakyReLU, |a / d| is |O|)."""
+    known = equations.known
+    if not bool(known.any()):
+        return None
+    slope = derivative.reshape(-1)[known].abs().to(equations.output)
+    if not bool((slope > 0).all()):
+        return None
+    read_back = activated.reshape(-1)[known].abs().to(slope) / slope
+    scale = read_back + float(torch.linalg.norm(read_back)) / math.sqrt(read_back.numel())
+    return scale if bool((scale > TINY).all()) else None

@@ -32,6 +32,7 @@ from .systems import (
     hybrid_factorises_weights,
     solve_layer,
 )
+from .refined import output_scale
 from .tangents import Linearisation
 from .tolerances import Tolerances
 from .train_norm import solve_train_norm
@@ -327,18 +328,18 @@ def _candidates(step, equations, options):
     return order
 
 
-def _solve(step, equations, options, determined_above, derivative=None):
+def _solve(step, equations, options, determined_above, read=None):
     """The layer's method and LayerSolve: the first candidate that determines its input, else the
     one that came closest (the highest rank).
 
     A large layer is only estimated (cheaply, see estimate_layer) when no candidate offers as many
     equations as it has unknowns, or when a layer above it was not determined: its data are wrong.
-    derivative: the activation's derivative at the layer's outputs, for "gradients" to be refined by the weight
+    read: (activation output, its derivative) at the layer's outputs, for "gradients" to be refined by the weight
     constraints (rconv.attack.refined) where the layer chose it itself; a forced "gradients" stays the gradient
     constraints alone.
     """
     candidates = _candidates(step, equations, options)
-    derivative = derivative if _forced(step, options) is None else None
+    read = read if _forced(step, options) is None else None
     if equations.unknowns > DENSE_MAX_UNKNOWNS:
         if not determined_above:
             return candidates[-1], estimate_layer(equations, _system_method(candidates[-1]), step.label,
@@ -355,7 +356,7 @@ def _solve(step, equations, options, determined_above, derivative=None):
         solved = solve_layer(equations, _system_method(method),
                              options.tolerances.dtype, memory_limit=options.memory_limit, label=step.label,
                              fallback=method == "gradients+weights" and best is not None,
-                             derivative=derivative)
+                             read=read)
         # A Krylov solve that stopped short determines nothing, whatever rank its size gives: the next method may
         # (a square 64-channel layer's weights alone: CG did not converge in 3,000 steps; both kinds together did).
         if solved is not None and (best is None or _merit(solved) > _merit(best[1])):
@@ -438,14 +439,16 @@ def conv_step(step, signal, grads, input_shape, options, cache, previous_activat
     shape = covered or input_shape
     # a cropped layer's outputs are not the whole layer's: it is not refined
     method, solved = _solve(step, cropped(step, equations, shape, cache) if covered else equations, options,
-                            signal.determined, None if covered else read.derivative)
+                            signal.determined, None if covered else (signal.activated, read.derivative))
     x, notes = solved.x.reshape(shape), solved.notes
     if covered:
         x, notes = padded(x, input_shape), notes + (unread_note(step, shape, input_shape),)
         solved = solved._replace(resolve=_padded_resolve(solved.resolve, shape, input_shape)) \
             if solved.resolve is not None else solved
     linearisation = Linearisation(equations, signal.activated, signal.activated_grad, read.derivative, x,
-                                  solved.resolve, cheap=method == "gradients", output_noise=solved.output_noise)
+                                  solved.resolve, cheap=method == "gradients",
+                                  output_scale=output_scale(equations, signal.activated, read.derivative)
+                                  if method != "gradients" or solved.refined else None)
     noise = noise_of(solved.spectrum.cond, x, options.tolerances.dtype)
     x, clipped = project_input(x, previous_activation, options)
     bias_residual = bias_misfit(output_grad, bias_grad)

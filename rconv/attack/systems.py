@@ -102,8 +102,7 @@ class LayerSolve(NamedTuple):
     resolve: object = None
     solver: str = "direct"  # "direct" (a factorisation) or "krylov" (preconditioned CG)
     stopped: str = ""  # why an iterative solve stopped short of its tolerance (empty: it converged)
-    # a "gradients" solve refined by the weight constraints: each known output's assumed noise (rconv.attack.refined)
-    output_noise: torch.Tensor = None
+    refined: bool = False  # a "gradients" solve refined by the weight constraints (rconv.attack.refined)
 
 
 def _deflated_hybrid(equations, dtype, factor):
@@ -141,10 +140,10 @@ def _deflated_hybrid(equations, dtype, factor):
     return solve_rhs(system.rhs), spectrum, system, joint_resolve(equations, True, solve_rhs)
 
 
-def _solve_gradients(equations, dtype, memory_limit, label, derivative=None):
-    """Gradient constraints alone, all channels at once: whole A, or one residue class at a time. derivative: the
-    activation's derivative at the layer's outputs, to refine a whole A's solution by the weight constraints within
-    its weakest directions where outputs are known (rconv.attack.refined); None leaves it alone."""
+def _solve_gradients(equations, dtype, memory_limit, label, read=None):
+    """Gradient constraints alone, all channels at once: whole A, or one residue class at a time. read: the
+    activation's output and derivative at the layer's outputs, to refine a whole A's solution by the weight
+    constraints within its weakest directions where outputs are known (rconv.attack.refined); None leaves it alone."""
     gradients, channels = equations.gradients, equations.channels
     check(3 * gradients.dense_bytes(), f"{label}: the gradient-constraint matrix ({gradients.shape[0]:,} x "
                                        f"{gradients.shape[1]:,}, dense)", memory_limit)
@@ -155,13 +154,12 @@ def _solve_gradients(equations, dtype, memory_limit, label, derivative=None):
         system = System(matrix.shape, lambda x: matrix @ x, lambda y: matrix.T @ y, rhs, matrix=matrix)
         solved = solve_operator(system, rank_rtol(dtype, matrix.shape))
         x, resolve = solved.x.T, _channel_resolve([(slice(None), slice(None), solved.resolve)], matrix.shape[1])
-        found = refinement(equations, solved.eigen, derivative) \
-            if derivative is not None and solved.eigen is not None else None
+        found = refinement(equations, solved.eigen, *read) if read is not None and solved.eigen is not None else None
         if found is not None:
             x = found.correct(equations, x[:, :, None], rhs[:, :, None], equations.output[:, None])[:, :, 0]
             resolve = _refined_resolve(equations, found, resolve)
         return LayerSolve(x, Spectrum(solved.spectrum.rank * channels, solved.spectrum.cond), system.residual(x.T),
-                          resolve=resolve, output_noise=found.output_noise if found is not None else None)
+                          resolve=resolve, refined=found is not None)
     x = rhs.new_zeros(gradients.shape[1], channels)
     rank, cond, pieces = 0, 0.0, []
     for residue in gradients.residue_classes():
@@ -501,18 +499,18 @@ def estimate_layer(equations, method, label, reason):
                       (note,), estimated=True)
 
 
-def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv layer", fallback=False, derivative=None):
+def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv layer", fallback=False, read=None):
     """Solve one conv layer for its input with `method` ("gradients", "weights" or "hybrid"): a LayerSolve.
 
     memory_limit: bytes the solve may take; label names the layer in errors and notes.
     fallback: an attempt to repair rank-deficient gradient constraints; completes the layer within
     the gradient constraints' null space when that is small (complete_gradients), and otherwise
     gives up (None) rather than analyse a dense system that is rank-deficient too.
-    derivative: the activation's derivative at the layer's outputs (F*P*Q), to refine "gradients" by the weight
+    read: (activation output, its derivative) at the layer's outputs, to refine "gradients" by the weight
     constraints where the outputs are known (rconv.attack.refined); None: the gradient constraints alone.
     """
     try:
-        return _solve_layer(equations, method, dtype, memory_limit, label, fallback, derivative)
+        return _solve_layer(equations, method, dtype, memory_limit, label, fallback, read)
     except (MemoryError, RuntimeError) as error:  # the checks before each allocation should have refused it
         if not ran_out(error):
             raise
@@ -520,11 +518,11 @@ def solve_layer(equations, method, dtype, *, memory_limit=None, label="conv laye
                          f"({error}); give it more memory or a smaller memory_limit to stop before it") from error
 
 
-def _solve_layer(equations, method, dtype, memory_limit, label, fallback, derivative):
+def _solve_layer(equations, method, dtype, memory_limit, label, fallback, read):
     if method == "hybrid" and not bool(equations.known.any()):
         method = "gradients"  # no weight constraint left (every ReLU unit off): the per-channel solve is the same
     if method == "gradients":
-        return _solve_gradients(equations, dtype, memory_limit, label, derivative)
+        return _solve_gradients(equations, dtype, memory_limit, label, read)
     if method == "hybrid" and fallback:
         # Completing within the gradient constraints' small null space is 10x cheaper than a dense
         # joint solve of every unknown, and as exact: the dense path is kept for when it declines.

@@ -33,8 +33,8 @@ class Linearisation(NamedTuple):
     x: torch.Tensor  # (C, H, W): the layer's recovered input, as solved (before any clipping)
     resolve: object  # systems.LayerSolve.resolve
     cheap: bool  # resolve costs little (gradient constraints alone): the layer's own noise is measured apart
-    # a solve refined by the weight constraints: each known output's assumed noise (rconv.attack.refined)
-    output_noise: torch.Tensor = None
+    # a solve that read the layer's outputs: the scale of each known output's rounding (refined.output_scale)
+    output_scale: torch.Tensor = None
 
 
 class LayerTangents(NamedTuple):
@@ -139,8 +139,8 @@ def _conv_tangents(step, linearisation, weight_noise, activated, activated_grad,
     if linearisation.cheap:
         # The noise above and the layer's own directions apart, so that its own level can be measured.
         gradient_rhs = torch.cat([above_rhs, own_rhs], dim=2)
-        own_outputs = _output_noise(linearisation, gradients.rhs, own_rhs.shape[2], levels.output_noise)
-        weight_rhs = torch.cat([moved_output, own_outputs], 1)
+        weight_rhs = torch.cat([moved_output + _output_rounding(linearisation, columns, levels.output_rounding),
+                                moved_output.new_zeros(moved_output.shape[0], own_rhs.shape[2])], 1)
         moves = linearisation.resolve(gradient_rhs, weight_rhs)  # (C, H*W, 2r)
         energies = _residual_energy(equations, moves, x, gradient_rhs, gradients.rhs)
         level = levels.own(energies[columns:-1], float(energies[-1]), energies[:columns])
@@ -151,7 +151,8 @@ def _conv_tangents(step, linearisation, weight_noise, activated, activated_grad,
         # An expensive solve: the layer's own noise at the largest level found above, in the same directions.
         level = levels.assumed()
         gradient_rhs = above_rhs + level * own_rhs
-        combined = linearisation.resolve(gradient_rhs, moved_output)  # (C, H*W, r)
+        combined = linearisation.resolve(gradient_rhs, moved_output + _output_rounding(linearisation, columns,
+                                                                                      levels.output_rounding))
         energies = _residual_energy(equations, combined, x, gradient_rhs, gradients.rhs)
         combined_energies = energies[:columns]
     # The residual the data show rescales all the noise so far: up where it is more than the noise explains,
@@ -167,17 +168,17 @@ def _conv_tangents(step, linearisation, weight_noise, activated, activated_grad,
     return layer, combined.reshape(channels, height, width, columns), below_grad
 
 
-def _output_noise(linearisation, gradient_rhs, columns, share):
-    """Random directions of the layer's own noise on its known outputs, beside its own weight gradient's (`columns`
-    of them): the noise a refined solve assumed they carry, times `share`; none where the solve did not use them."""
-    noise = linearisation.output_noise
-    if noise is None:
-        return gradient_rhs.new_zeros(int(linearisation.equations.known.sum()), columns)
+def _output_rounding(linearisation, columns, rounding):
+    """Random directions of the rounding the client's forward pass left in the layer's known outputs, at its level
+    (`rounding`, relative to the RMS of the activation outputs, over each one's derivative), added to the noise
+    fixed above (`columns` directions): none where the layer's solve did not read its outputs."""
+    scale = linearisation.output_scale
+    if scale is None:
+        return 0.0
     generator = torch.Generator().manual_seed(_OUTPUT_NOISE_SEED)
-    draws = torch.randn(noise.shape[0], columns, generator=generator, dtype=torch.float64).to(noise)
-    draws = draws * (noise.shape[0] ** 0.5 / draws.norm(dim=0).clamp_min(TINY))  # unit variance per entry
-    entry = float(torch.linalg.norm(gradient_rhs)) / gradient_rhs.numel() ** 0.5  # a gradient entry's noise unit
-    return (share * entry) * noise[:, None] * draws
+    draws = torch.randn(scale.shape[0], columns, generator=generator, dtype=torch.float64).to(scale)
+    draws = draws * (scale.shape[0] ** 0.5 / draws.norm(dim=0).clamp_min(TINY))  # unit variance per entry
+    return rounding * scale[:, None] * draws
 
 
 def _weight_gradient(x, output_grad, kernel_size, stride, padding):
