@@ -54,7 +54,7 @@ LINEARISED_MARGIN = 3.5
 _FORWARD_ROUNDING_EPS = 20.0
 # A layer's outputs, computed by the client in the gradients' precision, are rounded by about this many eps of
 # their RMS (float32 LeNets and O_CNN6: 0.7-1.5 eps at the first layer's outputs, what one layer's sums and
-# activation leave), with a margin: a refined layer's solve reads them (rconv.attack.refined).
+# activation leave), with a margin: it reaches the input of a layer whose solve reads its outputs.
 _OUTPUT_ROUNDING_EPS = 3.0
 # Fixed seed: the same gradients always get the same bound.
 _PROBE_SEED = 20240605
@@ -255,7 +255,7 @@ class SourceLevels:
 
     def __init__(self, dtype, floors=()):
         self.floor = _ARITHMETIC_NOISE_EPS * eps(dtype)
-        # the rounding a refined layer's known outputs carry from the client's forward pass (rconv.attack.refined)
+        # the rounding the client's forward pass leaves in a layer's known outputs, in units of refined.output_scale
         self.output_rounding = _OUTPUT_ROUNDING_EPS * eps(dtype)
         # Less residual than predicted lowers the levels only where the levels above may have taken the
         # attack's own float64 rounding for gradient noise: float64 gradients. Coarser gradients also carry

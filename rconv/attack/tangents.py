@@ -169,9 +169,9 @@ def _conv_tangents(step, linearisation, weight_noise, activated, activated_grad,
 
 
 def _output_rounding(linearisation, columns, rounding):
-    """Random directions of the rounding the client's forward pass left in the layer's known outputs, at its level
-    (`rounding`, relative to the RMS of the activation outputs, over each one's derivative), added to the noise
-    fixed above (`columns` directions): none where the layer's solve did not read its outputs."""
+    """Random directions of the rounding the client's forward pass left in the layer's known outputs, `rounding`
+    times each one's refined.output_scale, added to the noise fixed above (`columns` directions): none where the
+    layer's solve did not read its outputs."""
     scale = linearisation.output_scale
     if scale is None:
         return 0.0
