@@ -56,7 +56,8 @@ def test_the_true_pattern_gives_x_exactly(activation, kind):
     start = true_pattern(activation, kind, inner, seen["pooled"])
     result = invert_pooled_layer(conv, activation, (kind, 2), slope=SLOPE, start=start, **seen)
     assert result.exact, result.reason
-    assert result.iterations == 2  # one solve per phase: the true pattern is a fixed point of both
+    # one solve per phase (AvgPool has two): the true pattern is a fixed point of each
+    assert result.iterations == (2 if kind == "avg" else 1)
     assert (result.x - x).abs().max() <= EXACT
     assert result.residual <= 1e-9 and torch.equal(result.pattern, start)
 
@@ -87,6 +88,31 @@ def test_the_default_start_never_claims_a_wrong_x(activation, kind):
         assert (result.x - x).abs().max() <= EXACT
     else:
         assert result.reason and result.x.shape == x.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation,seed", [("relu", 3), ("leaky_relu", 0)])
+def test_maxpool_patterns_are_found_from_a_cold_start(activation, seed):
+    """A 64-filter 3x3 layer on 16 channels of 10 px, no pattern given: the gradients' read of the argmaxes finds
+    the true one (measured: 13-33 solves on four seeds each), where the outputs' alone never did in 30 s."""
+    conv, x, inner, seen = make_layer(seed, activation, "max", channels=16, size=10, filters=64, kernel=3)
+    result = invert_pooled_layer(conv, activation, nn.MaxPool2d(2), slope=SLOPE, **seen)
+    assert result.exact, result.reason
+    assert (result.x - x).abs().max() <= EXACT
+    assert torch.equal(result.pattern, true_pattern(activation, "max", inner, seen["pooled"]))
+
+
+def test_relu_s_zeros_are_read_through_rounding():
+    # a P solved by the layer above carries the ReLU's exact zeros as rounding of either sign: read as on, a window
+    # would pass a gradient the client's did not
+    conv, x, inner, seen = make_layer(0, "relu", "max")
+    start = true_pattern("relu", "max", inner, seen["pooled"])
+    pooled = seen["pooled"]
+    signs = torch.randint(0, 2, pooled.shape, generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+    seen["pooled"] = torch.where(pooled == 0, 2e-17 * signs, pooled)
+    result = invert_pooled_layer(conv, "relu", ("max", 2), start=start, **seen)
+    assert result.exact, result.reason
+    assert (result.x - x).abs().max() <= EXACT
 
 
 def test_too_few_filters_are_reported_not_exact():
