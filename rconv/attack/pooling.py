@@ -13,9 +13,10 @@ The layer after the pool hands over P = pool(act(O)) and dL/dP, with O = conv(X)
 
 `invert_pooled_layer` alternates: pattern -> least squares on the gradient constraints and the
 pooled weight constraints -> O = conv(X) + b -> the pattern O implies (MaxPool: moved where the
-argmaxes the gradients show at X agree), until the pattern is a fixed point. It claims `exact` only when the equations of that pattern determine X (their
-condition number), leave a residual at rounding level, agree with the bias gradient and with the
-pattern X itself implies; otherwise the record says why not.
+argmaxes the gradients show at X agree), until the pattern is a fixed point. It claims `exact`
+only when the equations of that pattern determine X (their condition number), leave a residual at
+rounding level, agree with the bias gradient and with the pattern X itself implies; otherwise the
+record says why not.
 """
 
 from __future__ import annotations
@@ -317,7 +318,8 @@ def _gradient_pattern(layer, x, weight_grad, pooled, pooled_grad, fallback):
         if shares == 0 or shares > patches.shape[0]:
             continue
         candidates = units[f].reshape(-1, per_window)[windows].flatten() - f * out_units
-        columns = patches[:, candidates] * window_grad[f].flatten()[windows].repeat_interleave(per_window)
+        grads = window_grad[f].flatten()[windows]
+        columns = patches[:, candidates] * grads.repeat_interleave(per_window)
         # each window's shares sum to one: rows weighted like an average column, so that neither kind dominates
         weight = float(torch.linalg.norm(columns)) / shares ** 0.5
         summing = torch.kron(torch.eye(len(windows), dtype=x.dtype),
@@ -326,7 +328,7 @@ def _gradient_pattern(layer, x, weight_grad, pooled, pooled_grad, fallback):
         target = torch.cat([weight_grad[f].flatten(), torch.full((len(windows),), weight, dtype=x.dtype)])
         fitted = torch.linalg.lstsq(system, target[:, None], driver="gelsd").solution.reshape(-1, per_window)
         # a window whose gradient is small next to its filter's (LeakyReLU's negative side) barely moves the fit
-        strong = window_grad[f].flatten()[windows].abs() >= _STRONG_WINDOW * float(window_grad[f].abs().max())
+        strong = grads.abs() >= _STRONG_WINDOW * float(window_grad[f].abs().max())
         pattern[f].view(-1)[windows[strong]] = fitted.argmax(1)[strong]
     return pattern
 
@@ -426,7 +428,8 @@ def invert_pooled_layer(conv, activation, pool, weight_grad, bias_grad, pooled, 
     if name == "relu":
         # A ReLU window that is off pools an exact zero, which a P solved by the layer above carries as rounding of
         # either sign (+-2e-17 in a VGG block): read as on, its unit would pass a gradient the client's did not.
-        pooled = torch.where(pooled.abs() > residual_tol * float(pooled.abs().max()), pooled, torch.zeros_like(pooled))
+        off = pooled.abs() <= residual_tol * float(pooled.abs().max())
+        pooled = torch.where(off, torch.zeros_like(pooled), pooled)
     matrix = _weight_matrix(layer)
 
     if start is not None:
